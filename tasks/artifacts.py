@@ -1,0 +1,176 @@
+"""The content-addressed artifact store: every stage output lives in ``<store>/<stage>/<hash>/``.
+
+A stage builds its output in a private staging folder, the folder's content is hashed, and only then is it
+moved into place under its hash (one rename on a local disk; upload-then-move through fsspec elsewhere). A
+failing stage therefore leaves nothing behind, and identical content lands in the same place. Stages pass
+``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so Prefect results stay tiny.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
+TABLE_FILE = "table.parquet"
+HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell outputs apart
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing or unreadable; the message names its URI and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactRef:
+    """A small, picklable reference to one stage output (what Prefect caches and flows pass around)."""
+
+    uri: str  # folder URI (a local absolute path for the default store)
+    sha256: str  # content hash of the folder: relative paths and bytes of every file but the manifest
+    kind: str  # "table", "model", "scores" or "report"
+    contract: str | None = None  # data contract of TABLE_FILE, for table-like artifacts
+    rows: int | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # small extras: metrics, stats, counts
+
+    @property
+    def short(self) -> str:
+        return self.sha256[:HASH_CHARS]
+
+    def file(self, name: str) -> str:
+        """URI of a file inside the artifact folder."""
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArtifactRef:
+        return cls(**data)
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """SHA-256 over (relative path, size, bytes) of every file in ``folder``, in sorted path order."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _strip_file_scheme(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+class ArtifactStore:
+    """A folder of stage outputs addressed by content; local by default, any fsspec URI otherwise."""
+
+    def __init__(self, uri: str | Path, cache_dir: str | Path | None = None):
+        uri = str(uri)
+        self.local = _is_local(uri)
+        self.uri = str(Path(_strip_file_scheme(uri)).expanduser().resolve()) if self.local else uri.rstrip("/")
+        self.fs, _ = fsspec.core.url_to_fs(self.uri)
+        # Remote artifacts are downloaded here once (keyed by hash) when a stage needs local files.
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "gram-artifact-cache"
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.uri!r})"
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    @contextlib.contextmanager
+    def staging(self, stage: str) -> Iterator[Path]:
+        """A fresh local folder to build an output in; removed afterwards, whether publish ran or not."""
+        parent = Path(self._join(stage)) if self.local else self.cache_dir / "staging"
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def publish(self, stage: str, folder: str | Path, kind: str, *, contract: str | None = None,
+                rows: int | None = None, meta: dict[str, Any] | None = None) -> ArtifactRef:
+        """Move a finished staging folder to ``<store>/<stage>/<hash>/`` and return its reference."""
+        folder = Path(folder)
+        sha = folder_sha256(folder)
+        ref = ArtifactRef(uri=self._join(stage, sha[:HASH_CHARS]), sha256=sha, kind=kind, contract=contract,
+                          rows=rows, meta=dict(meta or {}))
+        (folder / MANIFEST).write_text(json.dumps(ref.to_dict(), indent=1, sort_keys=True, default=str))
+        if self.exists(ref):
+            return ref  # identical content is already in place (e.g. a refreshed, deterministic stage)
+        if self.local:
+            _move_local(folder, Path(ref.uri))
+        else:
+            tmp = self._join(stage, f".tmp-{uuid.uuid4().hex}")
+            self.fs.put(str(folder), tmp, recursive=True)
+            self.fs.mv(tmp, ref.uri, recursive=True)
+        return ref
+
+    def exists(self, ref: ArtifactRef) -> bool:
+        return self.fs.exists(ref.file(MANIFEST))
+
+    def require(self, ref: ArtifactRef) -> ArtifactRef:
+        """Fail clearly when a (cached) reference points at an artifact that was deleted."""
+        if not self.fs.exists(ref.file(MANIFEST)):
+            raise ArtifactError(f"artifact {ref.uri} ({ref.kind}) is missing from the store; it was deleted "
+                                "after the stage that wrote it was cached. Re-run with --refresh.")
+        return ref
+
+    def local_dir(self, ref: ArtifactRef) -> Path:
+        """A local folder with the artifact's files (the folder itself, or a hash-keyed download)."""
+        self.require(ref)
+        if self.local:
+            return Path(ref.uri)
+        target = self.cache_dir / ref.sha256
+        if not (target / MANIFEST).exists():
+            tmp = self.cache_dir / f".dl-{uuid.uuid4().hex}"
+            self.fs.get(ref.uri, str(tmp), recursive=True)
+            _move_local(tmp, target)
+        return target
+
+    def open(self, ref: ArtifactRef, name: str, mode: str = "rb"):
+        return self.fs.open(self.require(ref).file(name), mode)
+
+    def read_text(self, ref: ArtifactRef, name: str) -> str:
+        with self.open(ref, name, "r") as handle:
+            return handle.read()
+
+    def list(self, stage: str | None = None) -> list[ArtifactRef]:
+        """References of every complete artifact (of one stage), read from their manifests."""
+        pattern = self._join(stage or "*", "*", MANIFEST)
+        refs = []
+        for path in sorted(self.fs.glob(pattern)):
+            with self.fs.open(path, "r") as handle:
+                refs.append(ArtifactRef.from_dict(json.load(handle)))
+        return refs
+
+
+def _move_local(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (atomic on one filesystem); if another writer won the race, keep theirs."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        if not (dst / MANIFEST).exists():
+            raise
+        shutil.rmtree(src, ignore_errors=True)
