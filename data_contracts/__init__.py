@@ -1,0 +1,46 @@
+"""Arrow data contracts for the GRAM pipeline: schemas with a name and version, validation, readers.
+
+No torch here: this package is imported by every stage, including ones that never touch a model.
+"""
+
+from data_contracts.readers import (
+    SUPPORTED_SUFFIXES,
+    DatasetNotCachedError,
+    read_hub_dataset,
+    read_table,
+    write_table,
+)
+from data_contracts.schemas import (
+    CONTRACTS,
+    PREFERENCE_PAIRS,
+    RESPONSE_POOL,
+    REWARDBENCH,
+    SCORES,
+    UNLABELED_PAIRS,
+    Check,
+    Contract,
+    contract_of,
+    get_contract,
+)
+from data_contracts.validate import ContractError, Violation, validate
+
+__all__ = [
+    "CONTRACTS",
+    "PREFERENCE_PAIRS",
+    "RESPONSE_POOL",
+    "REWARDBENCH",
+    "SCORES",
+    "SUPPORTED_SUFFIXES",
+    "UNLABELED_PAIRS",
+    "Check",
+    "Contract",
+    "ContractError",
+    "DatasetNotCachedError",
+    "Violation",
+    "contract_of",
+    "get_contract",
+    "read_hub_dataset",
+    "read_table",
+    "validate",
+    "write_table",
+]

@@ -1,0 +1,237 @@
+"""Read tables from files, folders, Hugging Face datasets or the Hub, always validated; write atomically.
+
+``read_table`` accepts Parquet, JSON Lines, JSON (a list of records or ``{"data": [...]}``) and CSV files, a
+folder of such files (concatenated in name order), a ``datasets.Dataset``/``DatasetDict`` or a
+``pyarrow.Table``. ``column_map`` renames source columns to contract columns; other columns are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from data_contracts.schemas import Contract, get_contract
+from data_contracts.validate import validate
+
+SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
+class DatasetNotCachedError(FileNotFoundError):
+    """A Hub dataset was asked for while offline (or the Hub is unreachable) and is not in the local cache."""
+
+
+def _read_parquet(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+    present = pq.read_schema(path).names
+    return pq.read_table(path, columns=[n for n in present if n in types])
+
+
+def _read_jsonl(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+    if path.stat().st_size == 0:
+        return pa.table({})
+    return pa_json.read_json(path)
+
+
+def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    records = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        keys = sorted(data)[:10] if isinstance(data, dict) else []
+        raise ValueError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}, "
+                         f"got a {type(data).__name__} (keys {keys})")
+    keys: set[str] = set()
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} is a {type(record).__name__}, expected an object {{column: value}}")
+        keys.update(record)
+    # Only the wanted columns are built, so odd extra fields (nested, mixed) never get in the way.
+    columns = {}
+    for name in sorted(keys & set(types)):
+        try:
+            columns[name] = pa.array([record.get(name) for record in records])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"{path}: column {name!r} mixes value types ({exc})") from exc
+    return pa.table(columns)
+
+
+def _read_csv(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+    # Text columns are read as text, so "007" stays "007" and "" stays "" (the validator flags it).
+    text = {name: typ for name, typ in types.items() if pa.types.is_string(typ)}
+    convert = pa_csv.ConvertOptions(column_types=text, strings_can_be_null=False)
+    return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                           convert_options=convert)
+
+
+_READERS = {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+
+
+def _source_names(contract: Contract, column_map: dict[str, str]) -> dict[str, str]:
+    """Contract column -> the source column that feeds it."""
+    inverse = {target: src for src, target in column_map.items()}
+    return {name: inverse.get(name, name) for name in contract.columns}
+
+
+def _check_column_map(contract: Contract, column_map: dict[str, str]) -> None:
+    unknown = sorted(t for t in column_map.values() if t not in contract.columns)
+    if unknown:
+        raise ValueError(f"column_map targets {unknown} are not columns of contract {contract.name!r} "
+                         f"(columns: {contract.columns})")
+
+
+def _select(table: pa.Table, contract: Contract, column_map: dict[str, str], source: str) -> pa.Table:
+    """Rename mapped columns to contract names and drop the rest (validate reports what is missing)."""
+    missing_sources = sorted(src for src in column_map if src not in table.schema.names)
+    if missing_sources:
+        raise ValueError(f"{source}: column_map names source column(s) {missing_sources} that are not in "
+                         f"the data (columns: {table.schema.names})")
+    arrays, names = [], []
+    for name, src in _source_names(contract, column_map).items():
+        for index in table.schema.get_all_field_indices(src):  # duplicates kept: validate reports them
+            arrays.append(table.column(index))
+            names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _read_file(path: Path, contract: Contract, column_map: dict[str, str]) -> pa.Table:
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise ValueError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
+                         f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a folder of such files")
+    sources = _source_names(contract, column_map)
+    types = {sources[f.name]: f.type for f in contract.schema}  # keyed by source column name
+    try:
+        raw = _READERS[suffix](path, types)
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read as {suffix[1:].upper()}: {exc}") from exc
+    return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path))
+
+
+def _read_path(path: Path, contract: Contract, column_map: dict[str, str]) -> pa.Table:
+    if path.is_file():
+        return _read_file(path, contract, column_map)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a {'/'.join(SUPPORTED_SUFFIXES)} "
+                                f"file or a folder of them)")
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith((".", "_")))
+    if not files:
+        raise FileNotFoundError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+    tables = [_read_file(p, contract, column_map) for p in files]
+    # Validate the concatenation too: ids must be unique across files.
+    return validate(pa.concat_tables(tables), contract, source=f"{path} ({len(files)} files)")
+
+
+def _dataset_table(source: Any, split: str | None) -> tuple[pa.Table, str] | None:
+    """(table, name) for a datasets.Dataset / DatasetDict; None for anything else."""
+    datasets = sys.modules.get("datasets")  # already imported if ``source`` is one of its objects
+    if datasets is None:
+        return None
+    if isinstance(source, datasets.DatasetDict):
+        if split is None and len(source) == 1:
+            split = next(iter(source))
+        if split not in source:
+            raise ValueError(f"DatasetDict: split {split!r} not found; available splits: {sorted(source)}")
+        source, name = source[split], f"datasets.DatasetDict[{split!r}]"
+    elif isinstance(source, datasets.Dataset):
+        name = "datasets.Dataset" + (f"[{source.split}]" if source.split else "")
+    elif isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError("streaming (Iterable) datasets are not supported; load the dataset without streaming")
+    else:
+        return None
+    # with_format("arrow")[:] honours any indices mapping left by select/shuffle/filter.
+    return source.with_format("arrow")[:], name
+
+
+def read_table(source: Any, contract: Contract | str, column_map: dict[str, str] | None = None,
+               split: str | None = None, *, source_name: str | None = None) -> pa.Table:
+    """Read ``source`` into a table validated against ``contract`` (``ContractError`` on violations).
+
+    ``source``: a path (file or folder), a ``datasets.Dataset``/``DatasetDict`` (``split`` picks one; it is
+    ignored for other sources) or a ``pyarrow.Table``. ``source_name`` overrides the name used in errors.
+    """
+    contract = get_contract(contract)
+    column_map = dict(column_map or {})
+    _check_column_map(contract, column_map)
+    if isinstance(source, (str, os.PathLike)):
+        return _read_path(Path(source).expanduser(), contract, column_map)
+    if isinstance(source, pa.Table):
+        table, name = source, "<pyarrow.Table>"
+    else:
+        found = _dataset_table(source, split)
+        if found is None:
+            raise TypeError(f"read_table: unsupported source type {type(source).__name__}; pass a path, a "
+                            f"datasets.Dataset/DatasetDict or a pyarrow.Table")
+        table, name = found
+    name = source_name or name
+    return validate(_select(table, contract, column_map, name), contract, source=name)
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(flag in {"1", "true", "yes", "on"} for flag in flags)
+
+
+def _is_connection_failure(exc: BaseException | None) -> bool:
+    """True when ``exc`` or anything in its cause chain is a network failure."""
+    while exc is not None:
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in {
+            "ConnectError", "ConnectTimeout", "OfflineModeIsEnabled", "LocalEntryNotFoundError"
+        }:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def read_hub_dataset(name: str, split: str | None, contract: Contract | str,
+                     column_map: dict[str, str] | None = None, config_name: str | None = None) -> pa.Table:
+    """Load a Hub dataset with ``datasets.load_dataset`` and read it like ``read_table``.
+
+    Offline (HF_DATASETS_OFFLINE=1) or unreachable Hub and not cached -> ``DatasetNotCachedError``.
+    """
+    import datasets  # lazy: importing datasets costs ~1 s and most callers read local files
+
+    try:
+        loaded = datasets.load_dataset(name, config_name, split=split)
+    except Exception as exc:
+        if _is_connection_failure(exc) or (_offline() and isinstance(exc, OSError)):
+            where = f"{name}" + (f" (config {config_name!r})" if config_name else "") + (
+                f", split {split!r}" if split else "")
+            raise DatasetNotCachedError(
+                f"Hub dataset {where} is not in the local datasets cache and the Hub cannot be reached "
+                f"(offline={_offline()}: {type(exc).__name__}: {exc}). Download it on a connected machine, or "
+                f"pass a local Parquet/JSONL/JSON/CSV file or folder instead, e.g. read_table('data/{name.split('/')[-1]}"
+                f".parquet', {get_contract(contract).name!r})."
+            ) from exc
+        raise
+    return read_table(loaded, contract, column_map=column_map, split=split, source_name=f"hub:{name}")
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, contract: Contract | str | None = None) -> Path:
+    """Write ``table`` as Parquet atomically: a temporary file in the same folder, then a rename.
+
+    With ``contract``, the table is validated (and conformed) first. Returns the final path.
+    """
+    path = Path(path)
+    if contract is not None:
+        table = validate(table, contract, source=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
