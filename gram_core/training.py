@@ -1,0 +1,391 @@
+"""The one training loop, shared by both GRAM stages and the Bradley-Terry baseline.
+
+``train`` runs AdamW over the trainable parameters with a warm-up + cosine schedule, gradient accumulation,
+clipping and optional bf16 autocast, on length-grouped seeded batches. Checkpoints hold everything needed
+to continue exactly (trainable weights, optimizer, scheduler, step, RNG states); the data order is a pure
+function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
+
+Distributed (torch.distributed initialized): every global batch is split into disjoint per-rank shards and
+gradients are all-reduced by hand before clipping. There is no DDP wrapper because the judge forward calls
+the model twice per step (shared prefix, then the suffixes), which DDP's hooks do not support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.config import TrainConfig
+from gram_core.losses import IGNORE_INDEX, judge_loss
+
+StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+GRAD_BUCKET_ELEMENTS = 1 << 24  # all-reduce gradients in ~64 MB fp32 buckets
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the message names the step and the example ids."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    history: list[dict]
+    final_metrics: dict
+    checkpoint: str | None
+    data_stats: dict = dataclasses.field(default_factory=dict)  # encoding statistics (convenience wrappers)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class DataOrder:
+    """Which example indices form global batch ``step`` (0-based): a pure function of seed and step."""
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int) -> None:
+        self.lengths, self.global_batch, self.seed = list(lengths), global_batch, seed
+        self.steps_per_epoch = math.ceil(len(self.lengths) / global_batch)
+        self._epoch, self._batches = -1, []
+
+    def batch(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # each epoch reshuffles with its own seed
+            self._epoch = epoch
+            self._batches = length_grouped_batches(self.lengths, self.global_batch, seed=self.seed + epoch)
+        return self._batches[index]
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous, disjoint part of a global batch (sizes differ by at most one)."""
+    n = len(indices)
+    return indices[rank * n // world:(rank + 1) * n // world]
+
+
+def total_steps(num_examples: int, config: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps the run takes: max_steps if set, else ceil(epochs * batches per epoch)."""
+    global_batch = config.batch_size * config.grad_accum_steps * world
+    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * math.ceil(num_examples / global_batch))
+
+
+def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config: TrainConfig, *,
+          collate: Callable[[list[dict]], dict], lengths: Sequence[int], output_dir: str | Path | None = None,
+          resume_from: str | Path | None = None, on_metrics: Callable[[int, dict], Any] | None = None,
+          on_checkpoint: Callable[[str | None, dict], Any] | None = None) -> TrainResult:
+    """Train ``model`` in place on ``examples`` and return the step count, per-step metrics and last checkpoint.
+
+    ``collate(examples) -> batch`` builds a micro-batch dict of tensors; an optional ``"weight"`` entry
+    (default: the number of examples) sets its share of the step's mean loss, so gradient accumulation
+    and sharding give the same gradient as one big batch. ``step_fn(model, batch) -> (loss, metrics)``
+    returns the micro-batch's mean loss and mean metrics. ``lengths`` (tokens per example) drive length
+    grouping and the tokens/s metric. Checkpoints go to ``output_dir/checkpoint-<step>`` every
+    ``config.checkpoint_every_steps`` and at the end; ``on_checkpoint(path, metrics)`` runs after each on
+    every rank (path None on ranks that wrote nothing, since e.g. Ray's report is collective).
+    """
+    if len(lengths) != len(examples):
+        raise ValueError(f"train: {len(lengths)} lengths for {len(examples)} examples")
+    if not examples:
+        raise ValueError("train: no training examples")
+    rank, world = dist_info()
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("train: the model has no trainable parameters (everything frozen?)")
+    params = [p for _, p in named]
+    device = params[0].device
+    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed)
+    steps = total_steps(len(examples), config, world)
+    # No weight decay on norms and biases (1-D tensors), as is standard for transformers.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+    layout = {"num_examples": len(examples), "global_batch": order.global_batch, "total_steps": steps}
+
+    step, history, checkpoint = 0, [], None
+    if resume_from is not None:
+        step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout)
+        checkpoint = str(resume_from)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
+                else contextlib.nullcontext())
+    bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
+    was_training = model.training
+    model.train()
+    try:
+        while step < steps:
+            step += 1
+            indices = order.batch(step - 1)
+            torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
+            metrics = _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer,
+                                      scheduler, named, autocast, device, rank, world)
+            metrics.update(step=step, epoch=step / order.steps_per_epoch)
+            metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if on_metrics is not None and (step % config.log_every_steps == 0 or step == steps):
+                on_metrics(step, metrics)
+            every = config.checkpoint_every_steps
+            if output_dir is not None and ((every and step % every == 0) or step == steps):
+                path = None
+                if rank == 0:
+                    path = save_checkpoint(Path(output_dir) / f"checkpoint-{step}", model, named, optimizer,
+                                           scheduler, {**layout, "step": step, "history": history})
+                checkpoint = path or checkpoint
+                if on_checkpoint is not None:
+                    on_checkpoint(path, metrics)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
+                       checkpoint=checkpoint)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer, scheduler, named,
+                    autocast, device, rank, world) -> dict:
+    """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics."""
+    start = time.perf_counter()
+    mine = shard(indices, rank, world)
+    micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    batches = [collate([examples[i] for i in m]) for m in micro]
+    weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
+    total_weight = _all_sum(sum(weights), world)
+    sums: dict[str, float] = {}
+    bad: list[str] = []
+    for ids, batch, weight in zip(micro, batches, weights, strict=True):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            loss, metrics = step_fn(model, batch)
+        if not bool(torch.isfinite(loss.detach())):
+            bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")
+            continue
+        # Each micro-batch's mean loss, scaled by its share of the global batch: the sum is the global mean.
+        (loss * (weight / total_weight)).backward()
+        for key, value in {"loss": loss, **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (sums, bad))
+        keys = sorted({k for s, _ in gathered for k in s})  # a rank with an empty shard has no keys
+        sums = {k: sum(s.get(k, 0.0) for s, _ in gathered) for k in keys}
+        bad = [i for _, b in gathered for i in b]
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {'; '.join(bad)}")
+    params = [p for _, p in named]
+    if world > 1:
+        _all_reduce_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+    if not bool(torch.isfinite(norm)):
+        ids = [_example_id(examples[i], i) for i in indices]
+        raise NonFiniteLossError(f"non-finite gradient norm at step {step} (batch example ids {ids})")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {f"train/{k}": v / total_weight for k, v in sums.items()}
+    out.update({"train/lr": lr, "train/grad_norm": float(norm), "_seconds": max(time.perf_counter() - start, 1e-9)})
+    return out
+
+
+def _example_id(example: dict, index: int) -> str:
+    for key in ("pair_id", "id"):
+        if key in example:
+            return str(example[key])
+    return f"#{index}"
+
+
+def _all_sum(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in flat buckets (each rank's share is already scaled by its global weight,
+    so the sum is the global-batch mean gradient: the data-parallel average)."""
+    for p in params:
+        if p.grad is None:  # a rank with an empty shard still takes part in the collective
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        if sum(g.numel() for g in bucket) >= GRAD_BUCKET_ELEMENTS or i == len(params) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket = []
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict) -> str:
+    """Write a resumable checkpoint to a temp folder beside ``target`` and rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({name: p.detach().cpu().contiguous() for name, p in named}, str(tmp / WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / OPTIMIZER_FILE)
+    np_state = np.random.get_state()
+    rng = {"python": _jsonable(random.getstate()),
+           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng}, default=float))
+    if hasattr(model, "peft_config"):  # the adapter alone, loadable with peft for inspection
+        model.save_pretrained(tmp / "adapter")
+    if target.exists():  # a re-run at the same step: replace the old folder
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        shutil.rmtree(old)
+    os.rename(tmp, target)
+    return str(target)
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dict) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; return (step, history)."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume_from={folder} is not a training checkpoint (no {STATE_FILE})")
+    state = json.loads((folder / STATE_FILE).read_text())
+    for key, value in layout.items():
+        if state.get(key) != value:
+            raise ValueError(f"checkpoint {folder} was written with {key}={state.get(key)}, but this run has "
+                             f"{key}={value}; resume needs the same data, batch sizes, workers and steps")
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    names = {name for name, _ in named}
+    if set(weights) != names:
+        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
+                         f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(weights[name].to(p.device, p.dtype))
+    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    random.setstate(_tuples(state["rng"]["python"]))
+    kind, keys, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return int(state["step"]), list(state["history"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Step functions and collators
+# --------------------------------------------------------------------------------------------------
+
+
+def collate_judge(pad_id: int, prefix_ids: Sequence[int] | None = None) -> Callable[[list[dict]], dict]:
+    """Right-padded suffixes (or full ids when ``prefix_ids`` is given: no prefix reuse) + verdict labels."""
+    prefix = list(prefix_ids or [])
+
+    def collate(examples: list[dict]) -> dict:
+        input_ids, attention_mask = pad_right([prefix + list(ex["suffix_ids"]) for ex in examples], pad_id)
+        labels = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing: float,
+                  reuse_prefix: bool = True) -> StepFn:
+    """Stage 2: answer-position logits of (A, B) -> smoothed two-way CE; metrics accuracy and mean margin.
+
+    With ``reuse_prefix`` the batch holds suffixes and the shared prefix is run once per call (with grad);
+    without it the batch holds full ids (see ``collate_judge(pad_id, prefix_ids)``).
+    """
+    from gram_core.forward import answer_logits
+
+    label_ids, prefix = list(label_ids), list(prefix_ids)
+
+    def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], label_ids,
+                               prefix=prefix if reuse_prefix else None)
+        labels = batch["labels"]
+        loss = judge_loss(logits, labels, smoothing)
+        with torch.no_grad():
+            # margin = z_correct - z_other (the Delta of METHOD.md section 3; optimum log((2-eps)/eps)).
+            sign = 1.0 - 2.0 * labels.float()
+            margin = (logits[:, 0] - logits[:, 1]).float() * sign
+        return loss, {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+
+    return step
+
+
+def collate_pretrain(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Right-padded ids with -100 labels on padding; weight = target tokens (token-weighted accumulation)."""
+
+    def collate(examples: list[dict]) -> dict:
+        input_ids, attention_mask = pad_right([ex["input_ids"] for ex in examples], pad_id)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, ex in enumerate(examples):
+            labels[row, :len(ex["labels"])] = torch.as_tensor(ex["labels"], dtype=torch.long)
+        weight = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weight": weight}
+
+    return collate
+
+
+def pretrain_step_fn() -> StepFn:
+    """Stage 1: next-token CE on the target tokens, computing vocabulary logits only where labels count."""
+
+    def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA is injected in place
+        hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+        # = losses.lm_loss(full logits, labels) (shifted CE, -100 ignored) without the [B, T, V] tensor.
+        loss = F.cross_entropy(logits.float(), targets[keep])
+        return loss, {}
+
+    return step

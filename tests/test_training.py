@@ -1,0 +1,207 @@
+"""The training loop on a tiny model: it learns, changes exactly the trainable weights, resumes exactly,
+accumulates like one big batch, shards like one process, and stops on a non-finite loss."""
+
+import json
+
+import pytest
+import torch
+
+from gram_core.config import ModelConfig, TrainConfig
+from gram_core.losses import IGNORE_INDEX, lm_loss
+from gram_core.models import apply_trainable, build_tiny_model
+from gram_core.training import (
+    NonFiniteLossError,
+    collate_pretrain,
+    pretrain_step_fn,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; with 2 threads on a shared 2-core machine they crawl (40x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORDS = "red green blue cat dog sun moon tree river stone".split()
+
+
+def lm_examples(tokenizer, n, seed=0):
+    """Sentences of a fixed cyclic word order (learnable); the first 2 tokens carry no loss."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        start = int(torch.randint(len(WORDS), (1,), generator=gen))
+        length = 4 + int(torch.randint(5, (1,), generator=gen))
+        text = " ".join(WORDS[(start + k) % len(WORDS)] for k in range(length))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append({"pair_id": f"ex{i}", "input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
+    return out
+
+
+def fit(model, tokenizer, examples, **overrides):
+    kw = {k: overrides.pop(k) for k in ("output_dir", "resume_from", "on_metrics", "on_checkpoint", "step_fn")
+          if k in overrides}
+    config = TrainConfig(**{"learning_rate": 3e-3, "batch_size": 4, "warmup_ratio": 0.0, **overrides})
+    return train(model, examples, kw.pop("step_fn", pretrain_step_fn()), config,
+                 collate=collate_pretrain(tokenizer.pad_token_id), lengths=[len(e["input_ids"]) for e in examples],
+                 **kw)
+
+
+def held_out_loss(model, tokenizer, examples):
+    batch = collate_pretrain(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return float(lm_loss(logits, batch["labels"]))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_pretrain_step_loss_equals_full_logits_lm_loss(tiny_model, tiny_tokenizer):
+    batch = collate_pretrain(tiny_tokenizer.pad_token_id)(lm_examples(tiny_tokenizer, 3))
+    batch.pop("weight")
+    with torch.no_grad():
+        loss, _ = pretrain_step_fn()(tiny_model, batch)
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert float(loss) == pytest.approx(float(lm_loss(logits, batch["labels"])), rel=1e-5)
+
+
+def test_lm_training_lowers_held_out_loss_and_reports_metrics(tiny_model, tiny_tokenizer):
+    train_set, held_out = lm_examples(tiny_tokenizer, 32, seed=1), lm_examples(tiny_tokenizer, 16, seed=2)
+    before = held_out_loss(tiny_model, tiny_tokenizer, held_out)
+    seen = []
+    result = fit(tiny_model, tiny_tokenizer, train_set, epochs=4, log_every_steps=5, warmup_ratio=0.1,
+                 on_metrics=lambda step, m: seen.append(step))
+    after = held_out_loss(tiny_model, tiny_tokenizer, held_out)
+    assert after < before - 1.0, (before, after)
+    assert result.steps == 32 == len(result.history)  # 4 epochs x 8 batches of 4
+    assert seen == [5, 10, 15, 20, 25, 30, 32]
+    first, last = result.history[0], result.history[-1]
+    assert first["train/lr"] == pytest.approx(0.0) and result.history[4]["train/lr"] == pytest.approx(3e-3)  # ceil(0.1 * 32) = 4 warm-up steps
+    assert last["train/lr"] < 3e-3 * 0.01  # cosine decays to ~0
+    assert last["train/loss"] < first["train/loss"]
+    assert last["train/grad_norm"] > 0 and last["train/tokens_per_s"] > 0
+    assert last["epoch"] == pytest.approx(4.0) and result.final_metrics == last
+
+
+def test_full_finetune_changes_every_trainable_parameter(tiny_model, tiny_tokenizer):
+    before = snapshot(tiny_model)
+    fit(tiny_model, tiny_tokenizer, lm_examples(tiny_tokenizer, 8), max_steps=2)
+    unchanged = [n for n, p in tiny_model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def test_lora_changes_only_lora_parameters(tiny_model, tiny_tokenizer):
+    model = apply_trainable(tiny_model, ModelConfig(source="tiny", lora_r=4))
+    before = snapshot(model)
+    fit(model, tiny_tokenizer, lm_examples(tiny_tokenizer, 8), max_steps=2, learning_rate=1e-2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    lora = {n for n, _ in model.named_parameters() if "lora_" in n}
+    # lora_A starts random, lora_B at zero: after two steps both have moved; nothing else has.
+    assert changed == lora and len(lora) == 2 * 7 * 2
+
+
+def test_frozen_layers_do_not_change(tiny_model, tiny_tokenizer):
+    model = apply_trainable(tiny_model, ModelConfig(source="tiny", freeze_layers=1))
+    before = snapshot(model)
+    fit(model, tiny_tokenizer, lm_examples(tiny_tokenizer, 8), max_steps=2)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and "model.embed_tokens.weight" in frozen
+    assert not changed & frozen
+    assert any(n.startswith("model.layers.1.") for n in changed) and "model.norm.weight" in changed
+
+
+def test_non_finite_loss_names_step_and_examples(tiny_model, tiny_tokenizer):
+    inner = pretrain_step_fn()
+    calls = []
+
+    def poisoned(model, batch):
+        loss, metrics = inner(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), metrics
+
+    examples = lm_examples(tiny_tokenizer, 16)
+    with pytest.raises(NonFiniteLossError, match=r"step 2\b.*ex\d+") as err:
+        fit(tiny_model, tiny_tokenizer, examples, batch_size=2, grad_accum_steps=2, step_fn=poisoned)
+    assert len([e for e in examples if e["pair_id"] in str(err.value)]) == 2  # the bad micro-batch's two ids
+
+
+def test_resume_continues_exactly(tiny_tokenizer, tmp_path):
+    examples = lm_examples(tiny_tokenizer, 20)
+    common = dict(batch_size=3, max_steps=6, warmup_ratio=0.2, weight_decay=0.01)
+    straight = build_tiny_model(tiny_tokenizer, seed=0)
+    full = fit(straight, tiny_tokenizer, examples, **common)
+
+    first = build_tiny_model(tiny_tokenizer, seed=0)
+    saved = []
+    fit(first, tiny_tokenizer, examples, checkpoint_every_steps=3, output_dir=tmp_path,
+        on_checkpoint=lambda path, m: saved.append(path), **common)
+    assert saved == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-6")]
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
+
+    resumed = build_tiny_model(tiny_tokenizer, seed=5)  # different start: everything must come from the checkpoint
+    result = fit(resumed, tiny_tokenizer, examples, resume_from=tmp_path / "checkpoint-3", **common)
+    assert result.steps == 6 and [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["train/loss"] for h in result.history] == pytest.approx([h["train/loss"] for h in full.history])
+    reference = dict(straight.named_parameters())
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(p, reference[name], atol=1e-6, rtol=0)
+
+
+def test_resume_rejects_a_different_layout(tiny_model, tiny_tokenizer, tmp_path):
+    examples = lm_examples(tiny_tokenizer, 8)
+    fit(tiny_model, tiny_tokenizer, examples, max_steps=1, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="global_batch=4.*global_batch=2"):
+        fit(tiny_model, tiny_tokenizer, examples, max_steps=1, batch_size=2, resume_from=tmp_path / "checkpoint-1")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_tokenizer):
+    examples = lm_examples(tiny_tokenizer, 16)
+    big, accumulated = build_tiny_model(tiny_tokenizer, seed=0), build_tiny_model(tiny_tokenizer, seed=0)
+    fit(big, tiny_tokenizer, examples, batch_size=4, max_steps=3)
+    fit(accumulated, tiny_tokenizer, examples, batch_size=2, grad_accum_steps=2, max_steps=3)
+    reference = dict(big.named_parameters())
+    for name, p in accumulated.named_parameters():
+        torch.testing.assert_close(p, reference[name], atol=1e-5, rtol=1e-4)
+
+
+def _sharded_worker(rank, world, folder, examples):
+    """One rank of a 2-process gloo run: per-rank batch 2 -> global batch 4."""
+    import torch.distributed as dist
+
+    from gram_core.models import build_tiny_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=0)
+        result = fit(model, tokenizer, examples, batch_size=2, max_steps=4, output_dir=folder / f"out{rank}")
+        torch.save({"params": dict(model.named_parameters()), "losses": [h["train/loss"] for h in result.history],
+                    "checkpoint": result.checkpoint}, folder / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_sharding_matches_one_process(tiny_tokenizer, tmp_path):
+    examples = lm_examples(tiny_tokenizer, 14)  # 14 = 3 global batches of 4 + 2: last shard sizes 1 and 1
+    single = build_tiny_model(tiny_tokenizer, seed=0)
+    reference = fit(single, tiny_tokenizer, examples, batch_size=4, max_steps=4)
+    # fork: the children reuse the imported modules (spawn would re-import transformers: ~10 s)
+    torch.multiprocessing.start_processes(_sharded_worker, args=(2, tmp_path, examples), nprocs=2,
+                                          start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    expected = dict(single.named_parameters())
+    for out in ranks:
+        assert out["losses"] == pytest.approx([h["train/loss"] for h in reference.history], rel=1e-5)
+        for name, p in out["params"].items():
+            torch.testing.assert_close(p, expected[name], atol=1e-5, rtol=1e-4)
+    assert ranks[0]["checkpoint"] == str(tmp_path / "out0" / "checkpoint-4")
+    assert ranks[1]["checkpoint"] is None and not (tmp_path / "out1").exists()  # only rank 0 writes
