@@ -1,0 +1,195 @@
+"""The discriminative baseline: a Bradley-Terry reward model on the same base model and data path.
+
+r(x, y) = w · h_last + b, where h_last is the final hidden state at the last real token of the chat
+"user: x, assistant: y" (no value head exists in the base model, so the head is new and seeded). Training
+minimises the Bradley-Terry loss -log σ(r(x, y_chosen) − r(x, y_rejected)) with the same ``train`` loop as
+GRAM; a pair's preference is P(y1 ≻ y2) = σ(r1 − r2), which does not depend on slot order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.config import EncodeConfig, TrainConfig
+from gram_core.encoding import (
+    DEFAULT_RESPONSE_FLOOR,
+    keep_ends,
+    plan_truncation,
+    split_chat_template,
+    tokenize,
+)
+from gram_core.losses import bradley_terry_loss
+from gram_core.models import load_tokenizer, save_model
+from gram_core.training import TrainResult, train
+
+HEAD_FILE = "reward_head.safetensors"
+HEAD_META = "reward_head.json"
+
+
+class RewardEncoder:
+    """Token ids of the chat (user = prompt, assistant = response), shortened to ``max_length`` as in
+    encoding.plan_truncation (response first down to a floor, then the prompt)."""
+
+    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR):
+        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False)
+        self.tokenizer, self.max_length, self.response_floor = tokenizer, max_length, response_floor
+        self.head_ids, self.middle_ids, self.tail_ids = (tokenize(tokenizer, t) for t in (head, middle, tail))
+
+    def encode(self, prompt: str, response: str, pair_id=None) -> list[int]:
+        p, r = tokenize(self.tokenizer, prompt), tokenize(self.tokenizer, response)
+        budget = self.max_length - len(self.head_ids) - len(self.middle_ids) - len(self.tail_ids)
+        try:
+            kept_p, kept_r, _ = plan_truncation(len(p), len(r), 0, budget, self.response_floor)
+        except ValueError as err:
+            raise ValueError(f"pair {pair_id!r}: the chat template alone exceeds max_length={self.max_length}") from err
+        return self.head_ids + keep_ends(p, kept_p) + self.middle_ids + r[:kept_r] + self.tail_ids
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM's decoder with a scalar head on the last real token's final hidden state."""
+
+    def __init__(self, base: torch.nn.Module, seed: int = 0):
+        super().__init__()
+        self.base = base
+        hidden = self._inner().config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # small seeded init: rewards start near 0, so σ(r1 − r2) starts near 0.5
+            self.head.weight.copy_(torch.randn(1, hidden, generator=generator) / hidden)
+            self.head.bias.zero_()
+        self.head.to(next(base.parameters()).device)
+
+    def _inner(self):
+        return self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base  # peft
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards [B] of right-padded sequences."""
+        hidden = self._inner().get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h.float()).squeeze(-1)  # head in fp32 even under bf16 weights
+
+
+def collate_bt(pad_id: int):
+    """Chosen sequences then rejected ones in one padded batch [2B, T]."""
+
+    def collate(examples: list[dict]) -> dict:
+        seqs = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
+        input_ids, attention_mask = pad_right(seqs, pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    return collate
+
+
+def bt_step_fn():
+    """Bradley-Terry loss on a collate_bt batch; metrics: pairwise accuracy and mean reward margin."""
+
+    def step(model: RewardModel, batch: dict) -> tuple[torch.Tensor, dict]:
+        rewards = model(batch["input_ids"], batch["attention_mask"])
+        r_chosen, r_rejected = rewards.chunk(2)
+        margin = (r_chosen - r_rejected).detach()
+        return bradley_terry_loss(r_chosen, r_rejected), {"accuracy": (margin > 0).float().mean(),
+                                                          "margin": margin.mean()}
+
+    return step
+
+
+def encode_bt_pairs(encoder: RewardEncoder, rows: Iterable[dict]) -> list[dict]:
+    examples = []
+    for index, row in enumerate(rows):
+        missing = [k for k in ("pair_id", "prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise KeyError(f"row {index} lacks column(s) {missing}; expected pair_id, prompt, chosen, rejected")
+        examples.append({"pair_id": row["pair_id"],
+                         "chosen_ids": encoder.encode(row["prompt"], row["chosen"], row["pair_id"]),
+                         "rejected_ids": encoder.encode(row["prompt"], row["rejected"], row["pair_id"])})
+    return examples
+
+
+def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                        *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
+    """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head and train it on preference rows."""
+    reward_model = RewardModel(model, seed=head_seed)
+    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length), rows)
+    lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
+    result = train(reward_model, examples, bt_step_fn(), train_cfg, collate=collate_bt(tokenizer.pad_token_id),
+                   lengths=lengths, **kwargs)
+    return reward_model, result
+
+
+class BTScorer:
+    """Score pairs with a trained RewardModel: P(y1 ≻ y2) = σ(r1 − r2), the same in both slot orders."""
+
+    def __init__(self, reward_model: RewardModel, tokenizer, max_length: int = 1024, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
+        self.encoder = RewardEncoder(tokenizer, max_length)
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """r(x, y) per row (float64), in row order; batches are length-grouped to limit padding."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"BTScorer.rewards: {len(prompts)} prompts but {len(responses)} responses")
+        seqs = [self.encoder.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out = np.zeros(len(seqs))
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in length_grouped_batches([len(s) for s in seqs], self.batch_size, shuffle=False):
+                    ids, mask = pad_right([seqs[i] for i in batch], self.tokenizer.pad_token_id)
+                    out[batch] = self.model(ids.to(device), mask.to(device)).double().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def score_pairs(self, table: pa.Table) -> pa.Table:
+        """Rows (id|pair_id, subset|source, prompt, chosen, rejected) -> a scores-contract table."""
+        from gram_core.judging import SCORES_SCHEMA
+
+        cols = table.to_pydict()
+        ids, subsets = _column(cols, ("id", "pair_id")), _column(cols, ("subset", "source"))
+        prompts, chosen, rejected = (_column(cols, (c,)) for c in ("prompt", "chosen", "rejected"))
+        r_chosen, r_rejected = self.rewards(prompts, chosen), self.rewards(prompts, rejected)
+        p = 1.0 / (1.0 + np.exp(-(r_chosen - r_rejected)))  # σ(r_chosen − r_rejected), both orders alike
+        return pa.Table.from_pydict({"id": [str(v) for v in ids], "subset": [str(v) for v in subsets],
+                                     "p_chosen_order1": p, "p_chosen_order2": p, "p_chosen": p,
+                                     "correct": p > 0.5}, schema=SCORES_SCHEMA)
+
+    def save(self, folder: str | Path) -> Path:
+        """A plain HF folder of the base model (LoRA merged — in place) plus the head weights beside it."""
+        folder = save_model(self.model.base, self.tokenizer, Path(folder))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
+                  str(folder / HEAD_FILE))
+        (folder / HEAD_META).write_text(json.dumps({"kind": "bradley_terry", "max_length": self.encoder.max_length,
+                                                    "hidden_size": self.model.head.in_features}))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, batch_size: int = 8, device: str | None = None) -> BTScorer:
+        folder = Path(folder)
+        if not (folder / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{folder} has no {HEAD_FILE}: not a Bradley-Terry reward model folder")
+        meta = json.loads((folder / HEAD_META).read_text())
+        base = AutoModelForCausalLM.from_pretrained(folder)
+        reward_model = RewardModel(base)
+        reward_model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+        if device:
+            reward_model.to(device)
+        return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size)
+
+
+def _column(cols: dict, names: tuple[str, ...]) -> list:
+    for name in names:
+        if name in cols:
+            return cols[name]
+    raise ValueError(f"BTScorer.score_pairs: the table needs one of the columns {list(names)} "
+                     f"(rewardbench or preference_pairs contract); its columns are {sorted(cols)}")
