@@ -42,9 +42,18 @@ def model_parts(model) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     return decoder, head, base.config
 
 
-def _cache_kwarg(decoder: torch.nn.Module) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40).
+def cache_kwarg(decoder: torch.nn.Module) -> str:
+    """The decoder's KV-cache argument: transformers 5.24 renamed `past_key_values` to `cache`."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def expanded_prefix_kwargs(decoder: torch.nn.Module, layers, batch: int) -> dict:
+    """Forward kwargs with a fresh DynamicCache holding the batch-1 prefix ``layers`` expanded to ``batch``.
+
+    expand() is a view; the cache's first update concatenates into new tensors, so ``layers`` stay intact.
+    """
+    expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers]
+    return {cache_kwarg(decoder): DynamicCache(expanded, config=decoder.config), "use_cache": True}
 
 
 def _prefix_layers(decoder: torch.nn.Module, prefix_ids: Sequence[int], device) -> tuple:
@@ -53,7 +62,7 @@ def _prefix_layers(decoder: torch.nn.Module, prefix_ids: Sequence[int], device) 
         raise ValueError("prefix_ids is empty; pass prefix=None to run full sequences instead")
     ids = torch.as_tensor([list(prefix_ids)], dtype=torch.long, device=device)
     cache = DynamicCache(config=decoder.config)  # filled in place by the forward
-    decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{_cache_kwarg(decoder): cache})
+    decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_kwarg(decoder): cache})
     return tuple((layer.keys, layer.values) for layer in cache.layers)
 
 
@@ -94,22 +103,13 @@ def answer_hidden(model, suffix_ids: torch.Tensor, attention_mask: torch.Tensor,
                          "must both be [B, T]")
     lengths = _check_right_padded(attention_mask)
     batch, width = suffix_ids.shape
-    kwargs = {}
-    offset = 0
+    offset, kwargs = 0, {"use_cache": False}
     if prefix is not None:
-        if isinstance(prefix, PrefixCache):
-            layers = prefix.layers
-        else:
-            layers = _prefix_layers(decoder, prefix, suffix_ids.device)
+        layers = prefix.layers if isinstance(prefix, PrefixCache) else _prefix_layers(decoder, prefix, suffix_ids.device)
         offset = layers[0][0].shape[-2]
-        # expand() is a view; the cache's first update concatenates into fresh tensors, so the prefix stays intact.
-        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers]
-        kwargs[_cache_kwarg(decoder)] = DynamicCache(expanded, config=decoder.config)
-        kwargs["use_cache"] = True
+        kwargs = expanded_prefix_kwargs(decoder, layers, batch)
         ones = torch.ones(batch, offset, dtype=attention_mask.dtype, device=attention_mask.device)
         attention_mask = torch.cat([ones, attention_mask], dim=1)
-    else:
-        kwargs["use_cache"] = False
     # Right padding: real tokens sit at positions offset .. offset + length - 1 in every row.
     positions = (torch.arange(width, device=suffix_ids.device) + offset).unsqueeze(0).expand(batch, -1)
     hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=positions,
