@@ -1,10 +1,38 @@
-"""Pipeline-level configuration (plain data; the tasks that use it import Ray/MLflow, this module doesn't)."""
+"""Pipeline-level configuration (plain data; the tasks that use it import Ray/MLflow, this module doesn't).
+
+``PipelineConfig`` gathers every section a pipeline run needs: where state lives, the data sources, the
+method configs of each stage, Ray and MLflow. ``load_preset`` reads ``gram_core/presets/<name>.yaml`` (or
+any YAML path) and applies ``key.path=value`` overrides on top; each stage hashes only its own sections.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
 
-from gram_core.config import check, field
+import yaml
+
+from gram_core.config import (
+    ConfigError,
+    EncodeConfig,
+    JudgeConfig,
+    ModelConfig,
+    TrainConfig,
+    check,
+    field,
+    from_dict,
+    load_yaml,
+    merge,
+)
+from gram_core.pairs import PairingConfig
+from gram_core.sampling import SamplingConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "demo"
+STARTER = "starter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,3 +66,178 @@ class MlflowConfig:
 
     def __post_init__(self) -> None:
         check(self.promotion_margin >= 0, "mlflow.promotion_margin", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    path: str | None = field(None, "'starter' (the built-in starter dataset), or a local Parquet/JSONL/JSON/CSV "
+                             "file or folder of such files.")
+    hub: str | None = field(None, "Hugging Face hub dataset id (e.g. 'allenai/reward-bench'); read through "
+                            "`datasets`, from its local cache when offline.")
+    name: str | None = field(None, "Hub dataset configuration name (e.g. 'all').")
+    split: str = field("train", "Dataset split (hub datasets; the starter set has 'train' and 'eval').")
+    column_map: dict[str, str] = field({}, "Rename source columns to contract columns: {source: contract}.")
+    conversations: bool = field(False, "Response columns hold chat message lists (role/content): the last "
+                                "assistant turn is the response, the turns before it become the prompt.")
+    limit: int = field(0, "Keep at most this many rows (seeded random sample, order kept); 0 = all.")
+    seed: int = field(0, "Seed of the `limit` sample.")
+
+    def __post_init__(self) -> None:
+        check((self.path is None) != (self.hub is None), "source",
+              f"set exactly one of `path` or `hub` (got path={self.path!r}, hub={self.hub!r})")
+        check(self.limit >= 0, "source.limit", f"must be >= 0, got {self.limit}")
+
+    @property
+    def is_starter(self) -> bool:
+        return self.path == STARTER
+
+    def describe(self) -> str:
+        """'hub:org/name/config[split]', 'starter' or the path, plus the row limit."""
+        if self.hub:
+            where = f"hub:{self.hub}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
+        else:
+            where = str(self.path)
+        return where + (f" (limit {self.limit})" if self.limit else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    prompts: SourceConfig | None = field(None, "Prompts to sample policy responses for (columns prompt, "
+                                         "optional prompt_id); None: no sampling, pairs come from the pools.")
+    response_pools: tuple[SourceConfig, ...] = field((), "Existing response pools (response-pool contract) "
+                                                     "whose responses are paired for stage 1.")
+    unlabeled_pairs: tuple[SourceConfig, ...] = field((), "Ready-made stage-1 pairs (unlabeled-pairs contract, "
+                                                      "e.g. a preference set with its labels ignored), used as-is.")
+    preferences: SourceConfig = field(SourceConfig(path=STARTER), "Labeled preference pairs for stage 2 "
+                                      "(preference-pairs contract: pair_id, prompt, chosen, rejected, source).")
+    eval: SourceConfig = field(SourceConfig(path=STARTER, split="eval"), "Evaluation pairs in RewardBench's "
+                               "schema (prompt, chosen, chosen_model, rejected, rejected_model, subset, id).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    enabled: bool = field(True, "Run stage 1 (pre-training on unlabeled pairs); false: fine-tune the base model.")
+
+    def train_config(self) -> TrainConfig:
+        """The plain TrainConfig the trainer takes (without `enabled`)."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    compare_base_zero_shot: bool = field(True, "Also score the base model zero-shot, for the comparison table.")
+    limit: int = field(0, "Score at most this many eval pairs (seeded sample, stratified by subset); 0 = all.")
+    seed: int = field(0, "Seed of the `limit` sample.")
+
+    def __post_init__(self) -> None:
+        check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    preset: str = field(DEFAULT_PRESET, "Name of the preset this config was loaded from (informational).")
+    home: str | None = field(None, "State folder (artifacts, MLflow, Prefect results, Ray storage). None: "
+                             "$GRAM_HOME, else ./.gram.")
+    artifact_store: str | None = field(None, "Artifact store: a folder or any fsspec URI. None: <home>/artifacts.")
+    data: DataConfig = field(DataConfig(), "Data sources.")
+    sampling: SamplingConfig = field(SamplingConfig(), "Response sampling from policy models (build_pairs).")
+    pairing: PairingConfig = field(PairingConfig(), "Pairing rules for unlabeled pairs (build_pairs).")
+    model: ModelConfig = field(ModelConfig(), "Base model of the judge.")
+    encode: EncodeConfig = field(EncodeConfig(), "Sequence encoding for training.")
+    pretrain: PretrainConfig = field(PretrainConfig(learning_rate=1e-5), "Stage 1 training (unlabeled pairs).")
+    finetune: TrainConfig = field(TrainConfig(), "Stage 2 training (labeled preference pairs).")
+    judge: JudgeConfig = field(JudgeConfig(), "Scoring with a judge (evaluation, the pyfunc model, CLI).")
+    eval: EvalConfig = field(EvalConfig(), "Evaluation stage.")
+    ray: RayConfig = field(RayConfig(), "Ray runtime for the training stages.")
+    mlflow: MlflowConfig = field(MlflowConfig(), "MLflow tracking and model registry.")
+
+    def resolved(self) -> PipelineConfig:
+        """This config with `home` and `artifact_store` made absolute (env vars applied once, here)."""
+        home = Path(self.home or os.environ.get("GRAM_HOME") or ".gram").expanduser().resolve()
+        store = self.artifact_store or str(home / "artifacts")
+        if "://" not in store:
+            store = str(Path(store).expanduser().resolve())
+        return dataclasses.replace(self, home=str(home), artifact_store=store)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePaths:
+    """Where a resolved config keeps its state."""
+
+    home: Path
+    artifact_store: str
+    prefect_results: Path
+    ray_storage: str
+
+
+def state_paths(config: PipelineConfig) -> StatePaths:
+    cfg = config.resolved()
+    home = Path(cfg.home or ".gram")
+    return StatePaths(home=home, artifact_store=str(cfg.artifact_store),
+                      prefect_results=home / "prefect-results",
+                      ray_storage=cfg.ray.storage_path or str(home / "ray_storage"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name ('smoke', 'demo', 'paper') or a path to a YAML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml"):
+        check(candidate.is_file(), "preset", f"config file {candidate} does not exist")
+        return candidate
+    path = PRESETS_DIR / f"{name_or_path}.yaml"
+    check(path.is_file(), "preset", f"unknown preset {name_or_path!r}; known presets: {preset_names()} "
+          "(or pass a path to a .yaml file)")
+    return path
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it, with '1e-4' read as a number (YAML 1.1 reads a string)."""
+    if _NUMBER.match(text.strip()):
+        number = float(text)
+        return int(number) if re.fullmatch(r"[+-]?\d+", text.strip()) else number
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse override value {text!r}: {err}") from err
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """['finetune.learning_rate=1e-4', 'eval.limit=20'] -> nested dict {'finetune': {'learning_rate': ...}}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        check(bool(sep) and bool(key.strip()), "--set", f"expected key.path=value, got {item!r}")
+        parts = key.strip().split(".")
+        nested: Any = parse_value(value)
+        for part in reversed(parts):
+            nested = {part: nested}
+        out = merge(out, nested)
+    return out
+
+
+def load_preset(name_or_path: str | Path = DEFAULT_PRESET,
+                overrides: dict[str, Any] | list[str] | tuple[str, ...] | None = None) -> PipelineConfig:
+    """Load a preset (name or YAML path), deep-merge ``overrides`` (a nested dict or 'a.b=v' strings)."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    path = preset_path(name_or_path)
+    extra = {"preset": str(name_or_path) if path.parent != PRESETS_DIR else path.stem}
+    return load_yaml(PipelineConfig, path, merge(extra, overrides or {}))
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """Rebuild a PipelineConfig from ``to_dict`` output (e.g. a deployment parameter)."""
+    return from_dict(PipelineConfig, data)
