@@ -1,0 +1,186 @@
+"""tasks/registry.py: pyfunc judge, registration, aliases and the promotion gate on a temporary sqlite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from gram_core.pipeline_config import MlflowConfig
+from tasks import registry, tracking
+
+ROWS = pd.DataFrame({
+    "prompt": ["What is 2+2?", "Name a colour.", "Say hi."],
+    "response_a": ["4", "Blue, like the sky on a clear day.", "Hello there!"],
+    "response_b": ["5", "Seven.", "hi"],
+})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (DB creation costs seconds); each test uses its own model name."""
+    root = tmp_path_factory.mktemp("registry")
+    cwd = root / "cwd"
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.chdir(cwd)
+        tracking.ensure_experiment(MlflowConfig(), root / "home")
+        yield root
+        assert list(cwd.iterdir()) == [], "nothing may be written to the working directory (./mlruns)"
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from gram_core.models import tiny_model_dir
+
+    return tiny_model_dir(seed=0)
+
+
+def _register(store: Path, model_dir: Path, cfg: MlflowConfig, score: float, eval_set: str = "rb-lite-v1"):
+    with tracking.start_pipeline_run(cfg, store / "home", f"register-{score}"):
+        with tracking.stage_run("register"):
+            return registry.log_and_register(model_dir, cfg, {cfg.promotion_metric: score, "judge/consistency": 0.9},
+                                             {"config_hash": "c0ffee", "data/train_sha256": "d00d"}, eval_set)
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str:
+    return str(client.get_model_version_by_alias(name, alias).version)  # an int on sqlite stores
+
+
+def _new_version(client: MlflowClient, name: str, score: float, eval_set: str, metric: str,
+                 source: str = "/nonexistent/bare-model") -> str:
+    """A bare registry version with eval tags (for gate cases that need no logged model)."""
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = str(client.create_model_version(name, source=source).version)
+    client.set_model_version_tag(name, version, metric, repr(score))
+    client.set_model_version_tag(name, version, "eval_set_id", eval_set)
+    return version
+
+
+def test_register_versions_aliases_and_gate(store, model_dir):
+    cfg = MlflowConfig(model_name="judge-seq", promotion_margin=0.05)
+    client = MlflowClient()
+
+    v1 = _register(store, model_dir, cfg, 0.60)
+    assert (v1.version, v1.promotion.decision, v1.promotion.reason) == ("1", "promoted", "no champion yet")
+    assert _alias(client, "judge-seq", "champion") == "1"
+    assert _alias(client, "judge-seq", "candidate") == "1"
+    tags = client.get_model_version("judge-seq", "1").tags
+    assert tags["config_hash"] == "c0ffee" and tags["data/train_sha256"] == "d00d"
+    assert tags["eval_set_id"] == "rb-lite-v1"
+    assert float(tags["rewardbench/overall"]) == 0.60 and float(tags["judge/consistency"]) == 0.9
+    assert tags["promotion/decision"] == "promoted" and tags["promotion/champion_version"] == "None"
+    assert v1.model_uri == "models:/judge-seq/1" and v1.logged_model_uri.startswith("models:/m-")
+    assert client.get_model_version("judge-seq", "1").run_id == v1.run_id
+
+    v2 = _register(store, model_dir, cfg, 0.55)
+    assert (v2.version, v2.promotion.decision) == ("2", "kept")
+    assert _alias(client, "judge-seq", "champion") == "1"
+    assert _alias(client, "judge-seq", "candidate") == "2"
+    tags = client.get_model_version("judge-seq", "2").tags
+    assert tags["promotion/decision"] == "kept"
+    assert float(tags["promotion/candidate_score"]) == 0.55 and float(tags["promotion/champion_score"]) == 0.60
+    assert tags["promotion/champion_version"] == "1"
+    assert "0.55 <= champion v1 0.6 + margin 0.05" in tags["promotion/reason"]
+
+    v3 = _register(store, model_dir, cfg, 0.70)  # 0.70 > 0.60 + 0.05
+    assert v3.promotion.promoted and v3.promotion.champion_version == "1"
+    assert _alias(client, "judge-seq", "champion") == "3"
+    assert client.get_model_version("judge-seq", "1").tags["promotion/superseded_by"] == "3"
+
+
+def test_gate_margin_is_strict_and_eval_sets_must_match(store):
+    client, name, metric = MlflowClient(), "judge-gate", "rewardbench/overall"
+    champion = _new_version(client, name, 0.70, "set-a", metric)
+    assert registry.promote_if_better(client, name, champion, metric, 0.05, "set-a").promoted
+
+    within = _new_version(client, name, 0.74, "set-a", metric)  # 0.74 <= 0.70 + 0.05: not enough
+    decision = registry.promote_if_better(client, name, within, metric, 0.05, "set-a")
+    assert (decision.decision, decision.champion_score, decision.candidate_score) == ("kept", 0.70, 0.74)
+
+    other_set = _new_version(client, name, 0.99, "set-b", metric)  # far better, but on another eval set
+    decision = registry.promote_if_better(client, name, other_set, metric, 0.05, "set-b")
+    assert decision.decision == "kept" and decision.champion_eval_set_id == "set-a"
+    assert "not comparable" in decision.reason and "'set-b'" in decision.reason
+    assert _alias(client, name, "champion") == champion
+    assert client.get_model_version(name, other_set).tags["promotion/decision"] == "kept"
+
+    again = registry.promote_if_better(client, name, champion, metric, 0.05, "set-a")
+    assert again.decision == "kept" and "already the champion" in again.reason
+
+    nan = _new_version(client, name, float("nan"), "set-a", metric)
+    assert "not finite" in registry.promote_if_better(client, name, nan, metric, 0.0, "set-a").reason
+
+    better = _new_version(client, name, 0.76, "set-a", metric)
+    assert registry.promote_if_better(client, name, better, metric, 0.05, "set-a").promoted
+    assert _alias(client, name, "champion") == better
+
+    untagged = str(client.create_model_version(name, source="/nonexistent/bare-model").version)
+    with pytest.raises(ValueError, match=f"version {untagged} has no tag 'rewardbench/overall'"):
+        registry.promote_if_better(client, name, untagged, metric, 0.0, "set-a")
+
+
+def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
+    import mlflow.pyfunc
+
+    from gram_core.config import JudgeConfig
+    from gram_core.judging import Judge
+    from gram_core.models import load_model, load_tokenizer
+
+    cfg = MlflowConfig(model_name="judge-load")
+    _register(store, model_dir, cfg, 0.5)
+    judge_pyfunc = mlflow.pyfunc.load_model("models:/judge-load@champion")
+    out = judge_pyfunc.predict(ROWS)
+    assert list(out.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"] and len(out) == 3
+    for column in ("p_a_better", "p_order1", "p_order2"):
+        assert ((out[column] >= 0) & (out[column] <= 1)).all()
+    np.testing.assert_allclose(out["p_a_better"], (out["p_order1"] + out["p_order2"]) / 2, rtol=0, atol=1e-12)
+    assert out["consistent"].tolist() == ((out["p_order1"] > 0.5) == (out["p_order2"] > 0.5)).tolist()
+
+    from gram_core.config import ModelConfig
+
+    model, _ = load_model(ModelConfig(source=str(model_dir)), source=str(model_dir))
+    direct = Judge(model, load_tokenizer(str(model_dir)), JudgeConfig()).preference(
+        ROWS["prompt"].tolist(), ROWS["response_a"].tolist(), ROWS["response_b"].tolist())
+    np.testing.assert_allclose(out["p_order1"], direct.p_order1, atol=1e-6)
+    np.testing.assert_allclose(out["p_order2"], direct.p_order2, atol=1e-6)
+    np.testing.assert_allclose(out["p_a_better"], direct.p, atol=1e-6)
+    assert not np.allclose(direct.p, 0.5, atol=1e-9)  # a random tiny model still has opinions
+
+    swapped = judge_pyfunc.predict(ROWS.rename(columns={"response_a": "response_b", "response_b": "response_a"}))
+    np.testing.assert_allclose(swapped["p_a_better"], 1 - out["p_a_better"], atol=1e-9)
+
+    loaded = registry.load_judge("models:/judge-load@champion")
+    np.testing.assert_allclose(loaded.predict(ROWS)["p_a_better"], out["p_a_better"], atol=1e-6)
+
+
+def test_predict_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['response_b'\]"):
+        registry._check_input(ROWS.drop(columns=["response_b"]))
+    with pytest.raises(ValueError, match=r"column 'prompt' rows \[1\]"):
+        registry._check_input(ROWS.assign(prompt=["ok", None, "ok"]))
+    with pytest.raises(TypeError, match="expected a pandas DataFrame"):
+        registry._check_input(ROWS.to_dict())
+
+
+def test_log_and_register_checks_its_inputs(store, model_dir, tmp_path):
+    cfg = MlflowConfig(model_name="judge-errors")
+    with pytest.raises(ValueError, match="promotion metric 'rewardbench/overall'.*\\['acc'\\]"):
+        registry.log_and_register(model_dir, cfg, {"acc": 0.5}, None, "set-a")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        registry.log_and_register(tmp_path, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
+    with pytest.raises(ValueError, match="eval_set_id"):
+        registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "")
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
+
+
+def test_pip_requirements_are_exact_pins():
+    pins = dict(p.split("==") for p in registry.pip_requirements())
+    assert set(pins) == set(registry.RUNTIME_PACKAGES)
+    assert all(v and "+" not in v for v in pins.values())
