@@ -228,7 +228,8 @@ def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
 
 
 def _as_metric_value(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """Real numbers (bools as 0/1) -> float; anything else is an error naming where it came from."""
+    if not isinstance(value, numbers.Real):
         raise ValueError(f"{where}: metric value {value!r} is not a number (expected int or float)")
     return float(value)
 

@@ -112,11 +112,12 @@ def test_parent_and_child_runs_params_metrics_artifacts(home, tmp_path):
 
 def test_history_count_is_exact(home):
     with tracking.start_pipeline_run(MlflowConfig(), home, "count"):
-        assert tracking.log_metric_history([{"step": 0, "loss": 1.0, "grad_norm": 2.0}] * 1) == 2
+        assert tracking.log_metric_history([{"step": 0, "loss": 1.0, "grad_norm": 2.0, "skipped": True}]) == 3
         # 1500 points forces more than one log_batch call (MLflow caps a batch at 1000 metrics).
         rows = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(1500)]
         assert tracking.log_metric_history(rows, prefix="pretrain") == 1500
         rid = tracking._run_id(None, "test")
+    assert MlflowClient().get_metric_history(rid, "train/skipped")[0].value == 1.0  # bools log as 0/1
     values = MlflowClient().get_metric_history(rid, "pretrain/loss")
     assert len(values) == 1500
     assert math.isclose(min(values, key=lambda m: m.step).value, 1.0)
