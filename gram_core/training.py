@@ -21,7 +21,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from gram_core.batching import length_grouped_batches, pad_right
-from gram_core.config import TrainConfig
+from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.losses import IGNORE_INDEX, judge_loss
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -389,3 +389,53 @@ def pretrain_step_fn() -> StepFn:
         return loss, {}
 
     return step
+
+
+# --------------------------------------------------------------------------------------------------
+# Convenience wrappers: encode rows, then train
+# --------------------------------------------------------------------------------------------------
+
+
+def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                **kwargs) -> TrainResult:
+    """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected); ``kwargs`` go to ``train``."""
+    from gram_core.encoding import JudgeEncoder, encode_preference_pairs
+
+    encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b)
+    examples, stats = encode_preference_pairs(encoder, rows, order=encode_cfg.order, seed=encode_cfg.seed)
+    prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
+    step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
+    collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
+    lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]
+    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, **kwargs)
+    result.data_stats = stats
+    return result
+
+
+def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                   **kwargs) -> TrainResult:
+    """Stage 1 on response pairs: rows dict(pair_id, prompt, response_a, response_b), or preference rows
+    (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair); ``kwargs`` go to ``train``."""
+    from gram_core.encoding import PretrainEncoder, encode_unlabeled_pairs
+
+    encoder = PretrainEncoder(tokenizer, encode_cfg.max_length)
+    examples, stats = encode_unlabeled_pairs(encoder, as_unlabeled(rows, encode_cfg.seed))
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    result = train(model, examples, pretrain_step_fn(), train_cfg, collate=collate_pretrain(tokenizer.pad_token_id),
+                   lengths=lengths, **kwargs)
+    result.data_stats = stats
+    return result
+
+
+def as_unlabeled(rows: Iterable[dict], seed: int = 0) -> list[dict]:
+    """Unlabeled-pair rows; chosen/rejected rows get a seeded random slot order (no position cue to learn)."""
+    rows = list(rows)
+    flips = np.random.default_rng(seed).random(len(rows)) < 0.5
+    out = []
+    for row, flip in zip(rows, flips, strict=True):
+        if "response_a" in row or "chosen" not in row:
+            out.append(row)
+            continue
+        a, b = (row["rejected"], row["chosen"]) if flip else (row["chosen"], row["rejected"])
+        out.append({"pair_id": row.get("pair_id"), "prompt": row.get("prompt"), "response_a": a, "response_b": b})
+    return out

@@ -3,17 +3,22 @@ accumulates like one big batch, shards like one process, and stops on a non-fini
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from gram_core.config import ModelConfig, TrainConfig
-from gram_core.losses import IGNORE_INDEX, lm_loss
+from gram_core.config import EncodeConfig, JudgeConfig, ModelConfig, TrainConfig
+from gram_core.losses import IGNORE_INDEX, lm_loss, optimal_margin
 from gram_core.models import apply_trainable, build_tiny_model
 from gram_core.training import (
     NonFiniteLossError,
+    collate_judge,
     collate_pretrain,
+    judge_step_fn,
     pretrain_step_fn,
     train,
+    train_judge,
+    train_pretrain,
 )
 
 
@@ -205,3 +210,68 @@ def test_two_rank_sharding_matches_one_process(tiny_tokenizer, tmp_path):
             torch.testing.assert_close(p, expected[name], atol=1e-5, rtol=1e-4)
     assert ranks[0]["checkpoint"] == str(tmp_path / "out0" / "checkpoint-4")
     assert ranks[1]["checkpoint"] is None and not (tmp_path / "out1").exists()  # only rank 0 writes
+
+
+LETTERS = "bcdfghjklmnpqrstvwxz"
+
+
+def toy_pairs(n, seed):
+    """Preferred responses repeat the word "better"; rejected ones (and prompts) are random letters."""
+    rng = np.random.default_rng(seed)
+
+    def filler():
+        return " ".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 7))))
+
+    return [{"pair_id": f"p{seed}-{i}", "prompt": filler(), "chosen": " ".join(["better"] * int(rng.integers(3, 7))),
+             "rejected": filler()} for i in range(n)]
+
+
+def test_judge_learns_toy_preference_in_both_orders(tiny_tokenizer):
+    from gram_core.judging import Judge
+
+    # Width 32 rarely breaks the A/B symmetry behind the ~330-token instruction; width 64 does in ~30 steps.
+    model = build_tiny_model(tiny_tokenizer, seed=0, hidden_size=64)
+    config = TrainConfig(learning_rate=3e-3, batch_size=8, epochs=6, warmup_ratio=0.1, label_smoothing=0.1)
+    result = train_judge(model, tiny_tokenizer, toy_pairs(96, seed=1), config, EncodeConfig(max_length=512))
+    assert result.data_stats["pairs"] == 96 and result.data_stats["chosen_in_a"] == 48
+    assert result.steps == 72 and result.final_metrics["train/accuracy"] > 0.9
+    # Smoothing caps the margin at Delta* = log((2 - eps) / eps) = 2.944 instead of growing without bound.
+    assert result.final_metrics["train/margin"] == pytest.approx(optimal_margin(0.1), abs=0.3)
+
+    held_out = toy_pairs(64, seed=2)
+    judge = Judge(model, tiny_tokenizer, JudgeConfig(max_length=512))
+    scores = judge.preference([r["prompt"] for r in held_out], [r["chosen"] for r in held_out],
+                              [r["rejected"] for r in held_out])
+    assert np.mean(scores.p > 0.5) >= 0.9
+    assert np.mean(scores.p_order1 > 0.5) >= 0.9 and np.mean(scores.p_order2 > 0.5) >= 0.9
+
+
+def test_judge_step_with_and_without_prefix_reuse_agree(tiny_model, tiny_tokenizer):
+    from gram_core.encoding import JudgeEncoder, encode_preference_pairs
+
+    encoder = JudgeEncoder(tiny_tokenizer, 512)
+    examples, _ = encode_preference_pairs(encoder, toy_pairs(4, seed=3), seed=0)
+    grads = []
+    for reuse in (True, False):
+        batch = collate_judge(tiny_tokenizer.pad_token_id, None if reuse else encoder.prefix_ids)(examples)
+        loss, metrics = judge_step_fn(encoder.label_ids, encoder.prefix_ids, 0.1, reuse_prefix=reuse)(tiny_model, batch)
+        tiny_model.zero_grad()
+        loss.backward()
+        grads.append((float(loss), float(metrics["margin"]), tiny_model.model.layers[0].self_attn.q_proj.weight.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5) and grads[0][1] == pytest.approx(grads[1][1], abs=1e-5)
+    assert grads[0][2].abs().sum() > 0  # the prefix is recomputed with grad: it reaches layer 0
+    torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
+
+
+def test_pretrain_on_pairs_lowers_held_out_lm_loss(tiny_model, tiny_tokenizer):
+    from gram_core.encoding import PretrainEncoder, encode_unlabeled_pairs
+    from gram_core.training import as_unlabeled
+
+    encoder = PretrainEncoder(tiny_tokenizer, 256)
+    held_out, _ = encode_unlabeled_pairs(encoder, as_unlabeled(toy_pairs(16, seed=5)))
+    before = held_out_loss(tiny_model, tiny_tokenizer, held_out)
+    config = TrainConfig(learning_rate=3e-3, batch_size=8, epochs=2, warmup_ratio=0.1)
+    result = train_pretrain(tiny_model, tiny_tokenizer, toy_pairs(64, seed=4), config, EncodeConfig(max_length=512))
+    after = held_out_loss(tiny_model, tiny_tokenizer, held_out)
+    assert result.steps == 16 and result.data_stats["examples"] == 64
+    assert after < before - 1.0, (before, after)
