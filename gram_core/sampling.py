@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RESPONSE_POOL_COLUMNS = ("prompt_id", "prompt", "response", "generator", "source")
 STATS_PREFIX = "gram.sampling."
+TOPK_PREFILTER = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +74,18 @@ class RowSampler(LogitsProcessor):
             chosen = scores.argmax(dim=-1)
         else:
             probs = torch.softmax(scores / self.temperature, dim=-1)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # The nucleus almost always lies in the top few hundred tokens; sort everything only if not.
+            top, order = probs.topk(min(TOPK_PREFILTER, probs.shape[-1]), dim=-1)
+            if (top.sum(dim=-1) < self.top_p).any():
+                top, order = probs.sort(dim=-1, descending=True)
             # Keep a token while the mass before it is < top_p (the top token always stays).
-            keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < self.top_p
-            sorted_probs = sorted_probs * keep
-            chosen = torch.empty(scores.shape[0], dtype=torch.long)
-            for row, generator in enumerate(self.generators):
-                pick = torch.multinomial(sorted_probs[row], 1, generator=generator)
-                chosen[row] = order[row, pick]
+            top = top * ((top.cumsum(dim=-1) - top) < self.top_p)
+            cdf = top.cumsum(dim=-1)
+            # Inverse-CDF draw with one uniform number from each row's own generator.
+            uniform = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
+            pick = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True)
+            pick = pick.clamp(max=cdf.shape[-1] - 1)
+            chosen = order.gather(-1, pick).squeeze(-1)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
         return out
@@ -105,7 +110,7 @@ def _generate_batch(model, tokenizer, texts: list[str], generators: list[torch.G
         eos = tokenizer.eos_token_id
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
+    with torch.inference_mode():
         output = model.generate(input_ids=enc["input_ids"].to(device),
                                 attention_mask=enc["attention_mask"].to(device),
                                 generation_config=gen_config,

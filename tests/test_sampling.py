@@ -103,3 +103,12 @@ def test_sampling_config_validates_and_loads():
 def test_prompt_id_matches_shared_data_convention():
     assert prompt_id("What if Vincent van Gogh had been a successful artist during his lifetime?") == \
         "005461fdc44b2581"
+
+
+def test_row_sampler_sorts_everything_when_the_nucleus_is_wide():
+    # Flat logits over 2000 tokens: the top 512 hold only ~26 % of the mass, so the full sort is used
+    # and draws reach far beyond 512 distinct tokens.
+    logits = torch.zeros(1000, 2000)
+    gens = [torch.Generator().manual_seed(i) for i in range(1000)]
+    picks = RowSampler(gens, temperature=1.0, top_p=0.95)(None, logits).argmax(-1)
+    assert len(set(picks.tolist())) > 600
