@@ -1,0 +1,275 @@
+"""Reading preferences and rewards out of a GRAM judge (METHOD.md section 4).
+
+P(A) for one sequence = softmax over the two verdict logits (z_A, z_B) at the answer position — never the
+full vocabulary, no generation, no parsing. A pair is scored in both slot orders: order 1 puts y1 in A,
+order 2 puts y1 in B, and P(y1 ≻ y2) = ½·(P(A | order 1) + P(B | order 2)); y1 wins iff P > 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.config import JudgeConfig
+from gram_core.encoding import JudgeEncoder
+from gram_core.forward import answer_logits, build_prefix_cache
+from gram_core.rewardbench import position_consistency
+
+__all__ = ["Judge", "PairScores", "SCORES_SCHEMA", "best_of_n", "pointwise_reward", "position_consistency",
+           "rank", "score_pairs"]
+
+# The scores contract (data_contracts.SCORES), restated so gram_core does not depend on data_contracts.
+SCORES_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("subset", pa.string(), nullable=False),
+    pa.field("p_chosen_order1", pa.float64(), nullable=False),
+    pa.field("p_chosen_order2", pa.float64(), nullable=False),
+    pa.field("p_chosen", pa.float64(), nullable=False),
+    pa.field("correct", pa.bool_(), nullable=False),
+])
+
+# callable(done, total) counting sequences (two per pair in preference), True for a tqdm bar, or None.
+Progress = Callable[[int, int], Any] | bool | None
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """P(y1 ≻ y2) per pair: from each slot order and their mean (all float64 arrays in [0, 1])."""
+
+    p_order1: np.ndarray  # P(A) with y1 in slot A
+    p_order2: np.ndarray  # P(B) with y1 in slot B
+    p: np.ndarray         # mean of the two
+
+
+class _Reporter:
+    """Calls progress(done, total) after each batch, or drives a tqdm bar when progress is True."""
+
+    def __init__(self, progress: Progress, total: int, desc: str) -> None:
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="seq")
+        self.total, self.done = total, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_lengths(where: str, **columns: Sequence[Any]) -> int:
+    sizes = {name: len(values) for name, values in columns.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{where}: inputs must have equal lengths, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+class Judge:
+    """A pairwise A/B judge over a causal LM: one JudgeEncoder and (with reuse_prefix) one PrefixCache.
+
+    The prefix cache holds the current weights' activations of the shared instruction: after changing the
+    weights, call ``refresh_prefix()`` (or build a new Judge).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: JudgeConfig | None = None) -> None:
+        config = config if config is not None else JudgeConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.encoder = JudgeEncoder(tokenizer, max_length=config.max_length, label_a=config.label_a,
+                                    label_b=config.label_b)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("Judge: the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
+        self.pad_id = int(pad)
+        self.truncation = {"sequences": 0, "responses_shortened": 0, "prompts_shortened": 0, "tokens_removed": 0}
+        self.prefix = None
+        self.refresh_prefix()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def refresh_prefix(self) -> None:
+        """(Re)build the shared-prefix cache from the current weights, once, in eval mode without grad."""
+        if not self.config.reuse_prefix:
+            self.prefix = None
+            return
+        with self._eval():
+            self.prefix = build_prefix_cache(self.model, self.encoder.prefix_ids)
+
+    def _eval(self) -> _EvalMode:
+        return _EvalMode(self.model)
+
+    def _encode(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
+                ids: Sequence[str] | None) -> list[list[int]]:
+        seqs = []
+        names = ids if ids is not None else [f"#{i}" for i in range(len(prompts))]
+        for prompt, a, b, name in zip(prompts, responses_a, responses_b, names, strict=True):
+            enc = self.encoder.encode(prompt, a, b, pair_id=str(name))
+            self.truncation["sequences"] += 1
+            self.truncation["responses_shortened"] += enc.responses_shortened
+            self.truncation["prompts_shortened"] += int(enc.prompt_shortened)
+            self.truncation["tokens_removed"] += enc.tokens_removed
+            # Without a cached prefix the model sees the whole sequence in one forward.
+            seqs.append(list(enc.suffix_ids) if self.prefix is not None else self.encoder.full_ids(enc))
+        return seqs
+
+    def prob_a(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
+               progress: Progress = None, ids: Sequence[str] | None = None) -> np.ndarray:
+        """P(A) per sequence = softmax(z_A, z_B)[A] at the answer position, float64, in input order.
+
+        ``ids`` name the rows in encoding errors (default: their positions).
+        """
+        n = _check_lengths("Judge.prob_a", prompts=prompts, responses_a=responses_a, responses_b=responses_b)
+        out = np.full(n, np.nan, dtype=np.float64)
+        if n == 0:
+            return out
+        seqs = self._encode(prompts, responses_a, responses_b, ids)
+        # Deterministic length grouping (no shuffle): little padding, and the last batch may be partial.
+        batches = length_grouped_batches([len(s) for s in seqs], self.config.batch_size, seed=0, shuffle=False)
+        reporter = _Reporter(progress, n, "judging")
+        try:
+            with self._eval():
+                for batch in batches:
+                    input_ids, mask = pad_right([seqs[i] for i in batch], self.pad_id)
+                    logits = answer_logits(self.model, input_ids.to(self.device), mask.to(self.device),
+                                           self.encoder.label_ids, prefix=self.prefix)
+                    # Two-way softmax in float64: P(B) = 1 − P(A) to rounding, keeping swaps symmetric.
+                    probs = torch.softmax(logits.detach().double(), dim=-1)[:, 0]
+                    out[batch] = probs.cpu().numpy()
+                    reporter.update(len(batch))
+        finally:
+            reporter.close()
+        return out
+
+    def preference(self, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
+                   progress: Progress = None, ids: Sequence[str] | None = None) -> PairScores:
+        """P(y1 ≻ y2) = ½·(P(A | y1 in A) + P(B | y1 in B)); both orders go through one batched call."""
+        n = _check_lengths("Judge.preference", prompts=prompts, responses_1=responses_1, responses_2=responses_2)
+        prompts, r1, r2 = list(prompts), list(responses_1), list(responses_2)
+        names = [str(i) for i in ids] if ids is not None else [f"#{i}" for i in range(n)]
+        names = [f"{x} (order 1)" for x in names] + [f"{x} (order 2)" for x in names]
+        p_a = self.prob_a(prompts + prompts, r1 + r2, r2 + r1, progress=progress, ids=names)
+        p_order1 = p_a[:n]
+        p_order2 = 1.0 - p_a[n:]  # P(B | order 2)
+        return PairScores(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
+
+
+class _EvalMode:
+    """Eval mode and no grad for the duration of a block; restores the model's previous training flag."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _columns(table: pa.Table | Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    if isinstance(table, pa.Table):
+        return table.to_pydict()
+    if isinstance(table, Mapping):
+        return {k: list(v) for k, v in table.items()}
+    raise TypeError(f"score_pairs: expected a pyarrow.Table or a mapping of columns, got {type(table).__name__}")
+
+
+def _pick(columns: dict[str, list[Any]], names: tuple[str, ...]) -> list[Any]:
+    for name in names:
+        if name in columns:
+            return columns[name]
+    raise ValueError(f"score_pairs: the table needs one of the columns {list(names)} "
+                     f"(rewardbench or preference_pairs contract); columns are {sorted(columns)}")
+
+
+def score_pairs(judge: Judge, table: pa.Table | Mapping[str, Sequence[Any]],
+                progress: Progress = None) -> pa.Table:
+    """Score (prompt, chosen, rejected) rows in both orders -> a scores-contract table, in row order.
+
+    Accepts the rewardbench contract (id, subset) or the preference_pairs contract (pair_id, source).
+    """
+    cols = _columns(table)
+    ids = [str(v) for v in _pick(cols, ("id", "pair_id"))]
+    subsets = [str(v) for v in _pick(cols, ("subset", "source"))]
+    prompts, chosen, rejected = (_pick(cols, (c,)) for c in ("prompt", "chosen", "rejected"))
+    scores = judge.preference(prompts, chosen, rejected, progress=progress, ids=ids)
+    return pa.Table.from_pydict({
+        "id": ids,
+        "subset": subsets,
+        "p_chosen_order1": scores.p_order1,
+        "p_chosen_order2": scores.p_order2,
+        "p_chosen": scores.p,
+        "correct": scores.p > 0.5,  # strict: a tie counts as wrong
+    }, schema=SCORES_SCHEMA)
+
+
+def pointwise_reward(judge: Judge, prompts: Sequence[str], responses: Sequence[str],
+                     references: Sequence[str]) -> np.ndarray:
+    """r(x, y) = P(y ≻ y_ref), both orders averaged; y_ref is e.g. the policy's greedy response (ReMax-style).
+
+    The transform is the identity on P: rewards lie in [0, 1] and 0.5 means "as good as the reference".
+    """
+    return judge.preference(prompts, responses, references).p
+
+
+def best_of_n(judge: Judge, prompt: str, candidates: Sequence[str]) -> tuple[int, int]:
+    """Knockout tournament -> (index of the winner, comparisons made = n − 1).
+
+    Each round pairs survivors (0 v 1, 2 v 3, ...) and scores all its pairs in one batched call; an odd
+    survivor out gets a bye. The earlier candidate wins a pair iff P(earlier ≻ later) > 0.5, so on an exact
+    tie the later one advances — the same strict rule as everywhere else.
+    """
+    if len(candidates) == 0:
+        raise ValueError("best_of_n: no candidates")
+    alive = list(range(len(candidates)))
+    comparisons = 0
+    while len(alive) > 1:
+        firsts, seconds = alive[0::2], alive[1::2]
+        pairs = list(zip(firsts, seconds, strict=False))
+        p = judge.preference([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                             [candidates[j] for _, j in pairs]).p
+        comparisons += len(pairs)
+        winners = [i if p_ij > 0.5 else j for (i, j), p_ij in zip(pairs, p, strict=True)]
+        bye = [alive[-1]] if len(alive) % 2 else []
+        alive = winners + bye
+    return alive[0], comparisons
+
+
+def rank(judge: Judge, prompt: str, candidates: Sequence[str]) -> tuple[list[int], np.ndarray]:
+    """Round-robin ranking -> (indices best first, win matrix W with W[i, j] = P(i ≻ j)).
+
+    All n(n−1)/2 pairs go through one batched call (fine for small n; use best_of_n for the top one).
+    Candidates are ordered by their mean P(i ≻ j) over j ≠ i; ties keep the input order.
+    """
+    n = len(candidates)
+    wins = np.full((n, n), 0.5)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if pairs:
+        p = judge.preference([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                             [candidates[j] for _, j in pairs]).p
+        for (i, j), p_ij in zip(pairs, p, strict=True):
+            wins[i, j], wins[j, i] = p_ij, 1.0 - p_ij
+    score = (wins.sum(axis=1) - 0.5) / max(n - 1, 1)
+    order = sorted(range(n), key=lambda i: -score[i])
+    return order, wins
