@@ -174,3 +174,27 @@ def _move_local(src: Path, dst: Path) -> None:
         if not (dst / MANIFEST).exists():
             raise
         shutil.rmtree(src, ignore_errors=True)
+
+
+def write_table_artifact(store: ArtifactStore, stage: str, table: Any, contract: Any, *,
+                         meta: dict[str, Any] | None = None,
+                         extra_tables: dict[str, tuple[Any, Any]] | None = None) -> ArtifactRef:
+    """Validate ``table`` against ``contract`` (a data_contracts Contract or name) and publish it as
+    ``<store>/<stage>/<hash>/table.parquet``; ``extra_tables`` = {file name: (table, contract)} ride along
+    (e.g. the response pool that pairs were built from)."""
+    from data_contracts import get_contract, write_table
+
+    contract = get_contract(contract)
+    with store.staging(stage) as folder:
+        write_table(table, folder / TABLE_FILE, contract)
+        for name, (extra, extra_contract) in (extra_tables or {}).items():
+            write_table(extra, folder / name, extra_contract)
+        return store.publish(stage, folder, "table", contract=contract.name, rows=table.num_rows, meta=meta)
+
+
+def read_table_artifact(store: ArtifactStore, ref: ArtifactRef, name: str = TABLE_FILE):
+    """The Parquet table of a table artifact (a pyarrow.Table)."""
+    import pyarrow.parquet as pq
+
+    with store.open(ref, name) as handle:
+        return pq.read_table(handle)

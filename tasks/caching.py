@@ -54,7 +54,21 @@ CODE_VERSION = CodeVersion()
 STAGE_CACHE_POLICY = INPUTS + TASK_SOURCE + CODE_VERSION
 
 
-def stage_options(result_dir: str | Path, refresh: bool = False) -> dict[str, Any]:
+def stage_options(result_dir: str | Path, refresh: bool = False,
+                  policy: CachePolicy = STAGE_CACHE_POLICY) -> dict[str, Any]:
     """Task options binding cached results to one state folder; ``refresh`` recomputes and overwrites."""
     return {"result_storage": Path(result_dir), "persist_result": True, "refresh_cache": refresh,
-            "cache_policy": STAGE_CACHE_POLICY}
+            "cache_policy": policy}
+
+
+def stage_logger(name: str = "gram"):
+    """Prefect's run logger inside a task or flow (shown in the UI), a plain logger elsewhere (tests, CLI)."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(name)

@@ -1,0 +1,157 @@
+"""The GRAM pipeline flow and one flow per stage: composition only (which task feeds which).
+
+    sources ─┬─ prompts/pools/pair sets ─ build_pairs ─ pretrain ─┐
+             ├─ preferences ──────────────────────────────────── finetune ─ evaluate ─┐
+             └─ eval set ─────────────────── evaluate (base, zero-shot) ──────────── eval_report ─ register
+
+Every data source is loaded and validated first, so bad input fails before any training. Each task is
+cached (inputs' content hashes + config + code version): re-running with nothing changed is all Cached.
+A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream stages come from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow
+
+from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
+from tasks.build_pairs import build_pairs
+from tasks.evaluate import eval_report, evaluate
+from tasks.finetune import finetune
+from tasks.pretrain import pretrain
+from tasks.register import StageRecord, record_run, register, summarize, version_tags
+from tasks.sources import load_source
+from tasks.stages import bind
+from tasks.tracking import start_pipeline_run
+
+STAGES = ("build_pairs", "pretrain", "finetune", "evaluate", "register")
+
+
+class Runner:
+    """Calls tasks bound to one state folder and remembers each stage's output and Prefect state."""
+
+    def __init__(self, config: PipelineConfig, refresh: bool = False):
+        self.config = config
+        self.paths = state_paths(config)
+        self.store = self.paths.artifact_store
+        self.refresh = refresh
+        self.records: list[StageRecord] = []
+
+    def __call__(self, name: str, task: Any, *args: Any, params: Any = None, **kwargs: Any) -> Any:
+        bound = bind(task, self.paths.prefect_results, self.refresh).with_options(task_run_name=name)
+        state = bound(*args, return_state=True, **kwargs)
+        value = state.result()  # raises the task's error: the flow fails here
+        ref = value if hasattr(value, "sha256") else None
+        self.records.append(StageRecord(name, ref, state.name, _params(params)))
+        return value
+
+    def source(self, role: str, source: Any, contract: str, **kwargs: Any) -> Any:
+        if source is None:
+            return None
+        return self(f"load_{role}", load_source, role, source, contract, self.store, params={"source": source},
+                    **kwargs)
+
+
+def _params(params: Any) -> dict[str, Any]:
+    if params is None:
+        return {}
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in params.items()}
+
+
+def load_inputs(run: Runner) -> dict[str, Any]:
+    """Every source of the run, validated and published (stage-1 sources only when stage 1 runs)."""
+    data, cfg = run.config.data, run.config
+    stage1 = cfg.pretrain.enabled
+    return {
+        "prompts": run.source("prompts", data.prompts, "prompts") if stage1 else None,
+        "pools": [run.source(f"pool{i}", s, "response_pool") for i, s in enumerate(data.response_pools)]
+        if stage1 else [],
+        "pair_sets": [run.source(f"pairs{i}", s, "unlabeled_pairs") for i, s in enumerate(data.unlabeled_pairs)]
+        if stage1 else [],
+        "preferences": run.source("preferences", data.preferences, "preference_pairs"),
+        "eval": run.source("eval", data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
+                           stratify="subset"),
+    }
+
+
+def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> dict[str, Any]:
+    """The DAG up to and including stage ``until``; returns every output produced."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages are {STAGES}")
+    cfg, store, out = run.config, run.store, load_inputs(run)
+    stop = STAGES.index(until)
+    start = None
+    if cfg.pretrain.enabled:
+        out["pairs"] = run("build_pairs", build_pairs, out["prompts"], out["pools"], out["pair_sets"], cfg.sampling,
+                           cfg.pairing, store, params={"sampling": cfg.sampling, "pairing": cfg.pairing})
+        if stop == 0:
+            return out
+        start = out["pretrain"] = run("pretrain", pretrain, out["pairs"], cfg.model, cfg.pretrain.train_config(),
+                                      cfg.encode, cfg.ray, store, run.paths.ray_storage,
+                                      params={"model": cfg.model, "train": cfg.pretrain, "encode": cfg.encode,
+                                              "ray": cfg.ray})
+    if stop <= 1:
+        return out
+    out["model"] = run("finetune", finetune, out["preferences"], start, cfg.model, cfg.finetune, cfg.encode, cfg.ray,
+                       store, run.paths.ray_storage,
+                       params={"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray})
+    if stop == 2:
+        return out
+    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store,
+                        params={"judge": cfg.judge})
+    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store,
+                             params={"judge": cfg.judge, "model": cfg.model}) \
+        if cfg.eval.compare_base_zero_shot else None
+    out["report"] = run("eval_report", eval_report, out["scores"], out["base_scores"], out["eval"], store,
+                        cfg.data.eval.describe())
+    if stop == 3:
+        return out
+    out["registration"] = run("register", register, out["model"], out["report"], out["eval"], cfg.mlflow, cfg.judge,
+                              version_tags(cfg, run.records), str(run.paths.home), store, tracking=tracking,
+                              params={"mlflow": cfg.mlflow})
+    return out
+
+
+def _config(preset: str, overrides: dict[str, Any] | list[str] | None) -> PipelineConfig:
+    return load_preset(preset, overrides).resolved()
+
+
+def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -> dict[str, Any]:
+    """Run the DAG inside one MLflow parent run; record stages and summarise."""
+    from tasks.register import pipeline_params
+
+    run = Runner(config, refresh)
+    with start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
+                            tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
+        out = run_stages(run, until, tracking)
+        if "report" not in out:
+            return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.store,
+                    "outputs": {k: v.uri for k, v in out.items() if hasattr(v, "uri")}}
+        registration = out.get("registration")
+        record_run(run.records, out["report"], registration, run.store, tracking)
+        return summarize(out["report"], registration, run.records, run.store, tracking)
+
+
+@flow(name="gram-pipeline")
+def gram_pipeline(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | list[str] | None = None,
+                  refresh: bool = False) -> dict[str, Any]:
+    """The full GRAM pipeline: build pairs, pre-train, fine-tune, evaluate, register (+ champion gate)."""
+    return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
+
+
+def _stage_flow(stage: str):
+    def body(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | list[str] | None = None,
+             refresh: bool = False) -> dict[str, Any]:
+        return _tracked(_config(preset, overrides), refresh, stage, f"gram-{preset}-{stage}")
+
+    body.__doc__ = f"The GRAM pipeline up to stage {stage!r} (upstream stages served from cache)."
+    return flow(name=f"gram-{stage.replace('_', '-')}")(body)
+
+
+build_pairs_flow = _stage_flow("build_pairs")
+pretrain_flow = _stage_flow("pretrain")
+finetune_flow = _stage_flow("finetune")
+evaluate_flow = _stage_flow("evaluate")
+register_flow = _stage_flow("register")

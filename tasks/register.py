@@ -1,0 +1,256 @@
+"""Register the judge in MLflow (gate included), record every stage as a child run, summarise the run.
+
+MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
+holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
+stage. Stages are cached, so their child runs are written here from their artifact references after the
+stages finish (tag ``gram.cached`` says whether the stage computed in this run): a cached stage still shows
+its params, per-step training metrics (from the model's metrics.jsonl) and eval metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from gram_core.config import JudgeConfig
+from gram_core.pipeline_config import MlflowConfig
+from tasks.artifacts import ArtifactRef, ArtifactStore
+from tasks.caching import STAGE_CACHE_POLICY, code_version, stage_logger
+from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
+from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
+from tasks.tracking import RunHandle
+
+PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One stage as the flow saw it: its output, whether Prefect served it from cache, its config."""
+
+    name: str
+    ref: ArtifactRef | None
+    state: str  # Prefect state name: Completed, Cached, ...
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def cached(self) -> bool:
+        return self.state == "Cached"
+
+
+@task(name="register", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlflow: MlflowConfig,
+             judge: JudgeConfig, tags: dict[str, str], home: str, store_uri: str,
+             tracking: RunHandle | None = None) -> dict[str, Any]:
+    """Log the judge as a pyfunc, register a new version (alias candidate) and apply the champion gate."""
+    from tasks import registry
+    from tasks import tracking as mlf
+
+    log = stage_logger()
+    folder = ArtifactStore(store_uri).local_dir(model)
+    metrics = dict(report.meta["trained"])
+    all_tags = {**tags, "model_sha256": model.sha256, "report_sha256": report.sha256}
+    params = {"model_artifact": model.uri, "eval_set": eval_set.uri, "mlflow": dataclasses.asdict(mlflow)}
+    if tracking is None:  # run alone (e.g. the register flow): a run of its own
+        context = mlf.start_pipeline_run(mlflow, home, "register", params=params, tags={"gram.stage": "register"})
+    else:
+        context = mlf.stage_run("register", params=params, tags={"gram.cached": "false"}, parent=tracking)
+    with context as run:
+        reg = registry.log_and_register(folder, mlflow, metrics, all_tags, eval_set.short, judge_config=judge)
+    decision = reg.promotion
+    log.info("registered %s version %s (candidate); champion gate: %s — %s", reg.name, reg.version,
+             decision.decision, decision.reason)
+    return {"name": reg.name, "version": reg.version, "model_uri": reg.model_uri, "run_id": run.run_id,
+            "url": reg.url, "tracking_uri": run.tracking_uri,
+            "promotion": {k: getattr(decision, k) for k in PROMOTION_FIELDS}}
+
+
+def current_aliases(name: str, version: str, tracking_uri: str) -> list[str]:
+    """Aliases pointing at a version now (looked up by alias: the reliable MLflow call)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import CANDIDATE, CHAMPION
+
+    client, out = MlflowClient(tracking_uri), []
+    for alias in (CHAMPION, CANDIDATE):
+        try:
+            if str(client.get_model_version_by_alias(name, alias).version) == str(version):
+                out.append(alias)
+        except MlflowException:
+            continue
+    return out
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
+
+
+def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> None:
+    from tasks import tracking as mlf
+
+    ref = record.ref
+    tags = {"gram.cached": str(record.cached).lower(), "gram.state": record.state}
+    params = dict(record.params)
+    if ref is not None:
+        tags.update({"gram.artifact": ref.uri, "gram.sha256": ref.sha256})
+        params.update({f"out.{k}": v for k, v in ref.meta.items() if not isinstance(v, dict)})
+    with mlf.stage_run(record.name, params=params, tags=tags, parent=parent) as run:
+        if ref is None:
+            return
+        if ref.kind == "model":
+            history = _history(store.local_dir(ref) / TRAIN_METRICS_FILE)
+            if history:
+                mlf.log_metric_history(history, run_id=run.run_id)
+        elif ref.kind == "table" and ref.contract == "scores":
+            mlf.log_eval_metrics(ref.meta.get("metrics", {}), run_id=run.run_id)
+        elif ref.kind == "report":
+            folder = store.local_dir(ref)
+            mlf.log_eval_metrics(ref.meta["trained"], run_id=run.run_id)
+            if ref.meta.get("base"):
+                mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in ref.meta["base"].items()}, run_id=run.run_id)
+            for name in (REPORT_FILE, CHART_FILE, METRICS_FILE):
+                mlf.log_artifact_file(folder / name, run_id=run.run_id)
+
+
+@task(name="record_run")
+def record_run(records: list[StageRecord], report: ArtifactRef, registration: dict[str, Any] | None,
+               store_uri: str, tracking: RunHandle) -> None:
+    """Child runs for the stages (cached ones included) and the outcome on the parent run."""
+    from tasks import tracking as mlf
+
+    store = ArtifactStore(store_uri)
+    for record in records:
+        if record.name == "register" and not record.cached:
+            continue  # the register task wrote its own child run (it logged the model there)
+        _log_stage(record, store, tracking)
+    mlf.log_eval_metrics(report.meta["trained"], run_id=tracking.run_id)
+    if report.meta.get("base"):
+        mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in report.meta["base"].items()}, run_id=tracking.run_id)
+    folder = store.local_dir(report)
+    for name in (REPORT_FILE, CHART_FILE):
+        mlf.log_artifact_file(folder / name, run_id=tracking.run_id)
+    tags = {f"gram.data.{r.name}": r.ref.sha256 for r in records if r.ref is not None}
+    if registration:
+        tags.update({"gram.registered_model": registration["name"],
+                     "gram.registered_version": registration["version"]})
+    mlf.set_tags(tags, run_id=tracking.run_id)
+
+
+def pipeline_params(config: Any) -> dict[str, Any]:
+    """Parent-run params: the resolved config (flattened by the tracker) and the code version."""
+    return {"config": dataclasses.asdict(config), "code_version": code_version()}
+
+
+@task(name="summarize")
+def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records: list[StageRecord],
+              store_uri: str, tracking: RunHandle | None) -> dict[str, Any]:
+    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts."""
+    from tasks.report import comparison_rows
+
+    rows = comparison_rows(report.meta["trained"], report.meta.get("base"))
+    summary: dict[str, Any] = {
+        "eval": [{"metric": r["name"], "base_zero_shot": r["base"], "trained": r["trained"]} for r in rows],
+        "eval_rows": report.meta.get("eval_rows"),
+        "report": report.file(REPORT_FILE),
+        "chart": report.file(CHART_FILE),
+        "artifact_store": store_uri,
+        "stages": {r.name: r.state for r in records},
+        "mlflow_run": tracking.url or tracking.run_id if tracking else None,
+        "tracking_uri": tracking.tracking_uri if tracking else None,
+    }
+    if registration:
+        summary["registered"] = {**registration, "aliases": current_aliases(
+            registration["name"], registration["version"], registration["tracking_uri"])}
+    publish_prefect_artifacts(summary, ArtifactStore(store_uri).read_text(report, REPORT_FILE))
+    return summary
+
+
+def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
+    """Eval table + report with links to MLflow, visible on the flow run page in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{100 * value:.1f}"
+
+    table = [{"metric": r["metric"], "base zero-shot": pct(r["base_zero_shot"]), "trained": pct(r["trained"])}
+             for r in summary["eval"]]
+    create_table_artifact(table, key="gram-eval", description="Eval accuracy (%): base zero-shot vs trained")
+    links = [f"* Artifact store: `{summary['artifact_store']}`", f"* Report: `{summary['report']}`",
+             f"* MLflow run: {summary['mlflow_run']} (tracking URI `{summary['tracking_uri']}`)"]
+    reg = summary.get("registered")
+    if reg:
+        where = reg["url"] or f"`{reg['model_uri']}`"
+        links.append(f"* Model version: {reg['name']} v{reg['version']} ({', '.join(reg['aliases']) or 'no alias'}) "
+                     f"{where}; gate: {reg['promotion']['decision']} — {reg['promotion']['reason']}")
+    create_markdown_artifact("\n".join(["## GRAM pipeline run", "", *links, "", report_md]), key="gram-report",
+                             description="GRAM evaluation report and links")
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/NAME@ALIAS' -> (NAME, ALIAS, None); 'models:/NAME/VERSION' -> (NAME, None, VERSION)."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    rest = model_uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    if not version:
+        raise ValueError(f"{model_uri!r}: name a version (models:/{name}/3) or an alias (models:/{name}@champion)")
+    return name, None, version
+
+
+def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, str]:
+    """Download a registered judge's HF folder; returns (folder, 'models:/NAME/VERSION' it resolved to)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.tracking import use_tracking_uri
+
+    use_tracking_uri(tracking_uri)
+    name, alias, version = parse_model_uri(model_uri)
+    if alias:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
+    resolved = f"models:/{name}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(dst)))
+    folders = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+    if not folders:
+        raise FileNotFoundError(f"{model_uri} ({resolved}) holds no Hugging Face model folder (config.json + "
+                                f"*.safetensors) under {local}")
+    return folders[0], resolved
+
+
+@task(name="fetch_registered_model")
+def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, home: str, store_uri: str) -> ArtifactRef:
+    """A registered judge (by alias or version) as a model artifact in the store, to fine-tune further."""
+    import shutil
+    import tempfile
+
+    from tasks import tracking as mlf
+
+    store = ArtifactStore(store_uri)
+    with tempfile.TemporaryDirectory(prefix="gram-registered-") as tmp, store.staging("registered") as folder:
+        source, resolved = download_registered_model(model_uri, mlf.resolve_tracking_uri(mlflow, home), Path(tmp))
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        ref = store.publish("registered", folder, "model", meta={"model_uri": resolved})
+    stage_logger().info("%s is %s -> %s", model_uri, resolved, ref.uri)
+    return ref
+
+
+def version_tags(config: Any, records: list[StageRecord]) -> dict[str, str]:
+    """Registry version tags: the training config hash, the input data hashes, code version, preset."""
+    from gram_core.config import config_hash
+
+    training = "-".join(config_hash(c) for c in (config.model, config.encode, config.pretrain, config.finetune))
+    tags = {"config_hash": training, "code_version": code_version(), "preset": config.preset}
+    tags.update({f"data.{r.name}": r.ref.sha256[:16] for r in records if r.ref is not None and r.ref.kind == "table"
+                 and r.ref.contract != "scores"})
+    return tags

@@ -1,0 +1,108 @@
+"""Helpers the stage tasks share: task options, model folders, stable run names, progress lines.
+
+Each stage task lives in its own module (build_pairs, pretrain, finetune, evaluate, register); the flows
+bind them to one state folder with ``bind`` (cached results under <home>/prefect-results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from gram_core.config import ModelConfig, config_hash
+from tasks.artifacts import ArtifactRef, ArtifactStore
+from tasks.caching import code_version, stage_options
+
+# Inputs that identify where a run is logged, not what it computes: left out of cache keys.
+NOT_IN_KEY = ("tracking",)
+
+
+def bind(task: Any, result_dir: str | Path, refresh: bool = False) -> Any:
+    """``task`` with its cached results kept in ``result_dir``; ``refresh`` recomputes and overwrites."""
+    policy = task.cache_policy
+    for name in NOT_IN_KEY:
+        policy = policy - name
+    return task.with_options(**stage_options(result_dir, refresh, policy))
+
+
+def base_model_dir(model: ModelConfig) -> str:
+    """The base model as a local HF folder (or hub id), converting the packaged default once."""
+    from gram_core.models import resolve_model_source
+
+    return resolve_model_source(model.source, model.gguf_file, model.seed)
+
+
+def model_folder(store_uri: str, start: ArtifactRef | str) -> str:
+    """A model artifact's local folder, or a model source passed through unchanged."""
+    if isinstance(start, ArtifactRef):
+        return str(ArtifactStore(store_uri).local_dir(start))
+    return start
+
+
+def model_label(start: ArtifactRef | str) -> str:
+    """What a model is, for logs and tags: an artifact hash or the source string."""
+    return f"{start.kind}:{start.short}" if isinstance(start, ArtifactRef) else str(start)
+
+
+def run_name(stage: str, *parts: Any) -> str:
+    """A name that is the same whenever the stage's inputs are (so an interrupted run resumes)."""
+    text = "|".join(p.sha256 if isinstance(p, ArtifactRef) else config_hash(p) if hasattr(p, "__dataclass_fields__")
+                    else str(p) for p in (*parts, code_version()))
+    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+class ProgressLog:
+    """progress(done, total) callback that logs about every ``every`` percent with rate and ETA."""
+
+    def __init__(self, log: Any, what: str, every: float = 10.0):
+        self.log, self.what, self.every = log, what, every
+        self.start = time.monotonic()
+        self.next_pct = every
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct + 1e-9 < self.next_pct and done < total:
+            return
+        while self.next_pct <= pct:
+            self.next_pct += self.every
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / max(done, 1) * (total - done)
+        self.log.info("%s: %d/%d (%.0f%%), %.0f s elapsed, ~%.0f s left", self.what, done, total, pct, elapsed, eta)
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, model: ModelConfig, train: Any,
+                encode: Any, ray: Any, store_uri: str, ray_storage: str) -> ArtifactRef:
+    """Run one training stage under Ray Train and publish the trained HF folder as a model artifact."""
+    import json
+    import shutil
+
+    from tasks.artifacts import TABLE_FILE
+    from tasks.caching import stage_logger
+    from tasks.ray_train import fit
+
+    log = stage_logger()
+    store = ArtifactStore(store_uri)
+    data_path = store.local_dir(data) / TABLE_FILE
+    name = run_name(stage, data, start, model, train, encode)
+    log.info("%s: %d examples from %s, starting from %s (Ray run %s)", stage, data.rows or 0, data.short,
+             model_label(start), name)
+    began = time.monotonic()
+    with store.staging(stage) as folder:
+        result = fit(stage, model_source=model_folder(store_uri, start), model_cfg=model, train_cfg=train,
+                     encode_cfg=encode, data_path=str(data_path), output_dir=str(folder), ray_cfg=ray,
+                     storage_path=ray_storage, run_name=name)
+        metrics_path = Path(result["metrics_path"])
+        if metrics_path.exists() and metrics_path.parent != folder:
+            shutil.copy(metrics_path, folder / METRICS_FILE)
+        final = {k: v for k, v in (result.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
+        meta = {"stage": stage, "steps": int(result.get("steps", 0)), "final_metrics": final,
+                "data": data.sha256, "start": model_label(start), "run_name": name}
+        ref = store.publish(stage, folder, "model", meta=meta)
+    log.info("%s: %d steps in %.0f s, final %s -> %s", stage, meta["steps"], time.monotonic() - began,
+             json.dumps(final), ref.uri)
+    return ref
