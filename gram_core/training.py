@@ -130,8 +130,10 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     if resume_from is not None:
         step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout)
         checkpoint = str(resume_from)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
+    def autocast():
+        return (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
                 else contextlib.nullcontext())
+
     bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
     was_training = model.training
     model.train()
@@ -182,7 +184,7 @@ def _optimizer_step(model, examples, indices, step, step_fn, collate, config, op
     bad: list[str] = []
     for ids, batch, weight in zip(micro, batches, weights, strict=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast:
+        with autocast():
             loss, metrics = step_fn(model, batch)
         if not bool(torch.isfinite(loss.detach())):
             bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")

@@ -37,7 +37,8 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
 
     ``stop_at_step`` ends the run at the first checkpoint at or after that step without writing the model
     (a time-boxed run); a later call with the same ``run_name`` continues. Returns dict(output_dir,
-    metrics_path, final_metrics, steps, completed, resumed_from_step, run_name, checkpoint).
+    metrics_path, final_metrics, steps, completed, resumed_from_step, run_name, checkpoint). On a multi-node
+    cluster ``data_path``, ``output_dir`` and ``storage_path`` must be on storage every node reaches.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -155,13 +156,19 @@ def train_loop(config: dict) -> None:
         if stop is not None and step >= stop:
             raise _StopRun
 
+    def on_metrics(step: int, metrics: dict) -> None:
+        if rank == 0:  # Ray forwards worker stdout to the driver's console, prefixed with the worker
+            shown = {k.removeprefix("train/"): round(v, 4) for k, v in metrics.items() if k.startswith("train/")}
+            print(f"{config['stage']} step {step}: {shown}", flush=True)
+
     trainers = {"pretrain": train_pretrain, "finetune": train_judge, "bradley_terry": train_bradley_terry}
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
             if resume_from is not None:
                 resumed["from"] = json.loads((Path(resume_from) / "trainer_state.json").read_text())["step"]
             out = trainers[config["stage"]](model, tokenizer, rows, train_cfg, encode_cfg, output_dir=local,
-                                            resume_from=resume_from, on_checkpoint=on_checkpoint)
+                                            resume_from=resume_from, on_metrics=on_metrics,
+                                            on_checkpoint=on_checkpoint)
     except _StopRun:
         return
     finally:

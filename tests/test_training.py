@@ -275,3 +275,14 @@ def test_pretrain_on_pairs_lowers_held_out_lm_loss(tiny_model, tiny_tokenizer):
     after = held_out_loss(tiny_model, tiny_tokenizer, held_out)
     assert result.steps == 16 and result.data_stats["examples"] == 64
     assert after < before - 1.0, (before, after)
+
+
+def test_bf16_autocast_is_applied_and_trains(tiny_tokenizer):
+    examples = lm_examples(tiny_tokenizer, 8)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = build_tiny_model(tiny_tokenizer, seed=0)
+        runs[precision] = fit(model, tiny_tokenizer, examples, max_steps=2, precision=precision).history
+    fp32, bf16 = runs["fp32"][0]["train/loss"], runs["bf16"][0]["train/loss"]
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.02)  # same model, bf16 matmuls: close, not equal
+    assert all(np.isfinite(h["train/grad_norm"]) and h["train/grad_norm"] > 0 for h in runs["bf16"])
