@@ -35,6 +35,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from gram_core.batching import length_grouped_batches, pad_right
 from gram_core.config import EncodeConfig, TrainConfig
+from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
+from gram_core.forward import answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -344,8 +346,6 @@ def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing
     With ``reuse_prefix`` the batch holds suffixes and the shared prefix is run once per call (with grad);
     without it the batch holds full ids (see ``collate_judge(pad_id, prefix_ids)``).
     """
-    from gram_core.forward import answer_logits
-
     label_ids, prefix = list(label_ids), list(prefix_ids)
 
     def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -401,8 +401,6 @@ def pretrain_step_fn() -> StepFn:
 def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
                 **kwargs) -> TrainResult:
     """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected); ``kwargs`` go to ``train``."""
-    from gram_core.encoding import JudgeEncoder, encode_preference_pairs
-
     encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b)
     examples, stats = encode_preference_pairs(encoder, rows, order=encode_cfg.order, seed=encode_cfg.seed)
     prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
@@ -418,8 +416,6 @@ def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfi
                    **kwargs) -> TrainResult:
     """Stage 1 on response pairs: rows dict(pair_id, prompt, response_a, response_b), or preference rows
     (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair); ``kwargs`` go to ``train``."""
-    from gram_core.encoding import PretrainEncoder, encode_unlabeled_pairs
-
     encoder = PretrainEncoder(tokenizer, encode_cfg.max_length)
     examples, stats = encode_unlabeled_pairs(encoder, as_unlabeled(rows, encode_cfg.seed))
     lengths = [len(ex["input_ids"]) for ex in examples]
