@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from gram_core.config import JudgeConfig
 from gram_core.pipeline_config import MlflowConfig
@@ -228,7 +229,7 @@ def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> t
     return folders[0], resolved
 
 
-@task(name="fetch_registered_model")
+@task(name="fetch_registered_model", cache_policy=NO_CACHE)
 def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, home: str, store_uri: str) -> ArtifactRef:
     """A registered judge (by alias or version) as a model artifact in the store, to fine-tune further."""
     import shutil

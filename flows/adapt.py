@@ -1,0 +1,62 @@
+"""The adapt flow: fine-tune a registered judge on a small labeled set for a new task, evaluate, register.
+
+The paper's few-label adaptation: start from ``models:/NAME@champion`` (or any version), fine-tune on a few
+hundred labeled pairs, compare with the starting model on the eval set, register the result (gate included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import Runner
+from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, SourceConfig, load_preset
+from tasks.evaluate import eval_report, evaluate
+from tasks.finetune import finetune
+from tasks.register import (
+    fetch_registered_model,
+    pipeline_params,
+    record_run,
+    register,
+    summarize,
+    version_tags,
+)
+from tasks.tracking import start_pipeline_run
+
+DEFAULT_MODEL = "models:/gram-reward-model@champion"
+
+
+def adapt_config(preset: str, overrides: dict[str, Any] | list[str] | None, data: str | None) -> PipelineConfig:
+    """The preset with ``data`` (a labeled file or folder) as the fine-tuning set."""
+    cfg = load_preset(preset, overrides)
+    if data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preferences=SourceConfig(path=data)))
+    return cfg.resolved()
+
+
+@flow(name="gram-adapt")
+def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: str = DEFAULT_PRESET,
+          overrides: dict[str, Any] | list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+    """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register."""
+    cfg = adapt_config(preset, overrides, data)
+    run = Runner(cfg, refresh)
+    home, store = str(run.paths.home), run.store
+    with start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
+                            tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
+        preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
+        eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
+                              stratify="subset")
+        start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
+        judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
+                    run.paths.ray_storage, params={"train": cfg.finetune, "start": model})
+        trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", store)
+        before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", store)
+        report = run("eval_report", eval_report, trained, before, eval_set, store, cfg.data.eval.describe(),
+                     base_name=f"{model} (before)")
+        tags = {**version_tags(cfg, run.records), "adapted_from": start.meta.get("model_uri", model)}
+        registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, home, store,
+                           tracking=tracking)
+        record_run(run.records, report, registration, store, tracking)
+        return summarize(report, registration, run.records, store, tracking)

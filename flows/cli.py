@@ -1,0 +1,244 @@
+"""The ``gram`` command: run the pipeline, adapt a registered judge, and use any judge from the shell.
+
+    gram run [--preset demo] [--set key.path=value ...] [--refresh]
+    gram adapt --data labeled.jsonl [--model models:/gram-reward-model@champion] [--preset demo]
+    gram judge --model MODEL --prompt TEXT --a TEXT --b TEXT
+    gram rank  --model MODEL --input candidates.jsonl
+    gram eval  --model MODEL --data rewardbench.parquet
+    gram presets [--fields]
+
+MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder, a .gguf
+file, 'smollm2' (the packaged default) or 'tiny'. Heavy libraries load only inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
+                    "TOKENIZERS_PARALLELISM": "false"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gram", description="Train and use GRAM generative reward models "
+                                     "(pairwise A/B judges).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="demo", help="preset name (smoke, demo, paper) or a YAML path")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a config field, e.g. --set finetune.learning_rate=1e-4 (repeatable)")
+
+    run = sub.add_parser("run", help="run the whole pipeline and print a summary")
+    config_args(run)
+    run.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    adapt = sub.add_parser("adapt", help="fine-tune a registered judge on a small labeled set, evaluate, register")
+    config_args(adapt)
+    adapt.add_argument("--model", default="models:/gram-reward-model@champion", help="registered judge to start from")
+    adapt.add_argument("--data", required=True, help="labeled pairs (prompt, chosen, rejected): file or folder")
+    adapt.add_argument("--refresh", action="store_true")
+    adapt.add_argument("--json", action="store_true")
+
+    judge = sub.add_parser("judge", help="P(a ≻ b) for one pair, from both slot orders")
+    config_args(judge)
+    judge.add_argument("--model", required=True)
+    judge.add_argument("--prompt", required=True)
+    judge.add_argument("--a", required=True, help="response a")
+    judge.add_argument("--b", required=True, help="response b")
+
+    rank = sub.add_parser("rank", help="best-of-n over a JSONL of {prompt, candidates: [...]} lines")
+    config_args(rank)
+    rank.add_argument("--model", required=True)
+    rank.add_argument("--input", required=True, help="JSONL file; each line {\"prompt\": ..., \"candidates\": [...]}")
+
+    evaluate = sub.add_parser("eval", help="evaluate a judge on a RewardBench-format file")
+    config_args(evaluate)
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True, help="RewardBench-format Parquet/JSONL/JSON/CSV file or folder")
+    evaluate.add_argument("--limit", type=int, default=0, help="score a seeded, subset-stratified sample of N pairs")
+    evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
+
+    presets = sub.add_parser("presets", help="list the presets and every config field with its help")
+    presets.add_argument("--fields", action="store_true", help="also list every config field")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    _config(args)  # a config error fails here, before the Prefect API starts (10-20 s)
+    from flows.pipeline import gram_pipeline
+
+    summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+    print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return summary
+
+
+def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
+    _config(args)
+    from flows.adapt import adapt
+
+    summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
+                    refresh=args.refresh)
+    print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return summary
+
+
+def _config(args: argparse.Namespace):
+    from gram_core.pipeline_config import load_preset
+
+    return load_preset(args.preset, args.overrides or None).resolved()
+
+
+def resolve_model(spec: str, config: Any) -> str:
+    """A local model folder for any MODEL spec (registry URIs are downloaded once into <home>/registered)."""
+    if spec.startswith("models:/"):
+        from tasks.register import download_registered_model, parse_model_uri
+        from tasks.tracking import resolve_tracking_uri
+
+        name, alias, version = parse_model_uri(spec)
+        target = Path(str(config.home)) / "registered" / f"{name}-{alias or version}"
+        folder, resolved = download_registered_model(spec, resolve_tracking_uri(config.mlflow, config.home), target)
+        print(f"{spec} -> {resolved}", file=sys.stderr)
+        return str(folder)
+    from gram_core.models import resolve_model_source
+
+    return resolve_model_source(spec)
+
+
+def load_judge(args: argparse.Namespace):
+    from tasks.evaluate import make_judge
+
+    config = _config(args)
+    return make_judge(resolve_model(args.model, config), config.judge)
+
+
+def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
+    scores = load_judge(args).preference([args.prompt], [args.a], [args.b])
+    out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
+           "p_order2": float(scores.p_order2[0]),
+           "consistent": bool((scores.p_order1[0] > 0.5) == (scores.p_order2[0] > 0.5))}
+    print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (a in slot A: {out['p_order1']:.4f}, a in slot B: "
+          f"{out['p_order2']:.4f}; orders {'agree' if out['consistent'] else 'disagree'})")
+    return out
+
+
+def read_candidates(path: str) -> list[dict[str, Any]]:
+    """JSONL lines {prompt, candidates|responses: [...]}; errors name the line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"{path}:{number}: not valid JSON ({err})") from err
+        candidates = row.get("candidates", row.get("responses"))
+        if not isinstance(row.get("prompt"), str) or not isinstance(candidates, list) or not candidates \
+                or not all(isinstance(c, str) for c in candidates):
+            raise SystemExit(f"{path}:{number}: expected {{\"prompt\": str, \"candidates\": [str, ...]}} "
+                             f"(non-empty), got keys {sorted(row)}")
+        rows.append({"prompt": row["prompt"], "candidates": candidates, "line": number})
+    if not rows:
+        raise SystemExit(f"{path}: no candidate lines")
+    return rows
+
+
+def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from gram_core.judging import best_of_n
+
+    rows = read_candidates(args.input)
+    judge = load_judge(args)
+    results = []
+    for row in rows:
+        winner, comparisons = best_of_n(judge, row["prompt"], row["candidates"])
+        result = {"line": row["line"], "best_index": winner, "best": row["candidates"][winner],
+                  "comparisons": comparisons}
+        print(json.dumps(result, ensure_ascii=False))
+        results.append(result)
+    return results
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
+    from data_contracts import REWARDBENCH, read_table, write_table
+    from gram_core.judging import score_pairs
+    from tasks.report import eval_metrics, report_markdown
+    from tasks.sources import limit_rows
+
+    table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
+    scores = score_pairs(load_judge(args), table, progress=True)
+    if args.output:
+        write_table(scores, args.output, "scores")
+    print(report_markdown(scores, None, eval_name=args.data, model_name=args.model).replace(
+        "![accuracy per subset](chart.png)\n", ""))
+    return eval_metrics(scores)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from gram_core.config import describe
+    from gram_core.pipeline_config import PRESETS_DIR, PipelineConfig, preset_names
+
+    for name in preset_names():
+        first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{name:8s} {first}")
+    if args.fields:
+        print("\nConfig fields (set any with --set key.path=value):")
+        for key, default, text in describe(PipelineConfig):
+            print(f"  {key} = {default}\n      {text}")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run summary: eval table, registered version and aliases, where to look."""
+    def pct(value: float | None) -> str:
+        return "     —" if value is None else f"{100 * value:6.1f}"
+
+    lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %, both slot orders):", "",
+             f"  {'metric':44s} {'base zero-shot':>14s} {'trained':>8s}"]
+    lines += [f"  {r['metric'][:44]:44s} {pct(r['base_zero_shot']):>14s} {pct(r['trained']):>8s}"
+              for r in summary.get("eval", [])]
+    reg = summary.get("registered")
+    if reg:
+        promo = reg["promotion"]
+        lines += ["", f"Registered: {reg['name']} version {reg['version']}, aliases: "
+                  f"{', '.join(reg['aliases']) or '(none)'}",
+                  f"  champion gate: {promo['decision']} — {promo['reason']}"]
+    cached = [name for name, state in summary.get("stages", {}).items() if state == "Cached"]
+    lines += ["", f"Stages: {len(summary.get('stages', {}))} ({len(cached)} served from cache)",
+              f"Artifact store: {summary.get('artifact_store')}", f"Report: {summary.get('report')}",
+              f"MLflow: run {summary.get('mlflow_run')} at {summary.get('tracking_uri')}"]
+    uri = summary.get("tracking_uri") or ""
+    if uri.startswith("sqlite:"):
+        lines.append(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    return "\n".join(lines) + "\n"
+
+
+COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval,
+            "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from gram_core.config import ConfigError
+
+    try:
+        COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"gram {args.command}: configuration error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
