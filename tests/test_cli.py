@@ -1,0 +1,112 @@
+"""The `gram` command: argument parsing, input checks, summary formatting, and the judge commands on a tiny
+random model (the pipeline commands are exercised end to end in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows import cli
+
+
+def test_parser_reads_run_options():
+    args = cli.build_parser().parse_args(["run", "--preset", "smoke", "--set", "finetune.max_steps=2",
+                                          "--set", "eval.limit=8", "--refresh"])
+    assert (args.command, args.preset, args.refresh) == ("run", "smoke", True)
+    assert args.overrides == ["finetune.max_steps=2", "eval.limit=8"]
+    defaults = cli.build_parser().parse_args(["run"])
+    assert (defaults.preset, defaults.overrides, defaults.refresh) == ("demo", [], False)
+    adapt = cli.build_parser().parse_args(["adapt", "--data", "few.jsonl"])
+    assert adapt.model == "models:/gram-reward-model@champion" and adapt.data == "few.jsonl"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["judge", "--model", "tiny", "--prompt", "p", "--a", "x"])  # --b missing
+
+
+def test_config_error_exits_2_before_starting_prefect(capsys):
+    assert cli.main(["run", "--preset", "smoke", "--set", "finetune.learning_rat=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['learning_rat']" in err and "learning_rate" in err
+
+
+def test_presets_lists_presets_and_fields(capsys):
+    assert cli.main(["presets", "--fields"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("demo") and "\nsmoke " in out and "\npaper " in out
+    assert "finetune.label_smoothing = 0.1" in out and "Stage-2 label smoothing" in out
+
+
+def test_read_candidates_names_the_bad_line(tmp_path):
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"prompt": "p", "candidates": ["a", "b"]}\n\n{"prompt": "q", "responses": ["c"]}\n')
+    assert [r["line"] for r in cli.read_candidates(str(good))] == [1, 3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "candidates": ["a"]}\n{"prompt": "q", "candidates": []}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: expected"):
+        cli.read_candidates(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{nope\n")
+    with pytest.raises(SystemExit, match=r"broken.jsonl:1: not valid JSON"):
+        cli.read_candidates(str(broken))
+
+
+def test_summary_shows_table_version_aliases_and_locations():
+    summary = {
+        "eval": [{"metric": "accuracy (all pairs)", "base_zero_shot": 0.41, "trained": 0.875},
+                 {"metric": "Chat", "base_zero_shot": None, "trained": 0.5}],
+        "eval_rows": 16, "stages": {"finetune": "Completed", "pretrain": "Cached"},
+        "registered": {"name": "gram-reward-model", "version": "4", "aliases": ["candidate", "champion"],
+                       "promotion": {"decision": "promoted", "reason": "no champion yet"}},
+        "artifact_store": "/x/.gram/artifacts", "report": "/x/r.md", "mlflow_run": "abc",
+        "tracking_uri": "sqlite:////x/.gram/mlflow.db",
+    }
+    text = cli.format_summary(summary)
+    assert "accuracy (all pairs)" in text and "41.0" in text and "87.5" in text
+    assert "gram-reward-model version 4, aliases: candidate, champion" in text
+    assert "2 (1 served from cache)" in text and "/x/.gram/artifacts" in text
+    assert "mlflow ui --backend-store-uri sqlite:////x/.gram/mlflow.db" in text
+
+
+@pytest.fixture(scope="module")
+def judge_args():
+    return ["--model", "tiny", "--preset", "smoke"]
+
+
+def test_judge_prints_both_orders(judge_args, capsys):
+    args = cli.build_parser().parse_args(["judge", *judge_args, "--prompt", "2+2?", "--a", "4", "--b", "5"])
+    out = cli.cmd_judge(args)
+    assert 0.0 <= out["p_a_better"] <= 1.0
+    assert out["p_a_better"] == pytest.approx((out["p_order1"] + out["p_order2"]) / 2)
+    swapped = cli.cmd_judge(cli.build_parser().parse_args(["judge", *judge_args, "--prompt", "2+2?", "--a", "5",
+                                                           "--b", "4"]))
+    assert swapped["p_a_better"] == pytest.approx(1 - out["p_a_better"], abs=1e-6)  # both orders: symmetric
+    assert "P(a ≻ b) =" in capsys.readouterr().out
+
+
+def test_rank_picks_one_candidate_per_line(judge_args, tmp_path, capsys):
+    path = tmp_path / "cands.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "candidates": ["a", "bb", "ccc", "dddd", "e"]})
+                              for i in range(2)))
+    results = cli.cmd_rank(cli.build_parser().parse_args(["rank", *judge_args, "--input", str(path)]))
+    assert [r["comparisons"] for r in results] == [4, 4]  # knockout: n - 1 comparisons
+    assert all(r["best"] == ["a", "bb", "ccc", "dddd", "e"][r["best_index"]] for r in results)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_eval_scores_a_rewardbench_file(judge_args, tmp_path, capsys):
+    data = tmp_path / "rb.parquet"
+    n = 12
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(n)], "chosen": ["good"] * n,
+                             "chosen_model": ["m"] * n, "rejected": ["bad"] * n, "rejected_model": ["m"] * n,
+                             "subset": ["llmbar-natural", "xstest-should-respond", "my-task"] * 4,
+                             "id": list(range(n))}), data)
+    out_path = tmp_path / "scores.parquet"
+    metrics = cli.cmd_eval(cli.build_parser().parse_args(["eval", *judge_args, "--data", str(data), "--limit", "6",
+                                                          "--output", str(out_path)]))
+    assert metrics["rewardbench/rows"] == 6.0 and "rewardbench/chat_hard" in metrics
+    assert "rewardbench/unknown/my-task" in metrics
+    assert pq.read_table(out_path).num_rows == 6
+    report = capsys.readouterr().out
+    assert "| **accuracy (all pairs)** |" in report and "chart.png" not in report
