@@ -1,0 +1,272 @@
+"""End to end: the `smoke` pipeline under the Prefect test harness, a real local Ray runtime, a temporary
+MLflow SQLite database and a temporary GRAM_HOME.
+
+One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are shared):
+  run 1   fresh            -> every stage computes, version 1 registered, champion (no champion yet)
+  run 2   unchanged        -> every task Cached, no new version
+  run 3   finetune changed -> only finetune / evaluate / eval_report / register recompute; a huge
+                              promotion margin keeps the champion (gate outcome "kept")
+  run 4   margin back to 0 -> only register recomputes; the champion's score was lowered by hand, so
+                              the new version beats it and becomes champion (gate outcome "promoted")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["eval.limit=16"]
+FINETUNE_CHANGE = ["finetune.learning_rate=5.0e-3"]
+STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "evaluate", "evaluate_base", "eval_report", "register")
+SOURCE_TASKS = ("load_prompts", "load_pool0", "load_preferences", "load_eval")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Temp GRAM_HOME (artifacts, MLflow sqlite, Prefect results), one local Ray runtime, Prefect harness."""
+    import ray
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("gram-home")
+    ray_tmp = tempfile.mkdtemp(prefix="gr-", dir="/tmp")  # socket paths must stay short
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRAM_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        # One runtime for the module: fit() uses it and leaves it running (it only stops what it starts).
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024, _temp_dir=ray_tmp)
+        try:
+            with prefect_test_harness():
+                yield home
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_pipeline(overrides, **kwargs):
+    """(summary, {task run name: state name} read back from the Prefect API) of one pipeline run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import gram_pipeline
+
+    state = gram_pipeline(preset="smoke", overrides=list(overrides), return_state=True, **kwargs)
+    summary = state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return summary, {r.name: r.state.name for r in runs}
+
+
+def mlflow_client(home):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+
+def model_artifacts(home) -> set[str]:
+    return {str(p.parent) for stage in ("pretrain", "finetune") for p in (home / "artifacts" / stage).glob("*/_artifact.json")}
+
+
+@pytest.fixture(scope="module")
+def run1(env):
+    return run_pipeline(SMOKE)
+
+
+@pytest.fixture(scope="module")
+def run2(run1):
+    return run_pipeline(SMOKE)
+
+
+@pytest.fixture(scope="module")
+def run3(run2):
+    return run_pipeline([*SMOKE, *FINETUNE_CHANGE, "mlflow.promotion_margin=10.0"])
+
+
+@pytest.fixture(scope="module")
+def run4(run3, env):
+    summary, _ = run3
+    name = summary["registered"]["name"]
+    client = mlflow_client(env)
+    champion = client.get_model_version_by_alias(name, "champion")
+    client.set_model_version_tag(name, champion.version, "eval/accuracy", "-1.0")  # any candidate beats it
+    return run_pipeline([*SMOKE, *FINETUNE_CHANGE, "mlflow.promotion_margin=0.0"])
+
+
+def test_first_run_computes_every_stage_and_registers(run1, env):
+    summary, states = run1
+    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Completed"}
+    assert summary["stages"] == {name: "Completed" for name in (*SOURCE_TASKS, *STAGE_TASKS)}
+    reg = summary["registered"]
+    assert reg["version"] == "1" and sorted(reg["aliases"]) == ["candidate", "champion"]
+    assert reg["promotion"]["decision"] == "promoted" and reg["promotion"]["reason"] == "no champion yet"
+    # Content-addressed outputs: folder name = first 16 hex of the content hash, manifest last.
+    store = env / "artifacts"
+    assert summary["artifact_store"] == str(store)
+    for stage in ("build_pairs", "pretrain", "finetune", "evaluate", "eval_report"):
+        folders = [p.parent for p in (store / stage).glob("*/_artifact.json")]
+        assert folders, stage
+        for folder in folders:
+            assert json.loads((folder / "_artifact.json").read_text())["sha256"].startswith(folder.name)
+    finetuned = next((store / "finetune").glob("*/_artifact.json")).parent
+    assert (finetuned / "config.json").exists() and (finetuned / "metrics.jsonl").exists()
+    report = Path(summary["report"]).read_text()
+    assert "base model (zero-shot)" in report and "trained judge" in report
+    assert Path(summary["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["metric"]: r for r in summary["eval"]}
+    assert summary["eval_rows"] == 16
+    for key in ("accuracy (all pairs)", "position consistency"):
+        assert 0.0 <= rows[key]["trained"] <= 1.0 and 0.0 <= rows[key]["base_zero_shot"] <= 1.0
+
+
+def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
+    summary, _ = run1
+    client = mlflow_client(env)
+    parent = client.get_run(summary["mlflow_run"])
+    assert parent.data.params["code_version"] and parent.data.params["config.finetune.learning_rate"] == "0.001"
+    assert "eval/accuracy" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {c.data.tags["gram.stage"]: c for c in children}
+    assert set(STAGE_TASKS) <= set(by_stage)
+    history = client.get_metric_history(by_stage["finetune"].info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3]  # smoke: finetune.max_steps = 3, one point per step
+    assert "rewardbench/position_consistency" in by_stage["eval_report"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "chart.png"} <= artifacts
+
+
+def test_second_run_is_served_from_cache(run2, env):
+    summary, states = run2
+    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Cached"}
+    assert summary["registered"]["version"] == "1"  # nothing new registered
+    versions = mlflow_client(env).search_model_versions(f"name = '{summary['registered']['name']}'")
+    assert len(versions) == 1
+
+
+def test_changed_finetune_config_reruns_only_downstream(run3, env):
+    summary, states = run3
+    recomputed = {"finetune", "evaluate", "eval_report", "register"}
+    assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == recomputed
+    assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Cached"} == \
+        set(SOURCE_TASKS) | {"build_pairs", "pretrain", "evaluate_base"}
+    reg = summary["registered"]
+    assert reg["version"] == "2" and reg["aliases"] == ["candidate"]
+    assert reg["promotion"]["decision"] == "kept" and reg["promotion"]["champion_version"] == "1"
+    client = mlflow_client(env)
+    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "1"
+    tags = client.get_model_version(reg["name"], "2").tags
+    assert tags["promotion/decision"] == "kept" and tags["code_version"] and tags["data.load_preferences"]
+
+
+def test_gate_moves_champion_when_the_candidate_beats_it(run4, env):
+    summary, states = run4
+    assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == {"register"}
+    reg = summary["registered"]
+    assert reg["version"] == "3" and sorted(reg["aliases"]) == ["candidate", "champion"]
+    assert reg["promotion"]["decision"] == "promoted" and reg["promotion"]["champion_score"] == -1.0
+    client = mlflow_client(env)
+    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "3"
+    assert client.get_model_version(reg["name"], "1").tags["promotion/superseded_by"] == "3"
+
+
+def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
+    import numpy as np
+    import pandas as pd
+
+    from gram_core.config import JudgeConfig
+    from tasks.evaluate import make_judge
+    from tasks.register import download_registered_model
+    from tasks.registry import load_judge
+
+    name = run4[0]["registered"]["name"]
+    uri = f"sqlite:///{env / 'mlflow.db'}"
+    frame = pd.DataFrame({"prompt": ["What is 2+2?", "Say hi."], "response_a": ["4", "Hello!"],
+                          "response_b": ["5", "Go away."]})
+    predicted = load_judge(f"models:/{name}@champion", tracking_uri=uri).predict(frame)
+    assert list(predicted.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"]
+    np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
+    folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
+    assert resolved == f"models:/{name}/3"
+    core = make_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
+                                                           list(frame["response_b"]))
+    np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty_response", "missing_file"])
+def test_bad_input_fails_before_training_and_leaves_no_artifact(case, run1, env, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "prefs.parquet"
+    rows = {"pair_id": ["a", "b", "c"], "prompt": ["p1", "p2", "p3"], "chosen": ["x", "y", "z"],
+            "rejected": ["u", "v", "w"], "source": ["t"] * 3}
+    if case == "missing_column":
+        del rows["rejected"]
+        expected = ["prefs.parquet", "'rejected'", "missing column"]
+    elif case == "empty_response":
+        rows["chosen"][1] = "   "
+        expected = ["prefs.parquet", "'chosen'", "rows [1]"]
+    else:
+        path = tmp_path / "nowhere.parquet"
+        expected = ["nowhere.parquet", "no such file"]
+    if case != "missing_file":
+        pq.write_table(pa.table(rows), path)
+    before = model_artifacts(env)
+    sources_before = set((env / "artifacts" / "sources").iterdir())
+    with pytest.raises(Exception) as err:  # noqa: B017 - the type differs per case; the message is checked
+        run_pipeline([*SMOKE, f"data.preferences.path={path}", "finetune.max_steps=2"])
+    for fragment in expected:
+        assert fragment in str(err.value)
+    assert model_artifacts(env) == before
+    assert set((env / "artifacts" / "sources").iterdir()) == sources_before
+
+
+def test_shared_data_evaluate_and_build_pairs(shared_data, env):
+    from prefect import flow
+
+    from gram_core.config import JudgeConfig, ModelConfig
+    from gram_core.pairs import PairingConfig
+    from gram_core.pipeline_config import SourceConfig, load_preset, state_paths
+    from gram_core.sampling import SamplingConfig
+    from tasks.artifacts import ArtifactStore, read_table_artifact
+    from tasks.build_pairs import build_pairs
+    from tasks.evaluate import evaluate
+    from tasks.sources import load_source
+    from tasks.stages import bind
+
+    paths = state_paths(load_preset("smoke"))
+
+    @flow
+    def real_data():
+        load = bind(load_source, paths.prefect_results)
+        lite = load("eval", SourceConfig(path=str(shared_data / "rewardbench_lite.parquet")), "rewardbench",
+                    paths.artifact_store, limit=30, seed=1, stratify="subset")
+        pool = load("pool", SourceConfig(path=str(shared_data / "response_pool.parquet"), limit=400, seed=1),
+                    "response_pool", paths.artifact_store)
+        scores = bind(evaluate, paths.prefect_results)(ModelConfig(source="tiny"), lite, JudgeConfig(max_length=768),
+                                                      "base", paths.artifact_store)
+        pairs = bind(build_pairs, paths.prefect_results)(None, [pool], [], SamplingConfig(models=("tiny",)),
+                                                        PairingConfig(max_pairs_per_prompt=2), paths.artifact_store)
+        return lite, scores, pairs
+
+    lite, scores, pairs = real_data()
+    store = ArtifactStore(paths.artifact_store)
+    subsets = set(read_table_artifact(store, lite)["subset"].to_pylist())
+    assert lite.rows == 30 and len(subsets) == 10  # stratified: every subset of the file is represented
+    table = read_table_artifact(store, scores)
+    assert table.num_rows == 30 and table.schema.metadata[b"gram.contract"] == b"scores"
+    metrics = scores.meta["metrics"]
+    assert {"rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety"} <= set(metrics)
+    assert "rewardbench/reasoning" not in metrics and metrics["rewardbench/rows"] == 30.0
+    built = read_table_artifact(store, pairs)
+    assert 0 < built.num_rows <= 2 * pairs.meta["prompts"]
+    assert all(a != b for a, b in zip(built["response_a"].to_pylist(), built["response_b"].to_pylist(), strict=True))
+    assert os.path.exists(pairs.file("pool.parquet"))
