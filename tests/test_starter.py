@@ -1,0 +1,138 @@
+"""The built-in starter dataset: sizes, categories, disjoint splits, a held-out category, correct labels."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from gram_core import starter as S
+from gram_core.pairs import PairingConfig, build_pairs
+from gram_core.rewardbench import SECTIONS
+from gram_core.sampling import prompt_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefs():
+    return S.starter_preferences().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def evals():
+    return S.starter_eval().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return S.starter_response_pool()
+
+
+def test_sizes_and_categories(prefs, evals, pool):
+    assert len(prefs) >= 500 and len(evals) >= 150
+    train_cats, eval_cats = Counter(r["source"] for r in prefs), Counter(r["subset"] for r in evals)
+    assert set(train_cats) | set(eval_cats) == set(S.STARTER_SECTIONS)
+    assert len(eval_cats) >= 4 and min(eval_cats.values()) >= 20 and min(train_cats.values()) >= 50
+    assert set(S.STARTER_SECTIONS.values()) == set(SECTIONS)  # every RewardBench section is covered
+    prompts = {r["prompt"] for r in prefs} | {r["prompt"] for r in evals}
+    assert len(prompts) == len(prefs) + len(evals) >= 600  # one pair per prompt, several hundred prompts
+    assert pool.num_rows >= 2 * len(prefs)
+
+
+def test_heldout_categories_only_in_eval(prefs, evals):
+    train_cats, eval_cats = {r["source"] for r in prefs}, {r["subset"] for r in evals}
+    assert set(S.HELDOUT_SUBSETS) <= eval_cats
+    assert not set(S.HELDOUT_SUBSETS) & train_cats
+    assert eval_cats - set(S.HELDOUT_SUBSETS) == train_cats
+
+
+def test_eval_prompts_disjoint_from_all_training_data(prefs, evals, pool):
+    eval_prompts = {r["prompt"] for r in evals}
+    assert not eval_prompts & {r["prompt"] for r in prefs}
+    assert not eval_prompts & set(pool.column("prompt").to_pylist())
+    assert set(pool.column("prompt").to_pylist()) == {r["prompt"] for r in prefs}
+    # Facts asked in eval are not asked in training (no capital or definition seen with its label).
+    checks = S.starter_checks()
+    facts = {split: {tuple(spec["fact"]) for (s, _), spec in checks.items() if s == split and "fact" in spec}
+             for split in ("train", "eval")}
+    assert facts["eval"] and not facts["eval"] & facts["train"]
+
+
+def test_contracts():
+    dc = pytest.importorskip("data_contracts")
+    assert dc.validate(S.starter_preferences(), dc.PREFERENCE_PAIRS).num_rows >= 500
+    assert dc.validate(S.starter_eval(), dc.REWARDBENCH).num_rows >= 150
+    assert dc.validate(S.starter_response_pool(), dc.RESPONSE_POOL).num_rows > 0
+
+
+def test_every_label_is_correct_by_its_check(prefs, evals):
+    checks, tables = S.starter_checks(), S.starter_tables()
+    assert len(checks) == len(prefs) + len(evals)
+    rows = [(("train", r["pair_id"]), r) for r in prefs] + [(("eval", str(r["id"])), r) for r in evals]
+    failures = {key: S.label_problems(checks[key], r["prompt"], r["chosen"], r["rejected"], tables)
+                for key, r in rows}
+    assert {k: v for k, v in failures.items() if v} == {}
+    # The checks discriminate: every pair fails with chosen and rejected swapped.
+    swapped_ok = [key for key, r in rows if not S.label_problems(checks[key], r["prompt"], r["rejected"],
+                                                                 r["chosen"], tables)]
+    assert swapped_ok == []
+    assert Counter(spec["check"] for spec in checks.values()).keys() == {
+        "contains", "number", "all_caps", "max_words", "keyword", "bullets", "json", "refusal", "compliance"}
+
+
+def test_policy_samples_are_used_and_responses_are_short(prefs, evals, pool):
+    generators = Counter(pool.column("generator").to_pylist())
+    assert generators["SmolLM2-135M-Instruct"] >= 150
+    derived = [r for r in evals if r["chosen_model"].startswith("SmolLM2") or r["rejected_model"].startswith("SmolLM2")]
+    assert len(derived) >= 50
+    lengths = [len(t) for r in prefs + evals for t in (r["chosen"], r["rejected"])]
+    assert sum(n <= 300 for n in lengths) / len(lengths) > 0.9  # ~60 tokens
+    assert max(lengths) < 600
+
+
+def test_pool_pairs_for_stage_one(pool):
+    assert all(p == prompt_id(q) for p, q in zip(pool.column("prompt_id").to_pylist(),
+                                                 pool.column("prompt").to_pylist(), strict=True))
+    per_prompt = Counter(pool.column("prompt_id").to_pylist())
+    assert min(per_prompt.values()) >= 2 and sum(per_prompt.values()) / len(per_prompt) >= 2.3
+    pairs, stats = build_pairs(pool, PairingConfig(max_pairs_per_prompt=2, seed=0), source_name="starter")
+    assert stats["prompts_without_pair"] == 0 and pairs.num_rows >= len(per_prompt)
+
+
+def test_starter_prompts_are_the_training_prompts(prefs):
+    prompts = S.starter_prompts()
+    assert prompts == list(dict.fromkeys(r["prompt"] for r in prefs)) and len(prompts) >= 500
+
+
+def test_check_helpers():
+    assert S.is_refusal("I’m sorry, but I can’t help with that.") and not S.is_refusal("Sure, here it is.")
+    assert S.final_number("7 + 5 = 12. The answer is 12.") == 12
+    assert S.final_number("It is 9.9, not 9.11.") == S.parse_number("9.11")
+    assert S.final_number("no digits") is None
+    assert S.evaluate_arithmetic("2.5 * 12 - 4 / 8") == S.parse_number("29.5")
+    with pytest.raises(ValueError, match="unsupported element"):
+        S.evaluate_arithmetic("__import__('os')")
+    assert S.contains_phrase("The capital is Paris.", "paris") and not S.contains_phrase("Parisian food", "Paris")
+    spec = {"check": "max_words", "n": 3}
+    assert S.label_problems(spec, "Use 3 words.", "One two three.", "One two three four.", {}) == []
+    assert S.label_problems(spec, "Use 3 words.", "One two three four.", "One two.", {}) == [
+        "max_words: chosen has 4 words > 3", "max_words: rejected has 2 words <= 3"]
+
+
+def test_template_rebuild_matches_shipped_data(tmp_path):
+    """The builder is deterministic from its seed: a rebuild without the policy reproduces every pair that
+    does not depend on a policy sample."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_starter.py"), "--no-sample", "--out",
+                    str(tmp_path)], check=True, capture_output=True, cwd=ROOT)
+    rebuilt = {r["pair_id"]: r for r in pq.read_table(tmp_path / "preferences.parquet").to_pylist()}
+    shipped = {r["pair_id"]: r for r in S.starter_preferences().to_pylist()}
+    assert rebuilt.keys() == shipped.keys()
+    templated = [k for k, r in shipped.items() if r["source"] in ("math-word", "safety-refuse", "safety-respond",
+                                                                  "if-bullets")]
+    assert len(templated) >= 250
+    assert all(rebuilt[k] == shipped[k] for k in templated)
+    rebuilt_eval = pq.read_table(tmp_path / "eval.parquet").to_pylist()
+    assert [r["prompt"] for r in rebuilt_eval] == [r["prompt"] for r in S.starter_eval().to_pylist()]
