@@ -8,6 +8,7 @@ One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are 
                               promotion margin keeps the champion (gate outcome "kept")
   run 4   margin back to 0 -> only register recomputes; the champion's score was lowered by hand, so
                               the new version beats it and becomes champion (gate outcome "promoted")
+  adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 4
 """
 
 from __future__ import annotations
@@ -98,6 +99,18 @@ def run4(run3, env):
     champion = client.get_model_version_by_alias(name, "champion")
     client.set_model_version_tag(name, champion.version, "eval/accuracy", "-1.0")  # any candidate beats it
     return run_pipeline([*SMOKE, *FINETUNE_CHANGE, "mlflow.promotion_margin=0.0"])
+
+
+@pytest.fixture(scope="module")
+def adapted(run4, env, tmp_path_factory):
+    from flows.adapt import adapt
+
+    name = run4[0]["registered"]["name"]
+    data = tmp_path_factory.mktemp("adapt") / "few_labels.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even? Answer yes or no.",
+                                          "chosen": "yes" if i % 2 == 0 else "no",
+                                          "rejected": "no" if i % 2 == 0 else "yes"}) for i in range(12)))
+    return adapt(model=f"models:/{name}@champion", data=str(data), preset="smoke", overrides=SMOKE), name
 
 
 def test_first_run_computes_every_stage_and_registers(run1, env):
@@ -270,3 +283,27 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env):
     assert 0 < built.num_rows <= 2 * pairs.meta["prompts"]
     assert all(a != b for a, b in zip(built["response_a"].to_pylist(), built["response_b"].to_pylist(), strict=True))
     assert os.path.exists(pairs.file("pool.parquet"))
+
+
+def test_adapt_fine_tunes_the_registered_champion(adapted, env):
+    import pyarrow.parquet as pq
+
+    summary, name = adapted
+    assert summary["stages"]["fetch_registered_model"] == "Completed"
+    assert summary["stages"]["finetune"] == "Completed" and summary["stages"]["load_eval"] == "Cached"
+    reg = summary["registered"]
+    assert reg["version"] == "4" and "candidate" in reg["aliases"]
+    client = mlflow_client(env)
+    tags = client.get_model_version(name, "4").tags
+    assert tags["adapted_from"] == f"models:/{name}/3"
+    promo = reg["promotion"]
+    assert promo["champion_version"] == "3"
+    assert (promo["decision"] == "promoted") == (promo["candidate_score"] > promo["champion_score"])
+    report = Path(summary["report"]).read_text()
+    assert f"models:/{name}@champion (before)" in report
+    # The few labels were read without ids or source: both were filled in.
+    prefs = next(r for r in (env / "artifacts" / "sources").glob("*/_artifact.json")
+                 if json.loads(r.read_text())["meta"]["source"].endswith("few_labels.jsonl"))
+    table = pq.read_table(prefs.parent / "table.parquet")
+    assert table.num_rows == 12 and table["pair_id"][0].as_py() == "few_labels-000000"
+    assert set(table["source"].to_pylist()) == {"few_labels"}
