@@ -142,6 +142,7 @@ def chat_facts(T: dict, rng: random.Random) -> tuple[list, list]:
         for (big, small, factor), value in rows:
             truth = S.parse_number(value) * factor
             wrong = rng.choice([truth * 10, truth / 10, truth + factor, S.parse_number(value) + factor])
+            wrong = truth * 10 if wrong == truth else wrong  # 1.5 + 3 == 1.5 * 3
             prompt = rng.choice(["How many {s} are in {v} {b}?", "Convert {v} {b} to {s}."]).format(
                 s=small, v=value, b=big)
 
