@@ -101,6 +101,8 @@ def keep_ends(ids: list[int], keep: int) -> list[int]:
 
 @dataclasses.dataclass
 class JudgeEncoding:
+    """One judge sequence after the shared prefix, with what truncation removed."""
+
     suffix_ids: list[int]  # everything after the prefix, ending with the generation prompt
     responses_shortened: int  # 0, 1 or 2 responses cut
     prompt_shortened: bool
