@@ -103,3 +103,100 @@ def test_stage_options_bind_results_and_refresh(tmp_path):
     assert opts["refresh_cache"] is True and opts["persist_result"] is True
     names = sorted(type(p).__name__ for p in opts["cache_policy"].policies)
     assert names == ["CodeVersion", "Inputs", "TaskSource"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: the first boundary (tasks/sources.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_source_fills_ids_and_source_for_plain_user_files(tmp_path):
+    from gram_core.pipeline_config import SourceConfig
+    from tasks.sources import read_source
+
+    path = tmp_path / "labels.csv"
+    path.write_text('prompt,chosen,rejected\n"Hi, there",hello,go away\nWhat is 2+2?,4,5\n')
+    table = read_source(SourceConfig(path=str(path)), "preference_pairs")
+    assert table["pair_id"].to_pylist() == ["labels-000000", "labels-000001"]
+    assert table["source"].to_pylist() == ["labels", "labels"] and table["prompt"][0].as_py() == "Hi, there"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "a"}\n')
+    table = read_source(SourceConfig(path=str(prompts)), "prompts")
+    assert table["prompt"].to_pylist() == ["a", "b"]  # a repeated prompt is one prompt
+    assert len(set(table["prompt_id"].to_pylist())) == 2
+
+
+def test_source_errors_name_file_column_and_row(tmp_path):
+    from data_contracts import ContractError
+    from gram_core.pipeline_config import SourceConfig
+    from tasks.sources import read_source
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"pair_id": "1", "prompt": "p", "chosen": "x", "rejected": "y", "source": "s"}\n'
+                    '{"pair_id": "2", "prompt": "p", "chosen": "", "rejected": "y", "source": "s"}\n')
+    with pytest.raises(ContractError, match=r"(?s)bad.jsonl.*column 'chosen'.*rows \[1\]"):
+        read_source(SourceConfig(path=str(path)), "preference_pairs")
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        read_source(SourceConfig(path=str(tmp_path / "missing.parquet")), "preference_pairs")
+
+
+def test_conversations_become_prompt_and_responses():
+    import pyarrow as pa
+
+    from data_contracts import PREFERENCE_PAIRS
+    from tasks.sources import flatten_conversations
+
+    chosen = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+              [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+               {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]]
+    rejected = [c[:-1] + [{"role": "assistant", "content": "Go away."}] for c in chosen]
+    table = flatten_conversations(pa.table({"chosen": chosen, "rejected": rejected}), PREFERENCE_PAIRS, {}, "t")
+    assert table["chosen"].to_pylist() == ["Hello!", "6"] and table["rejected"].to_pylist() == ["Go away."] * 2
+    assert table["prompt"].to_pylist() == ["Hi", "User: 2+2?\n\nAssistant: 4\n\nUser: and 3+3?"]
+    broken = pa.table({"chosen": [[{"role": "user", "content": "Hi"}]], "rejected": [[{"role": "user", "content": "x"}]]})
+    with pytest.raises(ValueError, match=r"column 'chosen' row 0: the last message has role 'user'"):
+        flatten_conversations(broken, PREFERENCE_PAIRS, {}, "t")
+
+
+def test_limit_rows_is_seeded_ordered_and_stratified():
+    import pyarrow as pa
+
+    from tasks.sources import limit_rows
+
+    table = pa.table({"id": list(range(100)), "subset": ["a"] * 70 + ["b"] * 25 + ["c"] * 5})
+    one = limit_rows(table, 20, seed=3, stratify="subset")
+    assert one.equals(limit_rows(table, 20, seed=3, stratify="subset"))
+    assert one["id"].to_pylist() == sorted(one["id"].to_pylist())  # original order kept
+    counts = {s: one["subset"].to_pylist().count(s) for s in "abc"}
+    assert counts == {"a": 14, "b": 5, "c": 1} and sum(counts.values()) == 20
+    assert limit_rows(table, 20, seed=4)["id"].to_pylist() != limit_rows(table, 20, seed=3)["id"].to_pylist()
+    assert limit_rows(table, 0, seed=0).num_rows == 100 and limit_rows(table, 500, seed=0).num_rows == 100
+
+
+def test_source_fingerprint_follows_file_changes(tmp_path):
+    import os
+
+    from gram_core.pipeline_config import SourceConfig
+    from tasks.sources import source_fingerprint
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("{}\n")
+    source = SourceConfig(path=str(path))
+    first = source_fingerprint(source)
+    assert first == source_fingerprint(source)
+    path.write_text("{}\n{}\n")
+    os.utime(path, ns=(1, 1))
+    assert source_fingerprint(source) != first
+    assert source_fingerprint(SourceConfig(path="starter")) is None
+    assert source_fingerprint(SourceConfig(hub="org/set")) is None
+
+
+def test_hub_source_offline_says_what_to_do(monkeypatch):
+    from data_contracts import DatasetNotCachedError
+    from gram_core.pipeline_config import SourceConfig
+    from tasks.sources import read_source
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetNotCachedError, match=r"gram-test/no-such-set.*local file"):
+        read_source(SourceConfig(hub="gram-test/no-such-set", split="train"), "rewardbench")
