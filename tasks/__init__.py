@@ -1,0 +1,8 @@
+"""One Prefect task per pipeline stage, plus the pieces they share.
+
+sources (load_source) -> build_pairs -> pretrain -> finetune -> evaluate / eval_report -> register.
+Stages exchange small ``ArtifactRef`` values pointing into the content-addressed artifact store
+(``tasks.artifacts``); cache keys are defined in ``tasks.caching``. Ray is imported only in
+``tasks.ray_train``, MLflow only in ``tasks.tracking``, ``tasks.registry`` and ``tasks.register``.
+Modules are imported explicitly (``from tasks.finetune import finetune``): this package imports nothing.
+"""
