@@ -1,6 +1,7 @@
 """Judge scoring speed: shared-prefix KV reuse and answer-only logits, side by side in one run.
 
-Scores the same judge sequences (real SmolLM2-135M-Instruct, fp32, CPU by default) four ways:
+Scores the same judge sequences (real SmolLM2-135M-Instruct, fp32, CPU by default) five ways, interleaved
+batch by batch, each batch keeping its fastest of --repeats rounds (robust to load on a shared machine):
   full ids + full-vocab logits   the naive way: model(...).logits [B, T, V], then pick the answer position
   full ids + answer-only         forward.answer_logits without a prefix (LM-head rows of A/B only)
   prefix per call + answer-only  the prefix run once per batch (batch 1, as in training)
