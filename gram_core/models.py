@@ -79,7 +79,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelSourceError(f"GGUF file {gguf_path} does not exist")
-    target = (cache_dir or model_cache_dir()) / f"{gguf_path.stem}-{file_sha256(gguf_path)}"
+    target = (cache_dir or model_cache_dir()) / f"{gguf_path.stem}-{file_sha256(gguf_path)}-v2"
     if (target / "config.json").exists():
         return target
 
@@ -89,7 +89,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
                                                       dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # save_pretrained refuses GGUF-loaded models: rebuild from the config and copy the weights.
-        fresh = type(loaded)(loaded.config)
+        config = loaded.config
+        # The weights are dequantized: a leftover gguf quantization_config would block save_pretrained later.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = type(loaded)(config)
         fresh.load_state_dict(loaded.state_dict())
         fresh.generation_config = loaded.generation_config
         fresh.save_pretrained(tmp)
@@ -224,6 +228,8 @@ def save_model(model, tokenizer, folder: Path) -> Path:
     """Save a plain HF folder (LoRA adapters merged) so downstream stages load it like any base model."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # dequantized weights; the flag only blocks saving
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

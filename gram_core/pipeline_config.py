@@ -46,7 +46,8 @@ class RayConfig:
     storage_path: str | None = field(None, "Checkpoint storage every worker can reach (absolute path or URI). "
                                      "None: <GRAM_HOME>/ray_storage (fine for a local runtime).")
     object_store_memory_mb: int = field(512, "Object store size for a local runtime, in MB.")
-    max_failures: int = field(1, "Worker-group restarts Ray Train attempts; each resumes from the last checkpoint.")
+    max_failures: int = field(0, "Worker-group restarts Ray Train attempts after a worker failure; each resumes "
+                              "from the last checkpoint (raise it on clusters with preemptible nodes).")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {self.num_workers}")

@@ -33,3 +33,14 @@ def shared_data():
     if not path.is_dir():
         pytest.skip("../shared/data is not available")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run ~45x slower with 2 threads on a busy 2-core machine; real-model tests opt out."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,23 +2,12 @@
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 
 from data_contracts import SCORES, validate
 from gram_core.baseline import BTScorer, RewardEncoder, RewardModel, train_bradley_terry
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.models import build_tiny_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on a shared 2-core machine crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 LETTERS = "bcdfghjklmnpqrstvwxz"
 

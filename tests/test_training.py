@@ -21,16 +21,6 @@ from gram_core.training import (
     train_pretrain,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with 2 threads on a shared 2-core machine they crawl (40x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WORDS = "red green blue cat dog sun moon tree river stone".split()
 
 
