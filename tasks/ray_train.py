@@ -158,8 +158,8 @@ def train_loop(config: dict) -> None:
 
     def on_metrics(step: int, metrics: dict) -> None:
         if rank == 0:  # Ray forwards worker stdout to the driver's console, prefixed with the worker
-            shown = {k.removeprefix("train/"): round(v, 4) for k, v in metrics.items() if k.startswith("train/")}
-            print(f"{config['stage']} step {step}: {shown}", flush=True)
+            shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
+            print(f"{config['stage']} step {step} (epoch {metrics.get('epoch', 0):.2f}): {shown}", flush=True)
 
     trainers = {"pretrain": train_pretrain, "finetune": train_judge, "bradley_terry": train_bradley_terry}
     try:
