@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,11 +25,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.checkpoints import (  # noqa: F401  re-exported: callers import checkpoint I/O from here
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
 from gram_core.forward import answer_logits
@@ -41,9 +43,6 @@ from gram_core.losses import IGNORE_INDEX, judge_loss
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
-WEIGHTS_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"
 GRAD_BUCKET_ELEMENTS = 1 << 24  # all-reduce gradients in ~64 MB fp32 buckets
 
 
@@ -251,75 +250,6 @@ def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket = []
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict) -> str:
-    """Write a resumable checkpoint to a temp folder beside ``target`` and rename it into place."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({name: p.detach().cpu().contiguous() for name, p in named}, str(tmp / WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / OPTIMIZER_FILE)
-    np_state = np.random.get_state()
-    rng = {"python": _jsonable(random.getstate()),
-           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng}, default=float))
-    if hasattr(model, "peft_config"):  # the adapter alone, loadable with peft for inspection
-        model.save_pretrained(tmp / "adapter")
-    if target.exists():  # a re-run at the same step: replace the old folder
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-        shutil.rmtree(old)
-    os.rename(tmp, target)
-    return str(target)
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dict) -> tuple[int, list[dict]]:
-    """Restore weights, optimizer, scheduler and RNG from ``folder``; return (step, history)."""
-    folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume_from={folder} is not a training checkpoint (no {STATE_FILE})")
-    state = json.loads((folder / STATE_FILE).read_text())
-    for key, value in layout.items():
-        if state.get(key) != value:
-            raise ValueError(f"checkpoint {folder} was written with {key}={state.get(key)}, but this run has "
-                             f"{key}={value}; resume needs the same data, batch sizes, workers and steps")
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    names = {name for name, _ in named}
-    if set(weights) != names:
-        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
-                         f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(weights[name].to(p.device, p.dtype))
-    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    random.setstate(_tuples(state["rng"]["python"]))
-    kind, keys, *rest = state["rng"]["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    return int(state["step"]), list(state["history"])
 
 
 # --------------------------------------------------------------------------------------------------

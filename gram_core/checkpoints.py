@@ -1,0 +1,87 @@
+"""Resumable training checkpoints: trainable weights, optimizer, scheduler, step, history and RNG states.
+
+A checkpoint folder holds ``trainable.safetensors`` (the trainable parameters by name), ``optimizer.pt``
+(optimizer and scheduler state, torch and CUDA RNG) and ``trainer_state.json`` (the run layout, step,
+metric history and Python/NumPy RNG), plus ``adapter/`` for PEFT models. It is written to a temp folder
+and renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict) -> str:
+    """Write a resumable checkpoint to a temp folder beside ``target`` and rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({name: p.detach().cpu().contiguous() for name, p in named}, str(tmp / WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / OPTIMIZER_FILE)
+    np_state = np.random.get_state()
+    rng = {"python": _jsonable(random.getstate()),
+           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng}, default=float))
+    if hasattr(model, "peft_config"):  # the adapter alone, loadable with peft for inspection
+        model.save_pretrained(tmp / "adapter")
+    if target.exists():  # a re-run at the same step: replace the old folder
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        shutil.rmtree(old)
+    os.rename(tmp, target)
+    return str(target)
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dict) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; return (step, history)."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume_from={folder} is not a training checkpoint (no {STATE_FILE})")
+    state = json.loads((folder / STATE_FILE).read_text())
+    for key, value in layout.items():
+        if state.get(key) != value:
+            raise ValueError(f"checkpoint {folder} was written with {key}={state.get(key)}, but this run has "
+                             f"{key}={value}; resume needs the same data, batch sizes, workers and steps")
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    names = {name for name, _ in named}
+    if set(weights) != names:
+        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
+                         f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(weights[name].to(p.device, p.dtype))
+    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    random.setstate(_tuples(state["rng"]["python"]))
+    kind, keys, *rest = state["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return int(state["step"]), list(state["history"])
