@@ -90,7 +90,10 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is pointless for a private local runtime
         ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
                  include_dashboard=False, object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
-                 _temp_dir=short_temp_dir())
+                 _temp_dir=short_temp_dir(),
+                 # Without the dashboard there is no State API, and Ray Train's placement-group cleaner then
+                 # warns every second for the whole run; errors still surface (and raise in the driver).
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         yield
     finally:
