@@ -23,6 +23,11 @@ from gram_core.pipeline_config import MlflowConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.caching import STAGE_CACHE_POLICY, code_version, stage_logger
 from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
+from tasks.registry import (
+    current_aliases,
+    download_registered_model,
+    parse_model_uri,  # noqa: F401  re-exported: flows/cli.py imports it from here
+)
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 
@@ -68,23 +73,6 @@ def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlf
     return {"name": reg.name, "version": reg.version, "model_uri": reg.model_uri, "run_id": run.run_id,
             "url": reg.url, "tracking_uri": run.tracking_uri,
             "promotion": {k: getattr(decision, k) for k in PROMOTION_FIELDS}}
-
-
-def current_aliases(name: str, version: str, tracking_uri: str) -> list[str]:
-    """Aliases pointing at a version now (looked up by alias: the reliable MLflow call)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from tasks.registry import CANDIDATE, CHAMPION
-
-    client, out = MlflowClient(tracking_uri), []
-    for alias in (CHAMPION, CANDIDATE):
-        try:
-            if str(client.get_model_version_by_alias(name, alias).version) == str(version):
-                out.append(alias)
-        except MlflowException:
-            continue
-    return out
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
@@ -193,40 +181,6 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
                      f"{where}; gate: {reg['promotion']['decision']} — {reg['promotion']['reason']}")
     create_markdown_artifact("\n".join(["## GRAM pipeline run", "", *links, "", report_md]), key="gram-report",
                              description="GRAM evaluation report and links")
-
-
-def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """'models:/NAME@ALIAS' -> (NAME, ALIAS, None); 'models:/NAME/VERSION' -> (NAME, None, VERSION)."""
-    if not model_uri.startswith("models:/"):
-        raise ValueError(f"expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
-    rest = model_uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias, None
-    name, _, version = rest.partition("/")
-    if not version:
-        raise ValueError(f"{model_uri!r}: name a version (models:/{name}/3) or an alias (models:/{name}@champion)")
-    return name, None, version
-
-
-def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, str]:
-    """Download a registered judge's HF folder; returns (folder, 'models:/NAME/VERSION' it resolved to)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from tasks.tracking import use_tracking_uri
-
-    use_tracking_uri(tracking_uri)
-    name, alias, version = parse_model_uri(model_uri)
-    if alias:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
-    resolved = f"models:/{name}/{version}"
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(dst)))
-    folders = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
-    if not folders:
-        raise FileNotFoundError(f"{model_uri} ({resolved}) holds no Hugging Face model folder (config.json + "
-                                f"*.safetensors) under {local}")
-    return folders[0], resolved
 
 
 @task(name="fetch_registered_model", cache_policy=NO_CACHE)

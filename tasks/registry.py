@@ -253,6 +253,47 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
                              run.info.run_id, url, decision)
 
 
+def current_aliases(name: str, version: str, tracking_uri: str) -> list[str]:
+    """Aliases pointing at a version now (looked up by alias: the reliable MLflow call)."""
+    client, out = MlflowClient(tracking_uri), []
+    for alias in (CHAMPION, CANDIDATE):
+        try:
+            if str(client.get_model_version_by_alias(name, alias).version) == str(version):
+                out.append(alias)
+        except MlflowException:
+            continue
+    return out
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/NAME@ALIAS' -> (NAME, ALIAS, None); 'models:/NAME/VERSION' -> (NAME, None, VERSION)."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"expected a registry URI models:/NAME@ALIAS or models:/NAME/VERSION, got {model_uri!r}")
+    rest = model_uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    if not version:
+        raise ValueError(f"{model_uri!r}: name a version (models:/{name}/3) or an alias (models:/{name}@champion)")
+    return name, None, version
+
+
+def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, str]:
+    """Download a registered judge's HF folder; returns (folder, 'models:/NAME/VERSION' it resolved to)."""
+    use_tracking_uri(tracking_uri)
+    name, alias, version = parse_model_uri(model_uri)
+    if alias:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
+    resolved = f"models:/{name}/{version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(dst)))
+    folders = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+    if not folders:
+        raise FileNotFoundError(f"{model_uri} ({resolved}) holds no Hugging Face model folder (config.json + "
+                                f"*.safetensors) under {local}")
+    return folders[0], resolved
+
+
 def load_judge(model_uri: str = "models:/gram-reward-model@champion", *, tracking_uri: str | None = None,
                model_config: Mapping[str, Any] | None = None) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered judge (by alias or version) as a pyfunc; ``.predict(df)`` as in the module docs."""
