@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,7 +163,9 @@ def train_loop(config: dict) -> None:
     def on_metrics(step: int, metrics: dict) -> None:
         if rank == 0:  # Ray forwards worker stdout to the driver's console, prefixed with the worker
             shown = " ".join(f"{k.removeprefix('train/')}={v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
-            print(f"{config['stage']} step {step} (epoch {metrics.get('epoch', 0):.2f}): {shown}", flush=True)
+            # Not print(): Ray Train patches it to also log through its logger, so each line showed twice.
+            sys.stdout.write(f"{config['stage']} step {step} (epoch {metrics.get('epoch', 0):.2f}): {shown}\n")
+            sys.stdout.flush()
 
     trainers = {"pretrain": train_pretrain, "finetune": train_judge, "bradley_terry": train_bradley_terry}
     try:
