@@ -44,3 +44,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mlflow_root(tmp_path_factory):
+    """A temporary folder for one module's MLflow sqlite store, with the working directory moved to an
+    empty sub-folder that must stay empty (MLflow must never create ./mlruns) and MLFLOW_TRACKING_URI unset."""
+    root = tmp_path_factory.mktemp("mlflow")
+    cwd = root / "cwd"
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.chdir(cwd)
+        yield root
+        assert list(cwd.iterdir()) == [], "nothing may be written to the working directory (./mlruns)"

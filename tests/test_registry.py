@@ -20,17 +20,10 @@ ROWS = pd.DataFrame({
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(mlflow_root):
     """One sqlite store for the module (DB creation costs seconds); each test uses its own model name."""
-    root = tmp_path_factory.mktemp("registry")
-    cwd = root / "cwd"
-    cwd.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.chdir(cwd)
-        tracking.ensure_experiment(MlflowConfig(), root / "home")
-        yield root
-        assert list(cwd.iterdir()) == [], "nothing may be written to the working directory (./mlruns)"
+    tracking.ensure_experiment(MlflowConfig(), mlflow_root / "home")
+    return mlflow_root
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,10 @@ from tasks import tracking
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One GRAM_HOME (sqlite store) for the module, since creating the DB costs seconds. The working
-    directory is an empty folder for the whole module and must stay empty (no ./mlruns)."""
-    root = tmp_path_factory.mktemp("tracking")
-    cwd = root / "cwd"
-    cwd.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.chdir(cwd)
-        yield root / "home"
-        assert list(cwd.iterdir()) == [], "nothing may be written to the working directory (./mlruns)"
+def home(mlflow_root):
+    """One GRAM_HOME (sqlite store) for the module, since creating the DB costs seconds; the working
+    directory stays empty for the whole module (checked by the mlflow_root fixture)."""
+    return mlflow_root / "home"
 
 
 @pytest.fixture(autouse=True)
