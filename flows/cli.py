@@ -101,14 +101,13 @@ def _config(args: argparse.Namespace):
 
 
 def resolve_model(spec: str, config: Any) -> str:
-    """A local model folder for any MODEL spec (registry URIs are downloaded once into <home>/registered)."""
+    """A local model folder for any MODEL spec (a registry version is downloaded once, into <home>/registered)."""
     if spec.startswith("models:/"):
-        from tasks.register import download_registered_model, parse_model_uri
+        from tasks.registry import registered_model_dir
         from tasks.tracking import resolve_tracking_uri
 
-        name, alias, version = parse_model_uri(spec)
-        target = Path(str(config.home)) / "registered" / f"{name}-{alias or version}"
-        folder, resolved = download_registered_model(spec, resolve_tracking_uri(config.mlflow, config.home), target)
+        tracking_uri = resolve_tracking_uri(config.mlflow, config.home)
+        folder, resolved = registered_model_dir(spec, tracking_uri, Path(str(config.home)) / "registered")
         print(f"{spec} -> {resolved}", file=sys.stderr)
         return str(folder)
     from gram_core.models import resolve_model_source
@@ -117,10 +116,14 @@ def resolve_model(spec: str, config: Any) -> str:
 
 
 def load_judge(args: argparse.Namespace):
-    from tasks.evaluate import make_judge
+    from gram_core.config import ModelConfig
+    from gram_core.judging import Judge
+    from gram_core.models import load_model
 
     config = _config(args)
-    return make_judge(resolve_model(args.model, config), config.judge)
+    folder = resolve_model(args.model, config)
+    model, tokenizer = load_model(ModelConfig(source=folder), source=folder)  # not tasks.evaluate: no Prefect import
+    return Judge(model, tokenizer, config.judge)
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:

@@ -4,12 +4,14 @@ tiny random models for tests. Every source resolves to an ordinary HF folder tha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -196,13 +198,28 @@ def load_model(config: ModelConfig, source: str | None = None):
     path = source or resolve_model_source(config.source, config.gguf_file, config.seed)
     tokenizer = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
-                                                     trust_remote_code=False)
+        with _no_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
+                                                         trust_remote_code=False)
     except OSError as err:
         raise ModelSourceError(f"cannot load model from {path!r}: {err}") from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return apply_trainable(model, config), tokenizer
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar: a safetensors folder loads in about a second."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def apply_trainable(model, config: ModelConfig):

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,78 +43,25 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from gram_core.config import JudgeConfig, from_dict, to_dict
+from gram_core.config import JudgeConfig, to_dict
 from gram_core.pipeline_config import MlflowConfig
+from tasks import judge_pyfunc
+from tasks.artifacts import HASH_CHARS, folder_sha256
+from tasks.judge_pyfunc import INPUT_COLUMNS
 from tasks.tracking import model_version_url, use_tracking_uri
 
-INPUT_COLUMNS = ("prompt", "response_a", "response_b")
-OUTPUT_COLUMNS = ("p_a_better", "p_order1", "p_order2", "consistent")
 CHAMPION, CANDIDATE = "champion", "candidate"
 ARTIFACT_NAME = "judge"  # LoggedModel name inside the run
 # What the pyfunc imports at load time; pinned to the versions it was logged with.
 RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                     "pyarrow", "pyyaml")
 
+INPUT_EXAMPLE = pd.DataFrame({"prompt": ["What is 2+2?"], "response_a": ["4"], "response_b": ["5"]})
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", c) for c in INPUT_COLUMNS]),
     outputs=Schema([ColSpec("double", "p_a_better"), ColSpec("double", "p_order1"),
                     ColSpec("double", "p_order2"), ColSpec("boolean", "consistent")]),
 )
-
-
-class GramJudgeModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper of gram_core.judging.Judge: rows of (prompt, response_a, response_b) -> P(A ≻ B).
-
-    ``model_config`` keys (overridable in ``mlflow.pyfunc.load_model(uri, model_config=...)``):
-    ``judge`` (JudgeConfig fields), ``dtype`` (float32 default; bf16/fp16 only on GPU) and ``device``
-    ("auto": CUDA when available, else CPU).
-    """
-
-    def load_context(self, context: Any) -> None:
-        from gram_core.config import ModelConfig
-        from gram_core.judging import Judge
-        from gram_core.models import load_model
-
-        options = dict(context.model_config or {})
-        folder = context.artifacts["model"]
-        model, tokenizer = load_model(ModelConfig(source=folder, dtype=options.get("dtype", "float32")),
-                                      source=folder)
-        device = options.get("device", "auto")
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device).eval()
-        self.judge = Judge(model, tokenizer, from_dict(JudgeConfig, options.get("judge") or {}))
-
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """p_a_better = ½·(P(A | a in slot A) + P(B | a in slot B)); consistent = both orders agree."""
-        frame = _check_input(model_input)
-        scores = self.judge.preference(frame["prompt"].tolist(), frame["response_a"].tolist(),
-                                       frame["response_b"].tolist())
-        return pd.DataFrame({
-            "p_a_better": scores.p,
-            "p_order1": scores.p_order1,
-            "p_order2": scores.p_order2,
-            "consistent": (scores.p_order1 > 0.5) == (scores.p_order2 > 0.5),
-        }, index=frame.index)
-
-
-def _check_input(model_input: Any) -> pd.DataFrame:
-    if not isinstance(model_input, pd.DataFrame):
-        raise TypeError(f"GramJudgeModel.predict: expected a pandas DataFrame with columns {list(INPUT_COLUMNS)}, "
-                        f"got {type(model_input).__name__}")
-    missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
-    if missing:
-        raise ValueError(f"GramJudgeModel.predict: missing column(s) {missing}; expected {list(INPUT_COLUMNS)}, "
-                         f"got {list(model_input.columns)}")
-    for column in INPUT_COLUMNS:
-        bad = [i for i, v in enumerate(model_input[column]) if not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"GramJudgeModel.predict: column {column!r} rows {bad[:5]} are not strings "
-                             f"(first value {model_input[column].iloc[bad[0]]!r})")
-    return model_input
 
 
 def pip_requirements() -> list[str]:
@@ -236,8 +186,9 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
         raise RuntimeError("log_and_register: no active MLflow run in this thread; call it inside "
                            "tasks.tracking.stage_run(...) or start_pipeline_run(...)")
     info = mlflow.pyfunc.log_model(
-        name=ARTIFACT_NAME, python_model=GramJudgeModel(), artifacts={"model": str(model_dir)},
-        signature=SIGNATURE, pip_requirements=pip_requirements(), registered_model_name=cfg.model_name,
+        name=ARTIFACT_NAME, python_model=judge_pyfunc.__file__, artifacts={"model": str(model_dir)},
+        signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements(),
+        registered_model_name=cfg.model_name,
         model_config={"judge": to_dict(judge_config or JudgeConfig()), "dtype": "float32", "device": "auto"})
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -279,13 +230,85 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     return name, None, version
 
 
+class ModelNotFoundError(LookupError):
+    """A registry URI names a model, alias or version that is not there; the message lists what is."""
+
+
+def resolve_version(client: MlflowClient, model_uri: str, tracking_uri: str):
+    """The ModelVersion a registry URI points at, or ModelNotFoundError naming what exists instead."""
+    name, alias, version = parse_model_uri(model_uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    where = f"in the registry at {tracking_uri}"
+    names = sorted(m.name for m in client.search_registered_models(max_results=100))
+    if name not in names:
+        raise ModelNotFoundError(f"{model_uri}: no registered model {name!r} {where}; registered models there: "
+                                 f"{', '.join(names) or '(none)'}")
+    model = client.get_registered_model(name)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    raise ModelNotFoundError(f"{model_uri}: model {name!r} has no {'alias ' + repr(alias) if alias else 'version ' + version}"
+                             f" {where}; its aliases: {', '.join(sorted(model.aliases)) or '(none)'}, versions: "
+                             f"{', '.join(map(str, versions)) or '(none)'}")
+
+
+CACHE_INDEX = "by-version"  # <cache>/by-version/<name>/<version>.json -> the content folder of that version
+
+
+def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tuple[Path, str]:
+    """The HF folder of a registered judge, downloaded once per version into ``cache/<sha256[:16]>/``.
+
+    Returns (folder, 'models:/NAME/VERSION'). An alias is resolved on every call (it moves); a version's
+    files never change, so they are fetched once, hashed, checked against the version's ``model_sha256`` tag
+    (set at registration), and moved into place under their hash. Later calls check the index entry (same
+    name, version and registry source) and the files' sizes, then reuse the folder.
+    """
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ModelNotFoundError(f"{model_uri}: there is no MLflow registry at {tracking_uri} yet (a pipeline run "
+                                 "creates it; or set MLFLOW_TRACKING_URI / --set mlflow.tracking_uri=...)")
+    use_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    found = resolve_version(client, model_uri, tracking_uri)
+    resolved = f"models:/{found.name}/{found.version}"
+    index = cache / CACHE_INDEX / found.name / f"{found.version}.json"
+    if index.is_file():
+        entry = json.loads(index.read_text())
+        folder = cache / entry["folder"]
+        if entry.get("source") == found.source and _sizes_match(folder, entry["sizes"]):
+            return folder, resolved
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
+        source, _ = download_registered_model(resolved, tracking_uri, Path(tmp))
+        sha = folder_sha256(source)
+        expected = found.tags.get("model_sha256")
+        if expected and expected != sha:
+            raise RuntimeError(f"{resolved}: downloaded files hash to {sha[:16]}, but the version's model_sha256 "
+                               f"tag says {expected[:16]}; the registry's artifacts were changed after registration")
+        folder = cache / sha[:HASH_CHARS]
+        if not folder.is_dir():
+            os.rename(source, folder)  # same filesystem: atomic; a concurrent call may have won (then reuse it)
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    index.parent.mkdir(parents=True, exist_ok=True)
+    staged = index.with_suffix(".tmp")
+    staged.write_text(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
+    os.replace(staged, index)
+    return folder, resolved
+
+
+def _sizes_match(folder: Path, sizes: Mapping[str, int]) -> bool:
+    try:
+        return all((folder / rel).stat().st_size == size for rel, size in sizes.items())
+    except OSError:
+        return False
+
+
 def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> tuple[Path, str]:
     """Download a registered judge's HF folder; returns (folder, 'models:/NAME/VERSION' it resolved to)."""
     use_tracking_uri(tracking_uri)
-    name, alias, version = parse_model_uri(model_uri)
-    if alias:
-        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version
-    resolved = f"models:/{name}/{version}"
+    found = resolve_version(MlflowClient(tracking_uri), model_uri, tracking_uri)
+    resolved = f"models:/{found.name}/{found.version}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved, dst_path=str(dst)))
     folders = sorted(p.parent for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
     if not folders:

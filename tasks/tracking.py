@@ -37,6 +37,9 @@ from mlflow.utils.validation import (
 
 from gram_core.pipeline_config import MlflowConfig
 
+# Quiet by default: no "Downloading artifacts" bars when registering or fetching a model (set it to true to see them).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 TRUNCATION_MARK = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow allows only these in param/metric names
 

@@ -153,12 +153,45 @@ def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
 
 
 def test_predict_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['response_b'\]"):
-        registry._check_input(ROWS.drop(columns=["response_b"]))
-    with pytest.raises(ValueError, match=r"column 'prompt' rows \[1\]"):
-        registry._check_input(ROWS.assign(prompt=["ok", None, "ok"]))
-    with pytest.raises(TypeError, match="expected a pandas DataFrame"):
-        registry._check_input(ROWS.to_dict())
+    from tasks.judge_pyfunc import JudgeInputError, check_input
+
+    with pytest.raises(JudgeInputError, match=r"missing column\(s\) \['response_b'\]"):
+        check_input(ROWS.drop(columns=["response_b"]))
+    with pytest.raises(JudgeInputError, match=r"column 'prompt' rows \[1\]"):
+        check_input(ROWS.assign(prompt=["ok", None, "ok"]))
+    with pytest.raises(JudgeInputError, match="expected a table"):
+        check_input(ROWS.to_dict())
+
+
+def test_rest_errors_carry_the_reason(store, model_dir):
+    """The scoring server (in process) answers 400 with the judge's own message, no server paths."""
+    import json
+
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    cfg = MlflowConfig(model_name="judge-rest")
+    _register(store, model_dir, cfg, 0.5)
+    pyfunc_model = mlflow.pyfunc.load_model("models:/judge-rest@champion")
+    assert pyfunc_model.input_example is not None and list(pyfunc_model.input_example.columns) == [
+        "prompt", "response_a", "response_b"]
+    assert "python_model.pkl" not in pyfunc_model.metadata.flavors["python_function"]  # models-from-code
+    client = TestClient(scoring_server.init(pyfunc_model))
+
+    def invoke(rows):
+        body = {"dataframe_split": {"columns": ["prompt", "response_a", "response_b"], "data": rows}}
+        return client.post("/invocations", content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+    ok = invoke([["What is 2+2?", "4", "5"]])
+    assert ok.status_code == 200 and set(ok.json()["predictions"][0]) == {"p_a_better", "p_order1", "p_order2",
+                                                                          "consistent"}
+    for rows, reason in (([["What is 2+2?", None, "5"]], "column 'response_a' rows [0] are not strings"),
+                         ([["q", "4", "5"], ["q", "4", 7]], "column 'response_b' rows [1] are not strings")):
+        answer = invoke(rows)
+        assert answer.status_code == 400, answer.text
+        assert reason in answer.json()["message"]
+        assert "stack_trace" not in answer.json() and "/site-packages/" not in answer.text
 
 
 def test_log_and_register_checks_its_inputs(store, model_dir, tmp_path):

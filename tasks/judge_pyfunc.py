@@ -1,0 +1,87 @@
+"""The registered judge's pyfunc code: logged with every model version as models-from-code.
+
+MLflow stores this file inside the model (``python_model=<this file>``) and runs it at load time, so a
+version loads by reference to ``gram_core``'s public judge API rather than from a cloudpickled class: old
+versions keep loading after ``tasks`` is refactored. It imports only MLflow, pandas and ``gram_core``.
+
+Input problems are raised as ``MlflowException(INVALID_PARAMETER_VALUE)``: the scoring server then answers
+400 with the reason as its ``message`` (any other exception becomes a generic "unexpected error" text with
+the reason buried in ``stack_trace``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+INPUT_COLUMNS = ("prompt", "response_a", "response_b")
+OUTPUT_COLUMNS = ("p_a_better", "p_order1", "p_order2", "consistent")
+
+
+class JudgeInputError(MlflowException, ValueError):
+    """The input rows are not what the judge takes; the message names the column and rows."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class GramJudgeModel(mlflow.pyfunc.PythonModel):
+    """Pyfunc wrapper of gram_core.judging.Judge: rows of (prompt, response_a, response_b) -> P(A ≻ B).
+
+    ``model_config`` keys (overridable in ``mlflow.pyfunc.load_model(uri, model_config=...)``):
+    ``judge`` (JudgeConfig fields), ``dtype`` (float32 default; bf16/fp16 only on GPU) and ``device``
+    ("auto": CUDA when available, else CPU).
+    """
+
+    def load_context(self, context: Any) -> None:
+        from gram_core.config import JudgeConfig, ModelConfig, from_dict
+        from gram_core.judging import Judge
+        from gram_core.models import load_model
+
+        options = dict(context.model_config or {})
+        folder = context.artifacts["model"]
+        model, tokenizer = load_model(ModelConfig(source=folder, dtype=options.get("dtype", "float32")),
+                                      source=folder)
+        device = options.get("device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device).eval()
+        self.judge = Judge(model, tokenizer, from_dict(JudgeConfig, options.get("judge") or {}))
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """p_a_better = ½·(P(A | a in slot A) + P(B | a in slot B)); consistent = both orders agree."""
+        frame = check_input(model_input)
+        scores = self.judge.preference(frame["prompt"].tolist(), frame["response_a"].tolist(),
+                                       frame["response_b"].tolist())
+        return pd.DataFrame({
+            "p_a_better": scores.p,
+            "p_order1": scores.p_order1,
+            "p_order2": scores.p_order2,
+            "consistent": (scores.p_order1 > 0.5) == (scores.p_order2 > 0.5),
+        }, index=frame.index)
+
+
+def check_input(model_input: Any) -> pd.DataFrame:
+    """The input as a DataFrame with three string columns, or a JudgeInputError naming what is wrong."""
+    if not isinstance(model_input, pd.DataFrame):
+        raise JudgeInputError(f"expected a table with columns {list(INPUT_COLUMNS)}, got {type(model_input).__name__}")
+    missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
+    if missing:
+        raise JudgeInputError(f"missing column(s) {missing}; expected {list(INPUT_COLUMNS)}, "
+                              f"got {list(model_input.columns)}")
+    for column in INPUT_COLUMNS:
+        bad = [i for i, v in enumerate(model_input[column]) if not isinstance(v, str)]
+        if bad:
+            raise JudgeInputError(f"column {column!r} rows {bad[:5]} are not strings "
+                                  f"(first value {model_input[column].iloc[bad[0]]!r})")
+    return model_input
+
+
+mlflow.models.set_model(GramJudgeModel())
