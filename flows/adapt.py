@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from flows.pipeline import Runner
 from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, SourceConfig, load_preset
 from tasks.evaluate import eval_report, evaluate
@@ -28,17 +29,17 @@ from tasks.tracking import start_pipeline_run
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
 
 
-def adapt_config(preset: str, overrides: dict[str, Any] | list[str] | None, data: str | None) -> PipelineConfig:
+def adapt_config(preset: str, overrides: Any, data: str | None) -> PipelineConfig:
     """The preset with ``data`` (a labeled file or folder) as the fine-tuning set."""
-    cfg = load_preset(preset, overrides)
+    cfg = load_preset(preset, overrides_dict(overrides))
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preferences=SourceConfig(path=data)))
     return cfg.resolved()
 
 
 @flow(name="gram-adapt")
-def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: str = DEFAULT_PRESET,
-          overrides: dict[str, Any] | list[str] | None = None, refresh: bool = False) -> dict[str, Any]:
+def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = DEFAULT_PRESET,
+          overrides: ConfigOverrides | None = None, refresh: bool = False) -> dict[str, Any]:
     """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register."""
     cfg = adapt_config(preset, overrides, data)
     run = Runner(cfg, refresh)

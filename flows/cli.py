@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s is too short on a busy 2-core box
                     "TOKENIZERS_PARALLELISM": "false"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gram", description="Train and use GRAM generative reward models "
                                      "(pairwise A/B judges).")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
+    for command in sub.choices.values():  # `gram judge ... --debug` as well as `gram --debug judge ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
@@ -229,17 +234,70 @@ COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_
             "presets": cmd_presets}
 
 
+# Failures a user can fix (bad config, a missing model, file, column or alias): one line, exit code 2.
+# Matched by class name through the MRO, so classifying an error imports nothing (e.g. not MLflow).
+EXPECTED_ERRORS = {"ConfigError", "ContractError", "ModelSourceError", "ModelNotFoundError", "ArtifactError",
+                   "JudgeInputError", "ChatTemplateError", "NonFiniteLossError", "OSError"}
+
+
+def is_expected(err: BaseException) -> bool:
+    return any(cls.__name__ in EXPECTED_ERRORS for cls in type(err).__mro__)
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """The one line `gram` prints for a failure (without --debug)."""
+    if isinstance(err, OSError) and err.filename:
+        text = f"{err.strerror or type(err).__name__}: {err.filename}"
+    else:
+        text = str(err).strip()
+    if type(err).__name__ == "ConfigError":
+        return f"gram {command}: configuration error: {text}"
+    if is_expected(err):
+        return f"gram {command}: {text}"
+    return (f"gram {command}: unexpected error {type(err).__name__}: {text or '(no message)'} "
+            "(run again with --debug for the traceback)")
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failing task's traceback on the console too; keep it in the run's logs (UI) only."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            # The API handler (UI logs) already took the record: Prefect's run loggers hand it to that handler
+            # before it propagates to the console handler.
+            record.exc_info, record.exc_text = None, None
+            return True
+
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(NoTraceback())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from gram_core.config import ConfigError
-
+    debug = getattr(args, "debug", False)
     try:
+        if args.command in ("run", "adapt") and not debug:
+            _config(args)  # fail on a bad config before Prefect starts; quiet Prefect only once it is imported
+            quiet_prefect_tracebacks()
         COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"gram {args.command}: configuration error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"gram {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
+        if debug:
+            raise
+        print(error_line(args.command, err), file=sys.stderr)
+        return 2 if is_expected(err) else 1
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
 from tasks.build_pairs import build_pairs
 from tasks.evaluate import eval_report, evaluate
@@ -114,8 +115,8 @@ def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> di
     return out
 
 
-def _config(preset: str, overrides: dict[str, Any] | list[str] | None) -> PipelineConfig:
-    return load_preset(preset, overrides).resolved()
+def _config(preset: str, overrides: Any) -> PipelineConfig:
+    return load_preset(preset, overrides_dict(overrides)).resolved()
 
 
 def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -> dict[str, Any]:
@@ -135,14 +136,14 @@ def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -
 
 
 @flow(name="gram-pipeline")
-def gram_pipeline(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | list[str] | None = None,
+def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
                   refresh: bool = False) -> dict[str, Any]:
     """The full GRAM pipeline: build pairs, pre-train, fine-tune, evaluate, register (+ champion gate)."""
     return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
 
 
 def _stage_flow(stage: str):
-    def body(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | list[str] | None = None,
+    def body(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
              refresh: bool = False) -> dict[str, Any]:
         return _tracked(_config(preset, overrides), refresh, stage, f"gram-{preset}-{stage}")
 

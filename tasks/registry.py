@@ -286,10 +286,12 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
         if expected and expected != sha:
             raise RuntimeError(f"{resolved}: downloaded files hash to {sha[:16]}, but the version's model_sha256 "
                                f"tag says {expected[:16]}; the registry's artifacts were changed after registration")
+        sizes = {p.relative_to(source).as_posix(): p.stat().st_size for p in sorted(source.rglob("*")) if p.is_file()}
         folder = cache / sha[:HASH_CHARS]
+        if folder.is_dir() and not _sizes_match(folder, sizes):
+            os.rename(folder, Path(tmp) / "damaged")  # removed with the temporary folder
         if not folder.is_dir():
             os.rename(source, folder)  # same filesystem: atomic; a concurrent call may have won (then reuse it)
-    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     index.parent.mkdir(parents=True, exist_ok=True)
     staged = index.with_suffix(".tmp")
     staged.write_text(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))

@@ -210,3 +210,45 @@ def test_pip_requirements_are_exact_pins():
     pins = dict(p.split("==") for p in registry.pip_requirements())
     assert set(pins) == set(registry.RUNTIME_PACKAGES)
     assert all(v and "+" not in v for v in pins.values())
+
+
+def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.artifacts import folder_sha256
+
+    cfg, client, uri = MlflowConfig(model_name="judge-cache"), MlflowClient(), mlflow_uri()
+    version = _register(store, model_dir, cfg, 0.5).version
+    sha = folder_sha256(model_dir)
+    client.set_model_version_tag("judge-cache", version, "model_sha256", sha)
+    cache = tmp_path / "registered"
+    folder, resolved = registry.registered_model_dir("models:/judge-cache@champion", uri, cache)
+    assert resolved == f"models:/judge-cache/{version}" and folder == cache / sha[:16]
+    assert folder_sha256(folder) == sha and (folder / "config.json").is_file()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "download_registered_model", no_download)
+        assert registry.registered_model_dir(f"models:/judge-cache/{version}", uri, cache)[0] == folder
+
+    (folder / "config.json").write_text("{}")  # a damaged cache entry is fetched again
+    assert registry.registered_model_dir("models:/judge-cache@champion", uri, cache)[0] == folder
+    assert folder_sha256(folder) == sha
+
+    client.set_model_version_tag("judge-cache", version, "model_sha256", "0" * 64)
+    with pytest.raises(RuntimeError, match="model_sha256 tag says 0000"):
+        registry.registered_model_dir(f"models:/judge-cache/{version}", uri, tmp_path / "other")
+
+    with pytest.raises(registry.ModelNotFoundError, match="has no alias 'best'.*aliases: candidate, champion"):
+        registry.registered_model_dir("models:/judge-cache@best", uri, cache)
+    with pytest.raises(registry.ModelNotFoundError, match="no registered model 'nope'.*judge-cache"):
+        registry.registered_model_dir("models:/nope@champion", uri, cache)
+    assert not issubclass(registry.ModelNotFoundError, MlflowException)
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()

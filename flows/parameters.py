@@ -1,0 +1,124 @@
+"""The flows' typed parameters: a pydantic view of the config dataclasses, for Prefect's parameter schema.
+
+Prefect builds each flow's parameter schema (the form of "Run" in the UI, checked when a run is created) and
+validates the values with pydantic before the flow body runs. The configuration itself stays the frozen
+dataclasses of gram_core (help text per field, ``from_dict``/``merge``/``describe``, checks in
+``__post_init__``); ``ConfigOverrides`` is built from them here, field by field, so the form, ``gram presets
+--fields`` and the YAML presets read the same definitions. Every field of the view is optional: only the
+fields a user sets override the chosen preset, as ``--set key.path=value`` does on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from gram_core.pipeline_config import (
+    DEFAULT_PRESET,
+    PipelineConfig,
+    parse_overrides,
+    preset_names,
+    preset_path,
+)
+
+NOT_OVERRIDABLE = ("preset",)  # chosen by the `preset` parameter itself
+
+
+def _config_class(tp: Any) -> type | None:
+    """The config dataclass in ``tp`` (``Cfg`` or ``Cfg | None``), else None."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return _config_class(inner[0])
+    return None
+
+
+def _nullable(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+class OverridesView(BaseModel):
+    """Base of the generated views: unknown keys are errors; ``to_dict`` keeps only what was set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    __config_class__: typing.ClassVar[type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that were set, as the nested dict ``load_preset`` merges over the preset.
+
+        A null for a field that cannot be null (a form may send empty fields) means "not set".
+        """
+        hints = typing.get_type_hints(self.__config_class__)
+        out: dict[str, Any] = {}
+        for name in self.model_fields_set:
+            value = getattr(self, name)
+            if isinstance(value, OverridesView):
+                out[name] = value.to_dict()
+            elif value is not None or _nullable(hints[name]):
+                out[name] = _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@functools.cache
+def overrides_view(cls: type) -> type[OverridesView]:
+    """A pydantic model with every field of config dataclass ``cls`` optional (nested configs as views)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in NOT_OVERRIDABLE:
+            continue
+        nested = _config_class(hints[f.name])
+        tp = overrides_view(nested) if nested is not None else hints[f.name]
+        fields[f.name] = (tp | None, Field(None, description=f.metadata.get("help")))
+    view = pydantic.create_model(f"{cls.__name__}Overrides", __base__=OverridesView,
+                                 __doc__=f"{cls.__name__} fields to override (unset: the preset's value).", **fields)
+    view.__config_class__ = cls
+    return view
+
+
+def _from_set_strings(value: Any) -> Any:
+    """``["finetune.learning_rate=1e-4", ...]`` (the CLI's --set form) -> the nested mapping."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return parse_overrides(value)
+    return value
+
+
+def _known_preset(name: str) -> str:
+    preset_path(name)  # ConfigError (a ValueError) names the known presets
+    return name
+
+
+ConfigOverrides = Annotated[
+    overrides_view(PipelineConfig), BeforeValidator(_from_set_strings),
+    Field(description="Config fields to change on top of the preset (only those you set); every field and its "
+                      "help: `gram presets --fields`."),
+]
+Preset = Annotated[
+    str, AfterValidator(_known_preset),
+    Field(description=f"A preset ({', '.join(preset_names())}) or the path of a YAML config file.",
+          json_schema_extra={"examples": preset_names()}),
+]
+
+
+def overrides_dict(overrides: Any) -> dict[str, Any] | list[str] | None:
+    """What ``load_preset`` takes, from a validated view (or a plain mapping / --set list when called directly)."""
+    return overrides.to_dict() if isinstance(overrides, OverridesView) else overrides
+
+
+__all__ = ["ConfigOverrides", "DEFAULT_PRESET", "Preset", "overrides_dict", "overrides_view"]
