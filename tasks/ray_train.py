@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 
 def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: TrainConfig, encode_cfg: EncodeConfig,
         data_path: str, output_dir: str, ray_cfg: RayConfig | None = None, storage_path: str | None = None,
-        run_name: str, stop_at_step: int | None = None) -> dict[str, Any]:
+        run_name: str, stop_at_step: int | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``stage`` ('pretrain': stage 1 on unlabeled pairs; 'finetune': the stage-2 judge; 'bradley_terry':
     the discriminative baseline) from ``model_source`` on the Arrow/Parquet file ``data_path``.
 
@@ -40,6 +43,8 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
     (a time-boxed run); a later call with the same ``run_name`` continues. Returns dict(output_dir,
     metrics_path, final_metrics, steps, completed, resumed_from_step, run_name, checkpoint). On a multi-node
     cluster ``data_path``, ``output_dir`` and ``storage_path`` must be on storage every node reaches.
+    ``progress(row)`` is called in the driver (from a helper thread) with each step rank 0 logs: step, total,
+    train metrics; it needs rank 0 on this machine (always so for a local runtime).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -54,7 +59,8 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
                    "train_cfg": to_dict(train_cfg), "encode_cfg": to_dict(encode_cfg),
                    "data_path": str(Path(data_path).resolve()), "output_dir": str(Path(output_dir).resolve()),
                    "stop_at_step": stop_at_step, "threads": ray_cfg.cpus_per_worker}
-    with ray_runtime(ray_cfg):
+    with ray_runtime(ray_cfg), _progress_feed(progress) as progress_path:
+        loop_config["progress_path"] = progress_path
         use_gpu = _use_gpu(ray_cfg.use_gpu)
         resources = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         trainer = TorchTrainer(
@@ -99,6 +105,42 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _progress_feed(progress: Callable[[dict[str, Any]], None] | None) -> Iterator[str | None]:
+    """A file rank 0 appends step lines to, read back by a driver thread that hands them to ``progress``."""
+    if progress is None:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="gram-progress-")
+    path = Path(folder) / "progress.jsonl"
+    path.touch()
+    done = threading.Event()
+
+    def follow() -> None:
+        buffer = ""
+        with open(path, encoding="utf-8") as handle:
+            while True:
+                finished = done.is_set()  # read once more after the run ended: nothing is lost
+                *lines, buffer = (buffer + handle.read()).split("\n")  # a half-written line waits
+                for line in filter(None, lines):
+                    try:
+                        progress(json.loads(line))
+                    except Exception:  # noqa: BLE001 - a progress display must never stop training
+                        log.warning("progress callback failed", exc_info=True)
+                if finished:
+                    return
+                done.wait(1.0)
+
+    thread = threading.Thread(target=follow, name="gram-progress", daemon=True)
+    thread.start()
+    try:
+        yield str(path)
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def short_temp_dir() -> str:
@@ -166,6 +208,10 @@ def train_loop(config: dict) -> None:
             # Not print(): Ray Train patches it to also log through its logger, so each line showed twice.
             sys.stdout.write(f"{config['stage']} step {step} (epoch {metrics.get('epoch', 0):.2f}): {shown}\n")
             sys.stdout.flush()
+            if config.get("progress_path"):
+                with open(config["progress_path"], "a", encoding="utf-8") as feed:
+                    feed.write(json.dumps({"step": step, "total": _total_steps(step, metrics, train_cfg),
+                                           **{k: v for k, v in metrics.items() if k.startswith("train/")}}) + "\n")
 
     trainers = {"pretrain": train_pretrain, "finetune": train_judge, "bradley_terry": train_bradley_terry}
     try:
@@ -186,6 +232,14 @@ def train_loop(config: dict) -> None:
         write_output(config["output_dir"], result.history, lambda folder: BTScorer(reward_model, tokenizer).save(folder))
     else:
         write_output(config["output_dir"], out.history, lambda folder: save_model(model, tokenizer, folder))
+
+
+def _total_steps(step: int, metrics: dict, train_cfg: TrainConfig) -> int:
+    """The run's step count, from the epoch fraction the loop reports (epoch = step / steps per epoch)."""
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    epoch = float(metrics.get("epoch") or 0)
+    return max(step, math.ceil(train_cfg.epochs * round(step / epoch))) if epoch > 0 else step
 
 
 def read_rows(path: str) -> list[dict]:

@@ -72,6 +72,47 @@ class ProgressLog:
         self.log.info("%s: %d/%d (%.0f%%), %.0f s elapsed, ~%.0f s left", self.what, done, total, pct, elapsed, eta)
 
 
+class TrainProgress:
+    """Per-step lines from the Ray Train worker -> the run's log (loss, s/step, ETA; at most every ``every_s``
+    seconds, plus the first and last step) and a Prefect progress artifact (the bar on the flow run page)."""
+
+    def __init__(self, log: Any, stage: str, every_s: float = 10.0, clock: Any = time.monotonic):
+        self.log, self.stage, self.every_s, self.clock = log, stage, every_s, clock
+        self.first: tuple[int, float] | None = None  # (step, time) of the first line: ETA excludes start-up
+        self.last_log = float("-inf")
+        self.artifact = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import TaskRunContext
+
+            if TaskRunContext.get() is not None:  # outside a run there is no flow run page to show it on
+                self.artifact = create_progress_artifact(
+                    0.0, key=f"gram-{stage.replace('_', '-')}-progress", description=f"{stage}: training steps done (%)")
+        except Exception:  # noqa: BLE001 - no API (e.g. called outside a Prefect run): log lines only
+            self.artifact = None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        step, total, now = int(row["step"]), max(int(row.get("total") or 0), int(row["step"])), self.clock()
+        if self.first is None:
+            self.first = (step, now)
+        done = step - self.first[0]
+        per_step = (now - self.first[1]) / done if done else None
+        if step < total and step != self.first[0] and now - self.last_log < self.every_s:
+            return
+        self.last_log = now
+        loss = row.get("train/loss")
+        rate = f", {per_step:.1f} s/step, ~{per_step * (total - step):.0f} s left" if per_step else ""
+        self.log.info("%s: step %d/%d (%.0f%%)%s%s", self.stage, step, total, 100.0 * step / total,
+                      f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "", rate)
+        if self.artifact is not None:
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self.artifact, progress=100.0 * step / total)
+            except Exception:  # noqa: BLE001 - the bar is a convenience; the log line above is what counts
+                self.artifact = None
+
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -95,7 +136,7 @@ def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, mode
     with store.staging(stage) as folder:
         result = fit(stage, model_source=model_folder(store_uri, start), model_cfg=model, train_cfg=train,
                      encode_cfg=encode, data_path=str(data_path), output_dir=str(folder), ray_cfg=ray,
-                     storage_path=ray_storage, run_name=name)
+                     storage_path=ray_storage, run_name=name, progress=TrainProgress(log, stage))
         metrics_path = Path(result["metrics_path"])
         if metrics_path.exists() and metrics_path.parent != folder:
             shutil.copy(metrics_path, folder / METRICS_FILE)
