@@ -95,6 +95,9 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
         ray.init(address=address)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is pointless for a private local runtime
+        # The node-preemption watcher only matters on clusters of preemptible nodes; on a local runtime it adds an
+        # error-level "PreemptionWatcher" line to every stage when Train kills it at the end.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
                  include_dashboard=False, object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
                  _temp_dir=short_temp_dir(),
