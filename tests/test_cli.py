@@ -110,3 +110,58 @@ def test_eval_scores_a_rewardbench_file(judge_args, tmp_path, capsys):
     assert pq.read_table(out_path).num_rows == 6
     report = capsys.readouterr().out
     assert "| **accuracy (all pairs)** |" in report and "chart.png" not in report
+
+
+def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.startswith(f"gram {argv[0]}: "), err
+    return err
+
+
+def test_expected_failures_are_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    judge = ["--prompt", "p", "--a", "x", "--b", "y"]
+    err = _one_line_error(capsys, ["judge", "--model", "models:/gram-reward-model@champion", *judge])
+    assert "no MLflow registry at sqlite:///" in err and "mlflow.db" in err and "\n" not in err
+    err = _one_line_error(capsys, ["judge", "--model", str(tmp_path / "no-such-model"), *judge])
+    assert "no-such-model" in err and "\n" not in err
+    err = _one_line_error(capsys, ["rank", "--model", "tiny", "--input", str(tmp_path / "missing.jsonl")])
+    assert err == f"gram rank: No such file or directory: {tmp_path / 'missing.jsonl'}"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a"}\n')
+    err = _one_line_error(capsys, ["eval", "--model", "tiny", "--preset", "smoke", "--data", str(data)])
+    assert "column 'rejected': missing column" in err
+    err = _one_line_error(capsys, ["run", "--preset", "nope"])
+    assert err.startswith("gram run: configuration error: preset: unknown preset 'nope'")
+
+
+def test_missing_registered_model_names_the_ones_there(capsys, mlflow_root, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import use_tracking_uri
+
+    uri = f"sqlite:///{mlflow_root / 'names.db'}"
+    use_tracking_uri(uri)
+    MlflowClient(uri).create_registered_model("gram-reward-model-smoke")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    err = _one_line_error(capsys, ["judge", "--model", "models:/gram-reward-model@champion", "--prompt", "p",
+                                   "--a", "x", "--b", "y"])
+    assert err == (f"gram judge: models:/gram-reward-model@champion: no registered model 'gram-reward-model' in the "
+                   f"registry at {uri}; registered models there: gram-reward-model-smoke")
+    err = _one_line_error(capsys, ["judge", "--model", "models:/gram-reward-model-smoke@champion", "--prompt", "p",
+                                   "--a", "x", "--b", "y"])
+    assert "has no alias 'champion'" in err and "its aliases: (none), versions: (none)" in err
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", broken)
+    err = _one_line_error(capsys, ["presets"], code=1)
+    assert err == "gram presets: unexpected error RuntimeError: boom (run again with --debug for the traceback)"
+    for argv in (["--debug", "presets"], ["presets", "--debug"]):
+        with pytest.raises(RuntimeError, match="boom"):
+            cli.main(argv)
