@@ -90,7 +90,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
-    _config(args)
+    config = _config(args)
+    if args.model.startswith("models:/"):  # a missing model or alias fails here, before Prefect starts
+        from tasks.registry import find_version
+        from tasks.tracking import resolve_tracking_uri
+
+        find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
     from flows.adapt import adapt
 
     summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,

@@ -254,6 +254,15 @@ def resolve_version(client: MlflowClient, model_uri: str, tracking_uri: str):
                              f"{', '.join(map(str, versions)) or '(none)'}")
 
 
+def find_version(model_uri: str, tracking_uri: str):
+    """``resolve_version`` against ``tracking_uri``; a SQLite registry that does not exist yet is not created."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ModelNotFoundError(f"{model_uri}: there is no MLflow registry at {tracking_uri} yet (a pipeline run "
+                                 "creates it; or set MLFLOW_TRACKING_URI / --set mlflow.tracking_uri=...)")
+    use_tracking_uri(tracking_uri)
+    return resolve_version(MlflowClient(tracking_uri), model_uri, tracking_uri)
+
+
 CACHE_INDEX = "by-version"  # <cache>/by-version/<name>/<version>.json -> the content folder of that version
 
 
@@ -265,12 +274,7 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
     (set at registration), and moved into place under their hash. Later calls check the index entry (same
     name, version and registry source) and the files' sizes, then reuse the folder.
     """
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise ModelNotFoundError(f"{model_uri}: there is no MLflow registry at {tracking_uri} yet (a pipeline run "
-                                 "creates it; or set MLFLOW_TRACKING_URI / --set mlflow.tracking_uri=...)")
-    use_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    found = resolve_version(client, model_uri, tracking_uri)
+    found = find_version(model_uri, tracking_uri)
     resolved = f"models:/{found.name}/{found.version}"
     index = cache / CACHE_INDEX / found.name / f"{found.version}.json"
     if index.is_file():

@@ -133,6 +133,8 @@ def test_expected_failures_are_one_line(capsys, tmp_path, monkeypatch):
     data.write_text('{"prompt": "q", "chosen": "a"}\n')
     err = _one_line_error(capsys, ["eval", "--model", "tiny", "--preset", "smoke", "--data", str(data)])
     assert "column 'rejected': missing column" in err
+    err = _one_line_error(capsys, ["adapt", "--preset", "smoke", "--data", str(data)])  # before Prefect starts
+    assert "gram adapt: models:/gram-reward-model@champion: there is no MLflow registry at" in err
     err = _one_line_error(capsys, ["run", "--preset", "nope"])
     assert err.startswith("gram run: configuration error: preset: unknown preset 'nope'")
 
