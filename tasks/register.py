@@ -23,11 +23,7 @@ from gram_core.pipeline_config import MlflowConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.caching import STAGE_CACHE_POLICY, code_version, stage_logger
 from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
-from tasks.registry import (
-    current_aliases,
-    download_registered_model,
-    parse_model_uri,  # noqa: F401  re-exported: flows/cli.py imports it from here
-)
+from tasks.registry import current_aliases, download_registered_model
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 

@@ -176,7 +176,8 @@ def test_rest_errors_carry_the_reason(store, model_dir):
     pyfunc_model = mlflow.pyfunc.load_model("models:/judge-rest@champion")
     assert pyfunc_model.input_example is not None and list(pyfunc_model.input_example.columns) == [
         "prompt", "response_a", "response_b"]
-    assert "python_model.pkl" not in pyfunc_model.metadata.flavors["python_function"]  # models-from-code
+    flavor = pyfunc_model.metadata.flavors["python_function"]  # models-from-code: the file, not a pickle
+    assert flavor["model_code_path"].endswith("judge_pyfunc.py") and "python_model" not in flavor
     client = TestClient(scoring_server.init(pyfunc_model))
 
     def invoke(rows):
