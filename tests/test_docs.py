@@ -76,18 +76,27 @@ def _script(doc: str, text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _stop_leftovers(folder: Path) -> list[int]:
-    """Processes a doc started (its *.pid files) that are still running: killed, and returned."""
-    alive = []
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_leftovers(folder: Path, grace_s: float = 30.0) -> list[int]:
+    """Processes a doc started (its *.pid files) still running after a grace period (a documented `kill`
+    may be the doc's last line): killed, and returned."""
+    pids = [int(p.read_text().split()[0]) for p in folder.glob("*.pid")]
     for pid_file in folder.glob("*.pid"):
-        pid = int(pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, signal.SIGKILL)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
         pid_file.unlink()
-    return alive
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [pid for pid in pids if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 @pytest.mark.slow
@@ -106,7 +115,6 @@ def test_docs_run_as_written(tmp_path):
         left = _stop_leftovers(clone)
         assert run.returncode == 0, f"{doc} failed:\n{out[-6000:]}"
         assert left == [], f"{doc} left processes running: {left}"
-        time.sleep(1)
     readme, ops = outputs["README.md"], outputs["docs/operations.md"]
     assert "gram-pipeline/nightly" in readme and "gram-adapt/adapt" in readme
     worker_log = (clone / "prefect-worker.log").read_text()
