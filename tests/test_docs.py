@@ -77,6 +77,13 @@ def _script(doc: str, text: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as stopped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
