@@ -142,12 +142,11 @@ def test_expected_failures_are_one_line(capsys, tmp_path, monkeypatch):
 def test_missing_registered_model_names_the_ones_there(capsys, mlflow_root, monkeypatch):
     from mlflow import MlflowClient
 
-    from tasks.tracking import use_tracking_uri
-
     uri = f"sqlite:///{mlflow_root / 'names.db'}"
-    use_tracking_uri(uri)
     MlflowClient(uri).create_registered_model("gram-reward-model-smoke")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("GRAM_HOME", str(mlflow_root / "home"))
+    capsys.readouterr()  # MLflow's own lines from creating the store
     err = _one_line_error(capsys, ["judge", "--model", "models:/gram-reward-model@champion", "--prompt", "p",
                                    "--a", "x", "--b", "y"])
     assert err == (f"gram judge: models:/gram-reward-model@champion: no registered model 'gram-reward-model' in the "
