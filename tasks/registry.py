@@ -56,6 +56,8 @@ ARTIFACT_NAME = "judge"  # LoggedModel name inside the run
 RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                     "pyarrow", "pyyaml")
 
+# Versions logged before models-from-code hold a cloudpickled reference to this name: keep it importable.
+GramJudgeModel = judge_pyfunc.GramJudgeModel
 INPUT_EXAMPLE = pd.DataFrame({"prompt": ["What is 2+2?"], "response_a": ["4"], "response_b": ["5"]})
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", c) for c in INPUT_COLUMNS]),
