@@ -13,6 +13,7 @@ from prefect import task
 from gram_core.config import JudgeConfig, ModelConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.retries import HUB_RETRIES
 from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
 
 REPORT_FILE = "report.md"
@@ -29,7 +30,7 @@ def make_judge(folder: str, config: JudgeConfig, dtype: str = "float32"):
     return Judge(model, tokenizer, config)
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
              store_uri: str) -> ArtifactRef:
     """Scores (both orders) of one model on the eval set, as a scores-contract table artifact.

@@ -10,6 +10,7 @@ its params, per-step training metrics (from the model's metrics.jsonl) and eval 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,13 +22,14 @@ from prefect.cache_policies import NO_CACHE
 from gram_core.config import JudgeConfig
 from gram_core.pipeline_config import MlflowConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore
-from tasks.caching import STAGE_CACHE_POLICY, code_version, stage_logger
+from tasks.caching import code_version, stage_logger
 from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
 from tasks.registry import (
     current_aliases,
     download_registered_model,
     parse_model_uri,  # noqa: F401  re-exported: flows/cli.py imports it from here
 )
+from tasks.retries import REGISTRY_RETRIES
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 
@@ -48,30 +50,52 @@ class StageRecord:
         return self.state == "Cached"
 
 
-@task(name="register", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+# Rows and judge settings that decide a score on the eval set (batch size and prefix reuse do not).
+EVAL_ROW_COLUMNS = ("id", "subset", "prompt", "chosen", "rejected")
+JUDGE_SCORE_FIELDS = ("max_length", "label_a", "label_b")
+
+
+def eval_set_id(table: Any, judge: JudgeConfig) -> str:
+    """The gate's eval-set identity: the canonical rows (ids, subsets, texts) plus the judge settings that
+    change scores; independent of how the Parquet file was written (pyarrow version, compression)."""
+    from data_contracts import rows_sha256
+
+    settings = json.dumps({k: getattr(judge, k) for k in JUDGE_SCORE_FIELDS}, sort_keys=True)
+    text = f"{rows_sha256(table, EVAL_ROW_COLUMNS)}\0{settings}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Never cached: registration is a side effect on a registry the cache key cannot see (a new tracking URI
+# must get its version). It is idempotent by model content instead, which also makes its retries safe.
+@task(name="register", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
 def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlflow: MlflowConfig,
              judge: JudgeConfig, tags: dict[str, str], home: str, store_uri: str,
              tracking: RunHandle | None = None) -> dict[str, Any]:
-    """Log the judge as a pyfunc, register a new version (alias candidate) and apply the champion gate."""
+    """Register the judge (a new version, or the existing one with the same content), alias candidate, gate."""
     from tasks import registry
     from tasks import tracking as mlf
+    from tasks.artifacts import read_table_artifact
 
     log = stage_logger()
-    folder = ArtifactStore(store_uri).local_dir(model)
+    store = ArtifactStore(store_uri)
+    folder = store.local_dir(model)
     metrics = dict(report.meta["trained"])
-    all_tags = {**tags, "model_sha256": model.sha256, "report_sha256": report.sha256}
+    eval_id = eval_set_id(read_table_artifact(store, eval_set), judge)
+    all_tags = {**tags, "report_sha256": report.sha256, "eval_set_sha256": eval_set.sha256}
     params = {"model_artifact": model.uri, "eval_set": eval_set.uri, "mlflow": dataclasses.asdict(mlflow)}
     if tracking is None:  # run alone (e.g. the register flow): a run of its own
         context = mlf.start_pipeline_run(mlflow, home, "register", params=params, tags={"gram.stage": "register"})
     else:
         context = mlf.stage_run("register", params=params, tags={"gram.cached": "false"}, parent=tracking)
     with context as run:
-        reg = registry.log_and_register(folder, mlflow, metrics, all_tags, eval_set.short, judge_config=judge)
+        reg = registry.log_and_register(folder, mlflow, metrics, all_tags, eval_id, judge_config=judge,
+                                        model_sha256=model.sha256)
     decision = reg.promotion
-    log.info("registered %s version %s (candidate); champion gate: %s — %s", reg.name, reg.version,
+    log.info("%s %s version %s (candidate); champion gate: %s — %s",
+             "same model content as" if reg.reused else "registered", reg.name, reg.version,
              decision.decision, decision.reason)
     return {"name": reg.name, "version": reg.version, "model_uri": reg.model_uri, "run_id": run.run_id,
-            "url": reg.url, "tracking_uri": run.tracking_uri,
+            "url": reg.url, "tracking_uri": run.tracking_uri, "reused": reg.reused,
             "promotion": {k: getattr(decision, k) for k in PROMOTION_FIELDS}}
 
 
@@ -183,7 +207,7 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
                              description="GRAM evaluation report and links")
 
 
-@task(name="fetch_registered_model", cache_policy=NO_CACHE)
+@task(name="fetch_registered_model", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
 def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, home: str, store_uri: str) -> ArtifactRef:
     """A registered judge (by alias or version) as a model artifact in the store, to fine-tune further."""
     import shutil

@@ -24,6 +24,7 @@ from data_contracts import Contract, ContractError, DatasetNotCachedError, get_c
 from gram_core.pipeline_config import SourceConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.retries import HUB_RETRIES
 
 # Prompts for sampling have no table contract of their own in data_contracts; this one lives here.
 PROMPTS = Contract(name="prompts", version=1,
@@ -248,7 +249,7 @@ class SourceFiles(CachePolicy):
         return source_fingerprint(inputs.get("source"))
 
 
-@task(name="load_source", cache_policy=STAGE_CACHE_POLICY + SourceFiles(), persist_result=True)
+@task(name="load_source", cache_policy=STAGE_CACHE_POLICY + SourceFiles(), persist_result=True, **HUB_RETRIES)
 def load_source(role: str, source: SourceConfig, contract: str, store_uri: str, limit: int = 0, seed: int = 0,
                 stratify: str | None = None) -> ArtifactRef:
     """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval)."""
