@@ -23,6 +23,7 @@ from tasks.register import (
     summarize,
     version_tags,
 )
+from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
@@ -43,8 +44,9 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: str = DEF
     cfg = adapt_config(preset, overrides, data)
     run = Runner(cfg, refresh)
     home, store = str(run.paths.home), run.store
-    with start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
-                            tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
+    with hold_state_folder(cfg), \
+            start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
+                               tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
         preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
         eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
                               stratify="subset")

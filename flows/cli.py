@@ -6,6 +6,7 @@
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet
     gram presets [--fields]
+    gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
 
 MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder, a .gguf
 file, 'smollm2' (the packaged default) or 'tiny'. Heavy libraries load only inside the command that needs them.
@@ -14,14 +15,16 @@ file, 'smollm2' (the packaged default) or 'tiny'. Heavy libraries load only insi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
-                    "TOKENIZERS_PARALLELISM": "false"}
+# Ray's token auth stays on (its default): a local runtime listens on the host's address, not only loopback.
+OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
+
+    gc = sub.add_parser("gc", help="list (or with --apply, remove) artifacts no cached stage uses, leftovers of "
+                        "killed runs and old Ray checkpoints in the state folder")
+    config_args(gc)
+    gc.add_argument("--apply", action="store_true", help="remove them (default: dry run, only print)")
+    gc.add_argument("--keep-ray-runs-days", type=float, default=7.0,
+                    help="remove interrupted Ray runs older than this many days (default 7)")
     return parser
 
 
@@ -75,23 +85,49 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    _config(args)  # a config error fails here, before the Prefect API starts (10-20 s)
-    from flows.pipeline import gram_pipeline
+@contextlib.contextmanager
+def _preflight(config: Any) -> Iterator[None]:
+    """Fail before the Prefect API starts (10-20 s) when another run holds the state folder or the tracking
+    server is unreachable; hold the folder for the whole command (the flow re-enters the lock)."""
+    from tasks.state import hold_state_folder
+    from tasks.tracking import check_tracking_server, resolve_tracking_uri
 
-    summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+    with hold_state_folder(config):
+        check_tracking_server(resolve_tracking_uri(config.mlflow, config.home))
+        yield
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    with _preflight(_config(args)):
+        from flows.pipeline import gram_pipeline
+
+        summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
 
 def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
-    _config(args)
-    from flows.adapt import adapt
+    from flows.adapt import adapt_config
 
-    summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
-                    refresh=args.refresh)
+    with _preflight(adapt_config(args.preset, args.overrides or None, args.data)):
+        from flows.adapt import adapt
+
+        summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
+                        refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
+
+
+def cmd_gc(args: argparse.Namespace) -> list[Any]:
+    from tasks.state import collect_garbage
+
+    garbage = collect_garbage(_config(args), apply=args.apply, keep_ray_runs_days=args.keep_ray_runs_days)
+    for item in garbage:
+        print(f"{item.bytes / 2**20:10.1f} MiB  {item.path}  ({item.why})")
+    total = sum(g.bytes for g in garbage if not g.why.startswith("KEPT"))
+    verb = "freed" if args.apply else "would free (dry run; --apply removes)"
+    print(f"{len(garbage)} item(s); {verb} {total / 2**20:.1f} MiB")
+    return garbage
 
 
 def _config(args: argparse.Namespace):
@@ -223,7 +259,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval,
-            "presets": cmd_presets}
+            "presets": cmd_presets, "gc": cmd_gc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,12 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from gram_core.config import ConfigError
+    from tasks.locks import LockHeldError
+    from tasks.tracking import TrackingServerUnreachable
 
     try:
         COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"gram {args.command}: configuration error: {err}", file=sys.stderr)
         return 2
+    except (LockHeldError, TrackingServerUnreachable) as err:
+        print(f"gram {args.command}: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -4,7 +4,9 @@
              ├─ preferences ──────────────────────────────────── finetune ─ evaluate ─┐
              └─ eval set ─────────────────── evaluate (base, zero-shot) ──────────── eval_report ─ register
 
-Every data source is loaded and validated first, so bad input fails before any training. Each task is
+One run at a time per state folder (``hold_state_folder``; a second fails at once), and the tracking
+server is checked before anything runs. Every data source is loaded and validated first, so bad input fails
+before any training. Each task is
 cached (inputs' content hashes + config + code version): re-running with nothing changed is all Cached.
 A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream stages come from the cache.
 """
@@ -24,6 +26,7 @@ from tasks.pretrain import pretrain
 from tasks.register import StageRecord, record_run, register, summarize, version_tags
 from tasks.sources import load_source
 from tasks.stages import bind
+from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
 STAGES = ("build_pairs", "pretrain", "finetune", "evaluate", "register")
@@ -123,8 +126,9 @@ def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -
     from tasks.register import pipeline_params
 
     run = Runner(config, refresh)
-    with start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
-                            tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
+    with hold_state_folder(config), \
+            start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
+                               tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
         out = run_stages(run, until, tracking)
         if "report" not in out:
             return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.store,

@@ -182,7 +182,8 @@ class TrainConfig:
     max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
     label_smoothing: float = field(0.1, "Stage-2 label smoothing epsilon (0 <= eps < 1).")
     precision: str = field("fp32", "fp32 or bf16 (autocast; bf16 only on GPU, 300x slower on these CPUs).")
-    checkpoint_every_steps: int = field(0, "Save a resumable checkpoint every N steps; 0 = end only.")
+    checkpoint_every_steps: int = field(25, "Save a resumable checkpoint every N steps (a killed run resumes "
+                                        "from the last one); 0 = end only.")
     log_every_steps: int = field(1, "Report metrics every N optimizer steps.")
     reuse_prefix: bool = field(True, "Stage 2: compute the shared judge-instruction prefix once per step "
                                "and reuse its KV cache for every pair in the batch.")

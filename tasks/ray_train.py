@@ -53,7 +53,9 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
     loop_config = {"stage": stage, "model_source": str(model_source), "model_cfg": to_dict(model_cfg),
                    "train_cfg": to_dict(train_cfg), "encode_cfg": to_dict(encode_cfg),
                    "data_path": str(Path(data_path).resolve()), "output_dir": str(Path(output_dir).resolve()),
-                   "stop_at_step": stop_at_step, "threads": ray_cfg.cpus_per_worker}
+                   "stop_at_step": stop_at_step, "threads": ray_cfg.cpus_per_worker,
+                   # Local checkpoint scratch under the storage folder (removed at the next start if killed).
+                   "scratch_dir": None if "://" in storage else str(Path(storage) / ".scratch")}
     with ray_runtime(ray_cfg):
         use_gpu = _use_gpu(ray_cfg.use_gpu)
         resources = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -62,7 +64,8 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
             scaling_config=ray.train.ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=run_name, storage_path=storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures)))
+                                           failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures),
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
         log.info("Ray Train run %s: %s with %d worker(s), storage %s", run_name, stage, ray_cfg.num_workers, storage)
         result = trainer.fit()
     reported = dict(result.metrics or {})
@@ -88,7 +91,7 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
     if address:
         ray.init(address=address)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth is pointless for a private local runtime
+        # Ray's token auth stays on (its default): the runtime listens on the host's address, not only loopback.
         ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
                  include_dashboard=False, object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
                  _temp_dir=short_temp_dir(),
@@ -148,7 +151,9 @@ def train_loop(config: dict) -> None:
         model.to(ray.train.torch.get_device())
     rows = read_rows(config["data_path"])
     checkpoint = ray.train.get_checkpoint()
-    local = tempfile.mkdtemp(prefix="gram-ckpt-")
+    if config.get("scratch_dir"):
+        os.makedirs(config["scratch_dir"], exist_ok=True)
+    local = tempfile.mkdtemp(prefix="gram-ckpt-", dir=config.get("scratch_dir"))
     resumed = {"from": 0}
 
     def on_checkpoint(path: str | None, metrics: dict) -> None:

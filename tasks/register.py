@@ -167,6 +167,7 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
               store_uri: str, tracking: RunHandle | None) -> dict[str, Any]:
     """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts."""
     from tasks.report import comparison_rows
+    from tasks.tracking import redact
 
     rows = comparison_rows(report.meta["trained"], report.meta.get("base"))
     summary: dict[str, Any] = {
@@ -174,14 +175,15 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
         "eval_rows": report.meta.get("eval_rows"),
         "report": report.file(REPORT_FILE),
         "chart": report.file(CHART_FILE),
-        "artifact_store": store_uri,
         "stages": {r.name: r.state for r in records},
         "mlflow_run": tracking.url or tracking.run_id if tracking else None,
-        "tracking_uri": tracking.tracking_uri if tracking else None,
+        "tracking_uri": redact(tracking.tracking_uri) if tracking else None,
+        "artifact_store": redact(store_uri),
     }
     if registration:
-        summary["registered"] = {**registration, "aliases": current_aliases(
-            registration["name"], registration["version"], registration["tracking_uri"])}
+        summary["registered"] = {**registration, "tracking_uri": redact(registration["tracking_uri"]),
+                                 "aliases": current_aliases(registration["name"], registration["version"],
+                                                            registration["tracking_uri"])}
     publish_prefect_artifacts(summary, ArtifactStore(store_uri).read_text(report, REPORT_FILE))
     return summary
 

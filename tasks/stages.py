@@ -13,7 +13,7 @@ from typing import Any
 
 from gram_core.config import ModelConfig, config_hash
 from tasks.artifacts import ArtifactRef, ArtifactStore
-from tasks.caching import code_version, stage_options
+from tasks.caching import stage_options
 
 # Inputs that identify where a run is logged, not what it computes: left out of cache keys.
 NOT_IN_KEY = ("tracking",)
@@ -47,9 +47,17 @@ def model_label(start: ArtifactRef | str) -> str:
 
 
 def run_name(stage: str, *parts: Any) -> str:
-    """A name that is the same whenever the stage's inputs are (so an interrupted run resumes)."""
+    """The resume key: a Ray run name that is the same whenever the stage's inputs are, so an interrupted
+    run (stopped, crashed, killed) continues from its last checkpoint when the stage runs again.
+
+    It covers the stage, the training data (content hash), the start model (artifact hash or source) and
+    the model, train and encode configs. The code version is left out on purpose, so an unrelated code edit
+    keeps the checkpoints; the checkpoint itself records the run layout (examples, global batch, total
+    steps) and a mismatch on resume fails with a message. After a code change that alters what training
+    computes, delete ``<ray_storage>/<run name>`` (or `gram gc`) to start that stage over.
+    """
     text = "|".join(p.sha256 if isinstance(p, ArtifactRef) else config_hash(p) if hasattr(p, "__dataclass_fields__")
-                    else str(p) for p in (*parts, code_version()))
+                    else str(p) for p in parts)
     return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -101,8 +109,11 @@ def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, mode
             shutil.copy(metrics_path, folder / METRICS_FILE)
         final = {k: v for k, v in (result.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
         meta = {"stage": stage, "steps": int(result.get("steps", 0)), "final_metrics": final,
-                "data": data.sha256, "start": model_label(start), "run_name": name}
+                "data": data.sha256, "start": model_label(start), "run_name": name,
+                "resumed_from_step": int(result.get("resumed_from_step", 0))}
         ref = store.publish(stage, folder, "model", meta=meta)
-    log.info("%s: %d steps in %.0f s, final %s -> %s", stage, meta["steps"], time.monotonic() - began,
-             json.dumps(final), ref.uri)
+    if "://" not in ray_storage:  # published: the run's checkpoints were only there to resume it
+        shutil.rmtree(Path(ray_storage) / name, ignore_errors=True)
+    log.info("%s: %d steps in %.0f s (resumed from step %d), final %s -> %s", stage, meta["steps"],
+             time.monotonic() - began, meta["resumed_from_step"], json.dumps(final), ref.uri)
     return ref

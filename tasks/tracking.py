@@ -38,6 +38,11 @@ from mlflow.utils.validation import (
 from gram_core.pipeline_config import MlflowConfig
 
 TRUNCATION_MARK = "...[truncated]"
+# Credentials inside URIs: user:password@ (or a token as the user) and secret-looking query parameters.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&\s]*(?:token|key|secret|passw|pwd|signature|sig|credential|auth)[^=&\s]*=)"
+                           r"[^&\s]*")
+REDACTED = "***"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow allows only these in param/metric names
 
 
@@ -86,18 +91,52 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def redact(text: str) -> str:
+    """``text`` with credentials in any URI replaced by ***: 'postgresql://u:pw@db/x' -> 'postgresql://***@db/x',
+    '...?token=abc&x=1' -> '...?token=***&x=1'. What MLflow params, tags and printed summaries get."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\g<scheme>{REDACTED}@", text))
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The MLflow tracking server did not answer; raised before anything runs."""
+
+
+def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 1.0) -> None:
+    """For an http(s) tracking URI, GET <uri>/health (``attempts`` tries with growing pauses); raise
+    ``TrackingServerUnreachable`` with what to do when no try gets an answer. Other URIs need no server."""
+    if not is_http(uri):
+        return
+    import requests
+
+    last = ""
+    for attempt in range(attempts):
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            if response.status_code < 500:  # 200, or 401/403/404 from a proxy: a server is there
+                return
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2 ** attempt)
+    raise TrackingServerUnreachable(
+        f"MLflow tracking server {redact(uri)} is unreachable after {attempts} tries ({last}); nothing was run. "
+        "Start the server, fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, or unset both to use the local "
+        "sqlite store under GRAM_HOME.")
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run, or None when there is no UI server behind the tracking URI."""
     if not is_http(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def model_version_url(tracking_uri: str, name: str, version: str) -> str | None:
     """The MLflow UI page of a registered model version, or None without a UI server."""
     if not is_http(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
+    return f"{redact(tracking_uri).rstrip('/')}/#/models/{name}/versions/{version}"
 
 
 def ensure_experiment(cfg: MlflowConfig, gram_home: str | Path) -> tuple[str, str]:
@@ -107,6 +146,7 @@ def ensure_experiment(cfg: MlflowConfig, gram_home: str | Path) -> tuple[str, st
     own artifact root, so for http URIs the location is left to it). A deleted experiment is restored.
     """
     uri = resolve_tracking_uri(cfg, gram_home)
+    check_tracking_server(uri)
     use_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
@@ -199,8 +239,10 @@ def _fit_key(key: str) -> str:
 
 
 def _fit_value(value: Any, limit: int) -> str:
+    """The value as text, credentials in URIs redacted, cut to ``limit``."""
     text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(
         value, (list, tuple, dict)) else str(value)
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
