@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export RAY_AUTH_MODE := disabled
 
 .PHONY: setup run test lint bench clean
 

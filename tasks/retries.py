@@ -1,7 +1,7 @@
 """Retries for the tasks whose I/O can fail transiently: hub loads (data, models) and MLflow registry calls.
 
 Prefect retries a task only when ``is_transient`` says the failure was the network or a busy server
-(connection refused/reset, timeouts, HTTP 429/5xx as MLflow reports them, a locked SQLite database), with
+(connection refused/reset, timeouts, HTTP 429/503 as MLflow reports them, a locked SQLite database), with
 growing, jittered delays. Bad input, missing files and configuration errors fail at once: retrying them
 would only delay the message. Registration is safe to retry because it is idempotent by model content.
 """
@@ -12,14 +12,15 @@ from typing import Any
 
 from data_contracts import ContractError, DatasetNotCachedError
 
-# MLflow error codes of a server that is overloaded or briefly failing (HTTP 429 / 5xx).
-TRANSIENT_MLFLOW_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
-                                    "DEADLINE_EXCEEDED", "ABORTED"})
+# MLflow error codes of a server that is overloaded or briefly failing (HTTP 429 / 503). INTERNAL_ERROR is
+# left out: it is also the code of every MlflowException raised without one (mostly not transient).
+TRANSIENT_MLFLOW_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
+                                    "ABORTED"})
 # Network errors of requests / urllib3 / httpx / http.client and SQLAlchemy's "database is locked", by name
 # (they do not all derive from the built-in ConnectionError, and importing each library here is not needed).
 TRANSIENT_NAMES = frozenset({"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ProtocolError",
                              "ChunkedEncodingError", "RemoteDisconnected", "ConnectError", "ReadError",
-                             "OperationalError"})
+                             "RetryError", "MaxRetryError", "OperationalError"})
 NEVER_RETRIED = (ContractError, DatasetNotCachedError, FileNotFoundError, PermissionError)
 
 

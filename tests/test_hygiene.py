@@ -150,3 +150,28 @@ def _publish_local(store, data):
     with store.staging("stage") as folder:
         (folder / "x.bin").write_bytes(data)
         return store.publish("stage", folder, "table")
+
+
+def test_eval_set_id_is_the_rows_not_the_file(tmp_path):
+    """Drill 5: the same rows written differently (compression, row groups, row order) are one eval set;
+    a changed text or a judge setting that changes scores is another."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_contracts import REWARDBENCH, validate
+    from gram_core.config import JudgeConfig
+    from tasks.register import eval_set_id
+
+    rows = {"prompt": ["2+2?", "Say hi ✋"], "chosen": ["4", "Hi!"], "chosen_model": ["a", "a"],
+            "rejected": ["5", "Go."], "rejected_model": ["b", "b"], "subset": ["math", "chat"], "id": [1, 2]}
+    table = validate(pa.table(rows), REWARDBENCH)
+    pq.write_table(table, tmp_path / "a.parquet", compression="snappy")
+    pq.write_table(table.take([1, 0]), tmp_path / "b.parquet", compression="zstd", row_group_size=1)
+    assert (tmp_path / "a.parquet").read_bytes() != (tmp_path / "b.parquet").read_bytes()
+    judge = JudgeConfig()
+    ids = {eval_set_id(pq.read_table(tmp_path / f), judge) for f in ("a.parquet", "b.parquet")}
+    assert len(ids) == 1
+    changed = validate(pa.table({**rows, "chosen": ["4", "Hello!"]}), REWARDBENCH)
+    assert eval_set_id(changed, judge) not in ids
+    assert eval_set_id(table, JudgeConfig(max_length=512)) not in ids
+    assert eval_set_id(table, JudgeConfig(batch_size=2)) in ids  # batch size does not change scores

@@ -3,12 +3,15 @@ MLflow SQLite database and a temporary GRAM_HOME.
 
 One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are shared):
   run 1   fresh            -> every stage computes, version 1 registered, champion (no champion yet)
-  run 2   unchanged        -> every task Cached, no new version
-  run 3   finetune changed -> only finetune / evaluate / eval_report / register recompute; a huge
-                              promotion margin keeps the champion (gate outcome "kept")
-  run 4   margin back to 0 -> only register recomputes; the champion's score was lowered by hand, so
-                              the new version beats it and becomes champion (gate outcome "promoted")
-  adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 4
+  run 2   unchanged        -> every stage Cached; register (never cached) finds version 1 by content
+  run 3   finetune changed -> only finetune / evaluate / eval_report recompute, and register; a huge
+                              promotion margin keeps the champion (gate outcome "kept"), version 2
+  run 4   margin back to 0 -> only register runs; same model content, so version 2 again (no duplicate);
+                              the champion's score was lowered by hand, so version 2 becomes champion
+  other   a new tracking URI (drill 4) -> every stage Cached, and the new registry gets its version 1
+  retry   registration fails once with a connection error (drill 8) -> Prefect retries, same version
+  down    an unreachable tracking server (drill 8) -> the run fails at the start with a clear message
+  adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 3
 """
 
 from __future__ import annotations
@@ -102,7 +105,34 @@ def run4(run3, env):
 
 
 @pytest.fixture(scope="module")
-def adapted(run4, env, tmp_path_factory):
+def other_registry(run4, env):
+    uri = f"sqlite:///{env / 'other' / 'mlflow.db'}"
+    (env / "other").mkdir()
+    return run_pipeline([*SMOKE, *FINETUNE_CHANGE, f"mlflow.tracking_uri={uri}"]), uri
+
+
+@pytest.fixture(scope="module")
+def retried(other_registry, env):
+    import flows.pipeline
+    from tasks import registry
+
+    calls = []
+    real = registry.log_and_register
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer (injected)")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "log_and_register", flaky)
+        mp.setattr(flows.pipeline, "register", flows.pipeline.register.with_options(retry_delay_seconds=0))
+        return run_pipeline([*SMOKE, *FINETUNE_CHANGE]), len(calls)
+
+
+@pytest.fixture(scope="module")
+def adapted(retried, env, tmp_path_factory):
     from flows.adapt import adapt
 
     name = run4[0]["registered"]["name"]
@@ -158,8 +188,9 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
 
 def test_second_run_is_served_from_cache(run2, env):
     summary, states = run2
-    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Cached"}
-    assert summary["registered"]["version"] == "1"  # nothing new registered
+    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS) if name != "register"} == {"Cached"}
+    assert states["register"] == "Completed"  # never cached: it looks the model up by content instead
+    assert summary["registered"]["version"] == "1" and summary["registered"]["reused"]  # nothing new
     versions = mlflow_client(env).search_model_versions(f"name = '{summary['registered']['name']}'")
     assert len(versions) == 1
 
@@ -168,6 +199,7 @@ def test_changed_finetune_config_reruns_only_downstream(run3, env):
     summary, states = run3
     recomputed = {"finetune", "evaluate", "eval_report", "register"}
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == recomputed
+    assert not summary["registered"]["reused"]
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Cached"} == \
         set(SOURCE_TASKS) | {"build_pairs", "pretrain", "evaluate_base"}
     reg = summary["registered"]
@@ -180,14 +212,46 @@ def test_changed_finetune_config_reruns_only_downstream(run3, env):
 
 
 def test_gate_moves_champion_when_the_candidate_beats_it(run4, env):
+    """Also drill 4: only the margin changed, so the same model content reuses version 2 (no duplicate)."""
     summary, states = run4
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == {"register"}
     reg = summary["registered"]
-    assert reg["version"] == "3" and sorted(reg["aliases"]) == ["candidate", "champion"]
+    assert reg["version"] == "2" and reg["reused"] and sorted(reg["aliases"]) == ["candidate", "champion"]
     assert reg["promotion"]["decision"] == "promoted" and reg["promotion"]["champion_score"] == -1.0
     client = mlflow_client(env)
-    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "3"
-    assert client.get_model_version(reg["name"], "1").tags["promotion/superseded_by"] == "3"
+    assert len(client.search_model_versions(f"name = '{reg['name']}'")) == 2
+    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "2"
+    assert client.get_model_version(reg["name"], "1").tags["promotion/superseded_by"] == "2"
+
+
+def test_drill_new_tracking_uri_gets_its_registration(other_registry, env):
+    """Drill 4: pointing at another registry is no cache hit for registration."""
+    (summary, states), uri = other_registry
+    assert {states[n] for n in (*SOURCE_TASKS, *STAGE_TASKS) if n != "register"} == {"Cached"}
+    reg = summary["registered"]
+    assert states["register"] == "Completed" and reg["tracking_uri"] == uri
+    assert reg["version"] == "1" and not reg["reused"] and reg["promotion"]["reason"] == "no champion yet"
+    from mlflow import MlflowClient
+
+    assert len(MlflowClient(uri).search_model_versions(f"name = '{reg['name']}'")) == 1
+    assert len(mlflow_client(env).search_model_versions(f"name = '{reg['name']}'")) == 2  # the old one untouched
+
+
+def test_drill_registration_retries_a_transient_failure(retried, env):
+    """Drill 8: the registry call fails once with a connection error; Prefect retries; same version."""
+    (summary, states), calls = retried
+    assert calls == 2 and states["register"] == "Completed"
+    assert summary["registered"]["version"] == "2" and summary["registered"]["reused"]
+
+
+def test_drill_unreachable_tracking_server_fails_before_training(retried, env):
+    """Drill 8: nothing runs when the tracking server does not answer; the message says what to do."""
+    from tasks.tracking import TrackingServerUnreachable
+
+    before = set((env / "artifacts").rglob("_artifact.json"))
+    with pytest.raises(TrackingServerUnreachable, match=r"http://127\.0\.0\.1:9 is unreachable.*nothing was run"):
+        run_pipeline([*SMOKE, "finetune.learning_rate=7.0e-3", "mlflow.tracking_uri=http://127.0.0.1:9"])
+    assert set((env / "artifacts").rglob("_artifact.json")) == before
 
 
 def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
@@ -207,7 +271,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     assert list(predicted.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"]
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
-    assert resolved == f"models:/{name}/3"
+    assert resolved == f"models:/{name}/2"
     core = make_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
                                                            list(frame["response_b"]))
     np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
@@ -292,12 +356,12 @@ def test_adapt_fine_tunes_the_registered_champion(adapted, env):
     assert summary["stages"]["fetch_registered_model"] == "Completed"
     assert summary["stages"]["finetune"] == "Completed" and summary["stages"]["load_eval"] == "Cached"
     reg = summary["registered"]
-    assert reg["version"] == "4" and "candidate" in reg["aliases"]
+    assert reg["version"] == "3" and "candidate" in reg["aliases"]
     client = mlflow_client(env)
-    tags = client.get_model_version(name, "4").tags
-    assert tags["adapted_from"] == f"models:/{name}/3"
+    tags = client.get_model_version(name, "3").tags
+    assert tags["adapted_from"] == f"models:/{name}/2"
     promo = reg["promotion"]
-    assert promo["champion_version"] == "3"
+    assert promo["champion_version"] == "2"
     assert (promo["decision"] == "promoted") == (promo["candidate_score"] > promo["champion_score"])
     report = Path(summary["report"]).read_text()
     assert f"models:/{name}@champion (before)" in report

@@ -98,16 +98,16 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
     first = Gram(home, "first", ray_tmp)
     procs = [first]
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 3600  # a guard against a hang, not a speed test
         while not _checkpoints(home):
             assert first.proc.poll() is None, f"the first run ended before a checkpoint:\n{first.log()}"
-            assert time.monotonic() < deadline, f"no stage-2 checkpoint after 600 s:\n{first.log()}"
+            assert time.monotonic() < deadline, f"no stage-2 checkpoint after an hour:\n{first.log()}"
             time.sleep(0.2)
 
         # Drill 2: the state folder is held; a second run is refused before it does anything.
         second = Gram(home, "second", ray_tmp)
         procs.append(second)
-        assert second.wait(300) == 3, second.log()
+        assert second.wait(1800) == 3, second.log()
         assert "another run holds this state folder" in second.err.read_text()
         assert f"pid {first.proc.pid}" in second.err.read_text()
 
@@ -122,7 +122,7 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
 
         third = Gram(home, "third", ray_tmp)
         procs.append(third)
-        assert third.wait(900) == 0, third.log()
+        assert third.wait(3600) == 0, third.log()
     finally:
         for proc in procs:
             proc.kill_group()
