@@ -43,19 +43,29 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
     paths = state_paths(config)
     paths.home.mkdir(parents=True, exist_ok=True)
     lock = paths.home / LOCK_FILE
-    try:
-        with file_lock(lock, f"gram run on {paths.home}", wait=False):
-            os.environ["GRAM_HOME"] = str(paths.home)
-            removed = clean_leftovers(paths) if clean else []
-            if removed:
-                import logging
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock, f"gram run on {paths.home}", wait=False))
+        except LockHeldError as err:
+            raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
+                                  "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
+        before = os.environ.get("GRAM_HOME")
+        os.environ["GRAM_HOME"] = str(paths.home)
+        stack.callback(_restore_env, "GRAM_HOME", before)
+        removed = clean_leftovers(paths) if clean else []
+        if removed:
+            import logging
 
-                logging.getLogger("gram").info("removed %d leftover(s) of interrupted runs: %s", len(removed),
-                                               ", ".join(removed[:5]))
-            yield paths
-    except LockHeldError as err:
-        raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
-                              "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
+            logging.getLogger("gram").info("removed %d leftover(s) of interrupted runs: %s", len(removed),
+                                           ", ".join(removed[:5]))
+        yield paths
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _leftovers(paths: StatePaths) -> list[Path]:

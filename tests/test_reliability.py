@@ -35,7 +35,7 @@ class Gram:
         env = {**os.environ, "GRAM_HOME": str(home), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT),
                # A private Prefect database (the runs are sequential); its first start runs migrations.
                "PREFECT_HOME": str(home.parent / "prefect-home"), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900"}
         for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE"):  # Ray's token auth stays on
             env.pop(key, None)
         self.out, self.err = home.parent / f"{name}.out", home.parent / f"{name}.err"
