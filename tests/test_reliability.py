@@ -1,10 +1,10 @@
 """Process-level drills on real `gram run` processes (tiny model, stage 1 off, one Ray worker):
 
-  drill 2  a second `gram run` on a state folder that a running one holds fails at once, exit code 3,
-           "another run holds this state folder"; nothing of it is trained or registered
   drill 3  `gram run` is SIGKILLed during stage 2 after a periodic checkpoint; run again, it removes the
            killed run's staging folders, resumes stage 2 from the last checkpoint and ends with the same
            per-step losses as an uninterrupted training of the same config
+  drill 2  while that second run holds the state folder, a third `gram run` on it fails at once, exit
+           code 3, "another run holds this state folder" naming the holder's pid
 """
 
 from __future__ import annotations
@@ -104,24 +104,26 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
             assert time.monotonic() < deadline, f"no stage-2 checkpoint after an hour:\n{first.log()}"
             time.sleep(0.2)
 
-        # Drill 2: the state folder is held; a second run is refused before it does anything.
-        second = Gram(home, "second", ray_tmp)
-        procs.append(second)
-        assert second.wait(1800) == 3, second.log()
-        assert "another run holds this state folder" in second.err.read_text()
-        assert f"pid {first.proc.pid}" in second.err.read_text()
-
-        # Drill 3: kill -9 the first run mid stage 2 (after a checkpoint, before the stage ended).
+        # Drill 3: kill -9 the first run mid stage 2 (right after a checkpoint, before the stage ends).
         first.proc.send_signal(signal.SIGKILL)
         first.wait(60)
-        killed_at = len(_checkpoints(home))
-        assert killed_at >= 1 and not _finetune_artifacts(home), "the kill must land inside stage 2"
+        assert _checkpoints(home) and not _finetune_artifacts(home), "the kill must land inside stage 2"
         staging = list((home / "artifacts" / "finetune").glob(".staging-*"))
         assert staging, "a killed stage leaves its staging folder behind (cleaned by the next start)"
         first.kill_group()  # Ray processes the killed driver left behind would keep training
 
         third = Gram(home, "third", ray_tmp)
         procs.append(third)
+        # Drill 2: while the third run holds the state folder, another run is refused before it does anything.
+        while f'"pid": {third.proc.pid},' not in (home / ".gram.lock").read_text():
+            assert third.proc.poll() is None, third.log()
+            time.sleep(0.2)
+        second = Gram(home, "second", ray_tmp)
+        procs.append(second)
+        assert second.wait(1800) == 3, second.log()
+        assert "another run holds this state folder" in second.err.read_text()
+        assert f"pid {third.proc.pid}" in second.err.read_text()
+        assert third.proc.poll() is None, "the holder must still be running when the second run is refused"
         assert third.wait(3600) == 0, third.log()
     finally:
         for proc in procs:
