@@ -39,8 +39,10 @@ class RewardEncoder:
     """Token ids of the chat (user = prompt, assistant = response), shortened to ``max_length`` as in
     encoding.plan_truncation (response first down to a floor, then the prompt)."""
 
-    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR):
-        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False)
+    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR,
+                 system_prompt: str | None = None):
+        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False,
+                                                 system_prompt=system_prompt)
         self.tokenizer, self.max_length, self.response_floor = tokenizer, max_length, response_floor
         self.head_ids, self.middle_ids, self.tail_ids = (tokenize(tokenizer, t) for t in (head, middle, tail))
 
@@ -119,7 +121,8 @@ def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: Train
                         *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
     """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head and train it on preference rows."""
     reward_model = RewardModel(model, seed=head_seed)
-    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length), rows)
+    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt),
+                               rows)
     lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
     result = train(reward_model, examples, bt_step_fn(), train_cfg, collate=collate_bt(tokenizer.pad_token_id),
                    lengths=lengths, **kwargs)
@@ -129,9 +132,11 @@ def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: Train
 class BTScorer:
     """Score pairs with a trained RewardModel: P(y1 ≻ y2) = σ(r1 − r2), the same in both slot orders."""
 
-    def __init__(self, reward_model: RewardModel, tokenizer, max_length: int = 1024, batch_size: int = 8):
+    def __init__(self, reward_model: RewardModel, tokenizer, max_length: int = 1024, batch_size: int = 8,
+                 system_prompt: str | None = None):
         self.model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
-        self.encoder = RewardEncoder(tokenizer, max_length)
+        self.system_prompt = system_prompt
+        self.encoder = RewardEncoder(tokenizer, max_length, system_prompt=system_prompt)
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """r(x, y) per row (float64), in row order; batches are length-grouped to limit padding."""
@@ -150,6 +155,16 @@ class BTScorer:
         finally:
             self.model.train(was_training)
         return out
+
+    def preference(self, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
+                   progress=None, ids=None):
+        """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots), so
+        judging.best_of_n / rank work with a BTScorer as with a Judge."""
+        from gram_core.judging import PairScores
+
+        r1, r2 = self.rewards(list(prompts), list(responses_1)), self.rewards(list(prompts), list(responses_2))
+        p = 1.0 / (1.0 + np.exp(-(r1 - r2)))
+        return PairScores(p_order1=p, p_order2=p, p=p)
 
     def score_pairs(self, table: pa.Table) -> pa.Table:
         """Rows (id|pair_id, subset|source, prompt, chosen, rejected) -> a scores-contract table."""
@@ -170,7 +185,8 @@ class BTScorer:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
                   str(folder / HEAD_FILE))
         (folder / HEAD_META).write_text(json.dumps({"kind": "bradley_terry", "max_length": self.encoder.max_length,
-                                                    "hidden_size": self.model.head.in_features}))
+                                                    "hidden_size": self.model.head.in_features,
+                                                    "system_prompt": self.system_prompt}))
         return folder
 
     @classmethod
@@ -184,7 +200,8 @@ class BTScorer:
         reward_model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         if device:
             reward_model.to(device)
-        return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size)
+        return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size,
+                   system_prompt=meta.get("system_prompt"))
 
 
 def _column(cols: dict, names: tuple[str, ...]) -> list:

@@ -159,9 +159,14 @@ class EncodeConfig:
                             "the prompt; judge scaffolding and the label are never cut.")
     label_a: str = field("A", "Verdict token text for slot A (must be one token).")
     label_b: str = field("B", "Verdict token text for slot B (must be one token).")
+    system_prompt: str | None = field(None, "System message of every judge, stage-1 and BT sequence. None: no "
+                                      "system turn (METHOD.md section 3), even where the chat template adds a "
+                                      "default one (SmolLM2 does); a string: that explicit system message.")
     order: str = field("random_half", "Stage-2 slot placement: 'random_half' puts the chosen response "
-                       "in A for a seeded half of pairs; 'both' emits each pair in both orders.")
-    seed: int = field(0, "Seed for slot placement and shuffling.")
+                       "in A for a random half of the pairs, drawn anew each epoch from finetune.seed; "
+                       "'both' emits each pair in both orders (in the same batch).")
+    seed: int = field(0, "Seed of stage 1's slot order for labelled rows used as unlabeled pairs (stage 2's "
+                      "slot placement follows finetune.seed).")
 
     def __post_init__(self) -> None:
         check(self.max_length >= 32, "encode.max_length", f"must be >= 32, got {self.max_length}")
@@ -207,6 +212,8 @@ class JudgeConfig:
     reuse_prefix: bool = field(True, "Compute the shared judge-instruction prefix once and reuse its KV cache.")
     label_a: str = field("A", "Verdict token text for slot A.")
     label_b: str = field("B", "Verdict token text for slot B.")
+    system_prompt: str | None = field(None, "System message of the judge sequence (None: no system turn); must "
+                                      "match what the judge was trained with (recorded in its model folder).")
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")

@@ -91,7 +91,7 @@ class Judge:
         self.tokenizer = tokenizer
         self.config = config
         self.encoder = JudgeEncoder(tokenizer, max_length=config.max_length, label_a=config.label_a,
-                                    label_b=config.label_b)
+                                    label_b=config.label_b, system_prompt=config.system_prompt)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("Judge: the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")

@@ -66,19 +66,57 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class DataOrder:
-    """Which example indices form global batch ``step`` (0-based): a pure function of seed and step."""
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """Example indices that belong together (a pair in its two slot orders) and how an epoch uses them:
+    ``pick="all"`` puts every member in the same batch; ``pick="half"`` uses one member per group, the
+    first member for a random half of the groups and the second for the rest, drawn anew each epoch."""
 
-    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int) -> None:
+    members: tuple[tuple[int, ...], ...]
+    pick: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.pick not in ("all", "half"):
+            raise ValueError(f"Groups.pick must be 'all' or 'half', got {self.pick!r}")
+        if self.pick == "half" and any(len(m) != 2 for m in self.members):
+            raise ValueError("Groups.pick='half' needs groups of exactly two members")
+
+    @property
+    def size(self) -> int:
+        """Examples each group contributes per epoch."""
+        return 1 if self.pick == "half" else max((len(m) for m in self.members), default=1)
+
+
+class DataOrder:
+    """Which example indices form global batch ``step`` (0-based): a pure function of seed and step.
+
+    Batches are built over ``groups`` (default: every example alone) with ``global_batch`` examples each
+    (whole groups; at least one group per batch); each epoch reshuffles, and redraws a ``pick="half"``
+    choice, from (seed, epoch).
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int, groups: Groups | None = None) -> None:
         self.lengths, self.global_batch, self.seed = list(lengths), global_batch, seed
-        self.steps_per_epoch = math.ceil(len(self.lengths) / global_batch)
+        self.groups = groups or Groups(tuple((i,) for i in range(len(self.lengths))))
+        self.groups_per_batch = max(1, global_batch // self.groups.size)
+        self.steps_per_epoch = math.ceil(len(self.groups.members) / self.groups_per_batch)
         self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        members = self.groups.members
+        if self.groups.pick == "half":
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            first = set(rng.permutation(len(members))[: len(members) // 2].tolist())
+            members = tuple((m[0],) if g in first else (m[1],) for g, m in enumerate(members))
+        group_lengths = [max(self.lengths[i] for i in m) for m in members]
+        batches = length_grouped_batches(group_lengths, self.groups_per_batch, seed=self.seed + epoch)
+        return [[i for g in batch for i in members[g]] for batch in batches]
 
     def batch(self, step: int) -> list[int]:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:  # each epoch reshuffles with its own seed
             self._epoch = epoch
-            self._batches = length_grouped_batches(self.lengths, self.global_batch, seed=self.seed + epoch)
+            self._batches = self._epoch_batches(epoch)
         return self._batches[index]
 
 
@@ -88,18 +126,22 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank * n // world:(rank + 1) * n // world]
 
 
-def total_steps(num_examples: int, config: TrainConfig, world: int = 1) -> int:
+def total_steps(num_examples: int, config: TrainConfig, world: int = 1, groups: Groups | None = None) -> int:
     """Optimizer steps the run takes: max_steps if set, else ceil(epochs * batches per epoch)."""
-    global_batch = config.batch_size * config.grad_accum_steps * world
-    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * math.ceil(num_examples / global_batch))
+    if config.max_steps > 0:
+        return config.max_steps
+    order = DataOrder([0] * num_examples, config.batch_size * config.grad_accum_steps * world, 0, groups)
+    return math.ceil(config.epochs * order.steps_per_epoch)
 
 
 def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config: TrainConfig, *,
-          collate: Callable[[list[dict]], dict], lengths: Sequence[int], output_dir: str | Path | None = None,
+          collate: Callable[[list[dict]], dict], lengths: Sequence[int], groups: Groups | None = None,
+          output_dir: str | Path | None = None,
           resume_from: str | Path | None = None, on_metrics: Callable[[int, dict], Any] | None = None,
           on_checkpoint: Callable[[str | None, dict], Any] | None = None) -> TrainResult:
     """Train ``model`` in place on ``examples`` and return the step count, per-step metrics and last checkpoint.
 
+    ``groups`` (optional) keeps examples together or picks one per group per epoch (see ``Groups``).
     ``collate(examples) -> batch`` builds a micro-batch dict of tensors; an optional ``"weight"`` entry
     (default: the number of examples) sets its share of the step's mean loss, so gradient accumulation
     and sharding give the same gradient as one big batch. ``step_fn(model, batch) -> (loss, metrics)``
@@ -118,8 +160,8 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
         raise ValueError("train: the model has no trainable parameters (everything frozen?)")
     params = [p for _, p in named]
     device = params[0].device
-    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed)
-    steps = total_steps(len(examples), config, world)
+    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
+    steps = total_steps(len(examples), config, world, groups)
     # No weight decay on norms and biases (1-D tensors), as is standard for transformers.
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -331,14 +373,18 @@ def pretrain_step_fn() -> StepFn:
 def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
                 **kwargs) -> TrainResult:
     """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected); ``kwargs`` go to ``train``."""
-    encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b)
-    examples, stats = encode_preference_pairs(encoder, rows, order=encode_cfg.order, seed=encode_cfg.seed)
+    encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b,
+                           system_prompt=encode_cfg.system_prompt)
+    # Every pair in both orders (2i: chosen in A, 2i + 1: in B); `order` decides how an epoch uses them.
+    examples, stats = encode_preference_pairs(encoder, rows, order="both")
+    groups = Groups(tuple((i, i + 1) for i in range(0, len(examples), 2)),
+                    pick="all" if encode_cfg.order == "both" else "half")
     prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
     step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
     collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]
-    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, **kwargs)
-    result.data_stats = stats
+    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, groups=groups, **kwargs)
+    result.data_stats = {**stats, "order": encode_cfg.order}
     return result
 
 
@@ -346,7 +392,7 @@ def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfi
                    **kwargs) -> TrainResult:
     """Stage 1 on response pairs: rows dict(pair_id, prompt, response_a, response_b), or preference rows
     (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair); ``kwargs`` go to ``train``."""
-    encoder = PretrainEncoder(tokenizer, encode_cfg.max_length)
+    encoder = PretrainEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
     examples, stats = encode_unlabeled_pairs(encoder, as_unlabeled(rows, encode_cfg.seed))
     lengths = [len(ex["input_ids"]) for ex in examples]
     result = train(model, examples, pretrain_step_fn(), train_cfg, collate=collate_pretrain(tokenizer.pad_token_id),
