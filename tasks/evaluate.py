@@ -21,12 +21,11 @@ METRICS_FILE = "metrics.json"
 
 
 def make_judge(folder: str, config: JudgeConfig, dtype: str = "float32"):
-    """A Judge over a plain HF folder (no LoRA/freezing: scoring only)."""
-    from gram_core.judging import Judge
-    from gram_core.models import load_model
+    """The scorer a model folder calls for: a GRAM judge (its recorded judge settings applied), a base model
+    zero-shot, or a Bradley-Terry reward model (scalar rewards, one order)."""
+    from gram_core.scorers import load_scorer
 
-    model, tokenizer = load_model(ModelConfig(source=folder, dtype=dtype))
-    return Judge(model, tokenizer, config)
+    return load_scorer(folder, config, dtype)
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
@@ -37,7 +36,7 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     ``model``: a trained model artifact, or a ModelConfig for the base model zero-shot.
     """
     from data_contracts import SCORES
-    from gram_core.judging import score_pairs
+    from gram_core.scorers import score_table
     from tasks.report import ACCURACY, eval_metrics
 
     log = stage_logger()
@@ -49,7 +48,7 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     table = read_table_artifact(store, eval_set)
     scorer = make_judge(folder, judge, dtype)
     log.info("evaluate %s (%s): scoring %d pairs in both orders", label, name, table.num_rows)
-    scores = score_pairs(scorer, table, progress=ProgressLog(log, f"evaluate {label}"))
+    scores = score_table(scorer, table, progress=ProgressLog(log, f"evaluate {label}"))
     metrics = eval_metrics(scores)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,
                               meta={"label": label, "model": name, "eval_set": eval_set.sha256, "metrics": metrics})

@@ -136,6 +136,7 @@ def train_loop(config: dict) -> None:
 
     from gram_core.baseline import BTScorer, train_bradley_terry
     from gram_core.models import load_model, save_model
+    from gram_core.scorers import judge_settings, write_judge_settings
     from gram_core.training import train_judge, train_pretrain
 
     torch.set_num_threads(int(config["threads"]))
@@ -183,7 +184,14 @@ def train_loop(config: dict) -> None:
         return
     if config["stage"] == "bradley_terry":
         reward_model, result = out
-        write_output(config["output_dir"], result.history, lambda folder: BTScorer(reward_model, tokenizer).save(folder))
+        scorer = BTScorer(reward_model, tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
+        write_output(config["output_dir"], result.history, scorer.save)
+    elif config["stage"] == "finetune":
+        def save_judge(folder):
+            save_model(model, tokenizer, folder)
+            write_judge_settings(folder, judge_settings(encode_cfg, tokenizer))
+
+        write_output(config["output_dir"], out.history, save_judge)
     else:
         write_output(config["output_dir"], out.history, lambda folder: save_model(model, tokenizer, folder))
 
