@@ -45,6 +45,24 @@ def accuracy(scores, keep) -> float | None:
     return float(np.mean(chosen)) if chosen else None
 
 
+def readout(scores) -> dict:
+    return {"accuracy": accuracy(scores, lambda s: True),
+            "in_distribution": accuracy(scores, lambda s: s not in HELDOUT_SUBSETS),
+            "heldout": accuracy(scores, lambda s: s in HELDOUT_SUBSETS),
+            "subsets": {s: accuracy(scores, lambda x, s=s: x == s)
+                        for s in dict.fromkeys(scores.column("subset").to_pylist())},
+            "position_consistency": position_consistency(scores)}
+
+
+def eval_table(args, rows: list[dict], cfg):
+    if args.eval_train:
+        import pyarrow as pa
+
+        return pa.Table.from_pylist([{**r, "id": r["pair_id"], "subset": r["source"]} for r in rows])
+    table = starter_eval()
+    return stratified(table, args.eval_limit, cfg.eval.seed) if args.eval_limit else table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
@@ -54,6 +72,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=160)
     parser.add_argument("--eval-train", action="store_true", help="score the training pairs instead")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also score the eval set every N steps (the frontier: accuracy vs minutes of training)")
     parser.add_argument("--out", default="bench/results/stage2_sweep.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,18 +84,25 @@ def main() -> None:
         rows = rows[: args.pairs] if args.pairs >= len(rows) else [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[: args.pairs]]
     began = time.time()
     model, tokenizer = load_model(cfg.model)
-    result = train_judge(model, tokenizer, rows, cfg.finetune, cfg.encode)
-    train_minutes = (time.time() - began) / 60
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    judge = Judge(base, tokenizer, cfg.judge)
-    if args.eval_train:
-        import pyarrow as pa
+    table = eval_table(args, rows, cfg)
+    frontier, paused = [], [0.0]
 
-        table = pa.Table.from_pylist([{**r, "id": r["pair_id"], "subset": r["source"]} for r in rows])
-    else:
-        table = starter_eval()
-        table = stratified(table, args.eval_limit, cfg.eval.seed) if args.eval_limit else table
-    scores = score_pairs(judge, table)
+    def show(step: int, metrics: dict) -> None:
+        if step % 10 == 0:
+            print(f"  step {step}: loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2f} "
+                  f"({(time.time() - began) / 60:.1f} min)", flush=True)
+        if args.eval_every and step % args.eval_every == 0:
+            t = time.time()
+            point = {"step": step, "train_minutes": round((t - began - paused[0]) / 60, 2),
+                     **readout(score_pairs(Judge(model, tokenizer, cfg.judge), table))}
+            paused[0] += time.time() - t  # scoring time is not training time
+            frontier.append(point)
+            print(f"  frontier {json.dumps(point)}", flush=True)
+
+    result = train_judge(model, tokenizer, rows, cfg.finetune, cfg.encode, on_metrics=show)
+    train_minutes = (time.time() - began - paused[0]) / 60
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    scores = score_pairs(Judge(base, tokenizer, cfg.judge), table)
     last = result.history[-max(1, len(result.history) // 10):]  # the last 10 % of steps
     record = {
         "name": args.name, "overrides": args.set, "pairs": len(rows), "steps": result.steps,
@@ -86,11 +113,7 @@ def main() -> None:
                             + cfg.finetune.label_smoothing / 2 * optimal_margin(cfg.finetune.label_smoothing))
         if cfg.finetune.label_smoothing else 0.0,
         "eval_rows": table.num_rows, "eval": "train pairs" if args.eval_train else "starter eval",
-        "accuracy": accuracy(scores, lambda s: True),
-        "in_distribution": accuracy(scores, lambda s: s not in HELDOUT_SUBSETS),
-        "heldout": accuracy(scores, lambda s: s in HELDOUT_SUBSETS),
-        "subsets": {s: accuracy(scores, lambda x, s=s: x == s) for s in dict.fromkeys(scores.column("subset").to_pylist())},
-        "position_consistency": position_consistency(scores),
+        **readout(scores), "frontier": frontier,
         "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - began) / 60, 2),
         "loss_curve": [round(h["train/loss"], 4) for h in result.history],
     }
