@@ -7,7 +7,8 @@
     gram eval  --model MODEL --data rewardbench.parquet
     gram presets [--fields]
 
-MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder, a .gguf
+MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder (a GRAM
+judge, a base LM used zero-shot, or a Bradley-Terry reward model, scored as a scalar reward model), a .gguf
 file, 'smollm2' (the packaged default) or 'tiny'. Heavy libraries load only inside the command that needs them.
 """
 
@@ -112,22 +113,37 @@ def resolve_model(spec: str, config: Any) -> str:
         print(f"{spec} -> {resolved}", file=sys.stderr)
         return str(folder)
     from gram_core.models import resolve_model_source
+    from gram_core.scorers import folder_kind
 
+    if Path(spec).expanduser().is_dir():
+        folder_kind(spec)  # a folder of no known kind fails here, naming the kinds it could be
     return resolve_model_source(spec)
 
 
 def load_judge(args: argparse.Namespace):
+    """The scorer for --model: a Judge, or a BTScorer for a Bradley-Terry folder; anything else exits with one line."""
+    from gram_core.models import ModelSourceError
     from tasks.evaluate import make_judge
 
     config = _config(args)
-    return make_judge(resolve_model(args.model, config), config.judge)
+    try:
+        return make_judge(resolve_model(args.model, config), config.judge)
+    except (ModelSourceError, FileNotFoundError) as err:
+        raise SystemExit(f"gram {args.command}: --model {args.model}: {err}") from err
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
-    scores = load_judge(args).preference([args.prompt], [args.a], [args.b])
+    from gram_core.scorers import is_scalar
+
+    judge = load_judge(args)
+    scores = judge.preference([args.prompt], [args.a], [args.b])
     out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
            "p_order2": float(scores.p_order2[0]),
            "consistent": bool((scores.p_order1[0] > 0.5) == (scores.p_order2[0] > 0.5))}
+    if is_scalar(judge):  # one reward per response: no slots, so no second order to agree with
+        out["consistent"] = None
+        print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (scalar reward model: σ(r_a − r_b), no slot order)")
+        return out
     print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (a in slot A: {out['p_order1']:.4f}, a in slot B: "
           f"{out['p_order2']:.4f}; orders {'agree' if out['consistent'] else 'disagree'})")
     return out
@@ -171,17 +187,19 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
-    from gram_core.judging import score_pairs
+    from gram_core.scorers import is_scalar, score_table
     from tasks.report import eval_metrics, report_markdown
     from tasks.sources import limit_rows
 
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
-    scores = score_pairs(load_judge(args), table, progress=True)
+    scorer = load_judge(args)
+    scores = score_table(scorer, table, progress=True)
     if args.output:
         write_table(scores, args.output, "scores")
-    print(report_markdown(scores, None, eval_name=args.data, model_name=args.model).replace(
+    scalar = [args.model] if is_scalar(scorer) else []
+    print(report_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
         "![accuracy per subset](chart.png)\n", ""))
-    return eval_metrics(scores)
+    return eval_metrics(scores, bool(scalar))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -199,12 +217,14 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary: eval table, registered version and aliases, where to look."""
-    def pct(value: float | None) -> str:
-        return "     —" if value is None else f"{100 * value:6.1f}"
+    def pct(value: float | str | None) -> str:
+        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
 
-    lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %, both slot orders):", "",
-             f"  {'metric':44s} {'base zero-shot':>14s} {'trained':>8s}"]
-    lines += [f"  {r['metric'][:44]:44s} {pct(r['base_zero_shot']):>14s} {pct(r['trained']):>8s}"
+    columns = summary.get("columns") or {"trained": "GRAM"}
+    scalar = " (BT: a scalar reward model, one order)" if "bt" in columns else ""
+    lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %; judges in both slot orders"
+             f"{scalar}):", "", f"  {'metric':44s}" + "".join(f" {name[:12]:>12s}" for name in columns.values())]
+    lines += [f"  {r['metric'][:44]:44s}" + "".join(f" {pct(r.get(key)):>12s}" for key in columns)
               for r in summary.get("eval", [])]
     reg = summary.get("registered")
     if reg:

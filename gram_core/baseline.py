@@ -4,10 +4,14 @@ r(x, y) = w · h_last + b, where h_last is the final hidden state at the last re
 "user: x, assistant: y" (no value head exists in the base model, so the head is new and seeded). Training
 minimises the Bradley-Terry loss -log σ(r(x, y_chosen) − r(x, y_rejected)) with the same ``train`` loop as
 GRAM; a pair's preference is P(y1 ≻ y2) = σ(r1 − r2), which does not depend on slot order.
+
+As the pipeline's baseline it is trained from the base model (not from stage 1) with the same model settings
+and the same number of optimizer steps as stage 2; ``bt_train_config`` states the matching rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,7 +33,7 @@ from gram_core.encoding import (
 )
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
-from gram_core.training import TrainResult, train
+from gram_core.training import TrainResult, preference_groups, total_steps, train
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"
@@ -115,6 +119,23 @@ def encode_bt_pairs(encoder: RewardEncoder, rows: Iterable[dict]) -> list[dict]:
                          "chosen_ids": encoder.encode(row["prompt"], row["chosen"], row["pair_id"]),
                          "rejected_ids": encoder.encode(row["prompt"], row["rejected"], row["pair_id"])})
     return examples
+
+
+def bt_train_config(finetune: TrainConfig, encode: EncodeConfig, num_pairs: int, world: int = 1) -> TrainConfig:
+    """The BT run matched to a stage-2 run of ``finetune`` on the same ``num_pairs`` pairs and ``world`` workers.
+
+    Same optimizer steps: ``max_steps`` = stage 2's step count (training.total_steps over the pairs in both
+    orders, grouped as ``encode.order`` says: 'both' puts a pair's two orders in one batch, so batch_size
+    sequences are batch_size/2 pairs; 'random_half' uses one order per pair per epoch). Same sequences per
+    micro-batch: a BT example is two sequences (chosen and rejected), so BT's ``batch_size`` is
+    max(1, finetune.batch_size // 2) pairs. Everything else (learning rate, schedule, accumulation,
+    precision, seed) is ``finetune``'s. With order 'both' BT thus sees every pair as often as stage 2 does;
+    with 'random_half' stage 2 takes twice as many pairs per step, so BT covers half as many epochs.
+    """
+    if num_pairs < 1:
+        raise ValueError(f"bt_train_config: num_pairs must be >= 1, got {num_pairs}")
+    steps = total_steps(2 * num_pairs, finetune, world, preference_groups(num_pairs, encode.order))
+    return dataclasses.replace(finetune, batch_size=max(1, finetune.batch_size // 2), max_steps=steps)
 
 
 def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,

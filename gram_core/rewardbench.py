@@ -186,9 +186,9 @@ def _pct(value: float | None) -> str:
 
 
 def report_markdown(result: RewardBenchResult, title: str = "RewardBench",
-                    weights: Mapping[str, int] = SUBSET_WEIGHTS) -> str:
-    """A Markdown report: sections (missing ones marked), subsets with rows and weights, protocol note."""
-    lines = [f"## {title}", "", PROTOCOL_NOTE, "",
+                    weights: Mapping[str, int] = SUBSET_WEIGHTS, protocol: str = PROTOCOL_NOTE) -> str:
+    """A Markdown report: sections (missing ones marked), subsets with rows and weights, ``protocol`` note."""
+    lines = [f"## {title}", "", protocol, "",
              "| section | score | subsets present |", "|---|---|---|"]
     for section, members in SECTIONS.items():
         present = sum(s in result.subsets for s in members)

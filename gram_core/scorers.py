@@ -110,11 +110,18 @@ def load_scorer(folder: str | Path, config: JudgeConfig, dtype: str = "float32",
     return Judge(model, tokenizer, config)
 
 
+def is_scalar(scorer) -> bool:
+    """True for a scalar reward model (BTScorer): scored once per pair, it has no slot order, so no position
+    consistency."""
+    from gram_core.baseline import BTScorer
+
+    return isinstance(scorer, BTScorer)
+
+
 def score_table(scorer, table, progress=None):
     """A scores-contract table of ``table``'s pairs from either kind of scorer."""
-    from gram_core.baseline import BTScorer
     from gram_core.judging import score_pairs
 
-    if isinstance(scorer, BTScorer):
+    if is_scalar(scorer):
         return scorer.score_pairs(table)
     return score_pairs(scorer, table, progress=progress)

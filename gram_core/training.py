@@ -120,6 +120,14 @@ class DataOrder:
         return self._batches[index]
 
 
+def preference_groups(num_pairs: int, order: str) -> Groups:
+    """Stage 2's grouping of ``num_pairs`` pairs encoded in both orders (examples 2i: chosen in A, 2i + 1: in
+    B): ``order="both"`` keeps both in one batch, ``"random_half"`` uses one of them per pair per epoch."""
+    if order not in ("both", "random_half"):
+        raise ValueError(f"order must be 'random_half' or 'both', got {order!r}")
+    return Groups(tuple((i, i + 1) for i in range(0, 2 * num_pairs, 2)), pick="all" if order == "both" else "half")
+
+
 def shard(indices: list[int], rank: int, world: int) -> list[int]:
     """This rank's contiguous, disjoint part of a global batch (sizes differ by at most one)."""
     n = len(indices)
@@ -377,8 +385,7 @@ def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, 
                            system_prompt=encode_cfg.system_prompt)
     # Every pair in both orders (2i: chosen in A, 2i + 1: in B); `order` decides how an epoch uses them.
     examples, stats = encode_preference_pairs(encoder, rows, order="both")
-    groups = Groups(tuple((i, i + 1) for i in range(0, len(examples), 2)),
-                    pick="all" if encode_cfg.order == "both" else "half")
+    groups = preference_groups(len(examples) // 2, encode_cfg.order)
     prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
     step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
     collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)

@@ -65,8 +65,18 @@ def test_stage_hashes_are_independent():
     base = load_preset("smoke")
     changed = load_preset("smoke", ["finetune.learning_rate=5e-3"])
     assert config_hash(base.finetune) != config_hash(changed.finetune)
-    for section in ("pretrain", "model", "encode", "sampling", "pairing", "data", "judge"):
+    for section in ("pretrain", "model", "encode", "sampling", "pairing", "data", "judge", "baseline"):
         assert config_hash(getattr(base, section)) == config_hash(getattr(changed, section)), section
+
+
+def test_baseline_is_off_by_default_and_takes_stage_2_settings():
+    assert not load_preset("smoke").baseline.enabled and not load_preset("demo").baseline.enabled
+    cfg = load_preset("smoke", ["baseline.enabled=true"])
+    assert cfg.baseline.enabled and cfg.baseline.train_config(cfg.finetune) == cfg.finetune
+    own = load_preset("smoke", ["baseline.learning_rate=3e-4"]).baseline.train_config(cfg.finetune)
+    assert own.learning_rate == 3e-4 and own.max_steps == cfg.finetune.max_steps
+    with pytest.raises(ConfigError, match="baseline.learning_rate"):
+        load_preset("smoke", ["baseline.learning_rate=0"])
 
 
 def test_pretrain_config_drops_enabled_for_the_trainer():

@@ -9,6 +9,8 @@ One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are 
   run 4   margin back to 0 -> only register recomputes; the champion's score was lowered by hand, so
                               the new version beats it and becomes champion (gate outcome "promoted")
   adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 4
+The Bradley-Terry baseline is switched on (SMOKE) with its own learning rate, so stage 2's learning-rate change
+in run 3 leaves it cached; it takes stage 2's 3 steps.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SMOKE = ["eval.limit=16"]
+SMOKE = ["eval.limit=16", "baseline.enabled=true", "baseline.learning_rate=1.0e-3"]
 FINETUNE_CHANGE = ["finetune.learning_rate=5.0e-3"]
-STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "evaluate", "evaluate_base", "eval_report", "register")
+STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "bradley_terry", "evaluate", "evaluate_base", "evaluate_bt",
+               "eval_report", "register")
 SOURCE_TASKS = ("load_prompts", "load_pool0", "load_preferences", "load_eval")
 
 
@@ -123,7 +126,7 @@ def test_first_run_computes_every_stage_and_registers(run1, env):
     # Content-addressed outputs: folder name = first 16 hex of the content hash, manifest last.
     store = env / "artifacts"
     assert summary["artifact_store"] == str(store)
-    for stage in ("build_pairs", "pretrain", "finetune", "evaluate", "eval_report"):
+    for stage in ("build_pairs", "pretrain", "finetune", "bradley_terry", "evaluate", "eval_report"):
         folders = [p.parent for p in (store / stage).glob("*/_artifact.json")]
         assert folders, stage
         for folder in folders:
@@ -131,12 +134,41 @@ def test_first_run_computes_every_stage_and_registers(run1, env):
     finetuned = next((store / "finetune").glob("*/_artifact.json")).parent
     assert (finetuned / "config.json").exists() and (finetuned / "metrics.jsonl").exists()
     report = Path(summary["report"]).read_text()
-    assert "base model (zero-shot)" in report and "trained judge" in report
+    assert "| | zero-shot | BT | GRAM |" in report and "BT: a scalar reward model, scored once per pair" in report
     assert Path(summary["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["columns"] == {"base": "zero-shot", "bt": "BT", "trained": "GRAM"}
     rows = {r["metric"]: r for r in summary["eval"]}
     assert summary["eval_rows"] == 16
-    for key in ("accuracy (all pairs)", "position consistency"):
-        assert 0.0 <= rows[key]["trained"] <= 1.0 and 0.0 <= rows[key]["base_zero_shot"] <= 1.0
+    for column in ("base", "bt", "trained"):
+        assert 0.0 <= rows["accuracy (all pairs)"][column] <= 1.0
+    assert 0.0 <= rows["position consistency"]["trained"] <= 1.0
+    assert 0.0 <= rows["position consistency"]["base"] <= 1.0
+    assert rows["position consistency"]["bt"] == "n/a (scalar)"
+
+
+def test_bt_baseline_is_trained_from_the_base_model_with_stage_2_steps(run1, env):
+    import pyarrow.parquet as pq
+
+    from gram_core.models import tiny_model_dir
+    from gram_core.scorers import folder_kind
+
+    store = env / "artifacts"
+    (bt,) = [json.loads(p.read_text()) for p in (store / "bradley_terry").glob("*/_artifact.json")]
+    (ft,) = [json.loads(p.read_text()) for p in (store / "finetune").glob("*/_artifact.json")]
+    assert bt["meta"]["steps"] == ft["meta"]["steps"] == 3  # smoke: finetune.max_steps = 3
+    assert bt["meta"]["data"] == ft["meta"]["data"]  # the same preference pairs
+    assert ft["meta"]["start"].startswith("model:")  # stage 2 starts from stage 1 ...
+    assert bt["meta"]["start"] == str(tiny_model_dir(0))  # ... the baseline from the base model
+    assert folder_kind(bt["uri"]) == "bradley_terry"
+    (bt_eval,) = [m for m in (json.loads(p.read_text()) for p in (store / "evaluate").glob("*/_artifact.json"))
+                  if m["meta"]["label"] == "bt"]
+    scores = pq.read_table(Path(bt_eval["uri"]) / "table.parquet")
+    assert scores.num_rows == 16
+    p = scores["p_chosen"].to_pylist()
+    assert scores["p_chosen_order1"].to_pylist() == scores["p_chosen_order2"].to_pylist() == p
+    assert scores["correct"].to_pylist() == [x > 0.5 for x in p]
+    assert bt_eval["meta"]["metrics"]["eval/orders_scored"] == 1.0
+    assert "rewardbench/position_consistency" not in bt_eval["meta"]["metrics"]
 
 
 def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
@@ -152,6 +184,11 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
     history = client.get_metric_history(by_stage["finetune"].info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]  # smoke: finetune.max_steps = 3, one point per step
     assert "rewardbench/position_consistency" in by_stage["eval_report"].data.metrics
+    assert "bt/eval/accuracy" in parent.data.metrics and "zero_shot/eval/accuracy" in parent.data.metrics
+    assert "bt/rewardbench/position_consistency" not in parent.data.metrics
+    bt_history = client.get_metric_history(by_stage["bradley_terry"].info.run_id, "train/loss")
+    assert [m.step for m in bt_history] == [1, 2, 3]  # as many optimizer steps as stage 2
+    assert "eval/accuracy" in by_stage["evaluate_bt"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "chart.png"} <= artifacts
 
@@ -169,7 +206,7 @@ def test_changed_finetune_config_reruns_only_downstream(run3, env):
     recomputed = {"finetune", "evaluate", "eval_report", "register"}
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == recomputed
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Cached"} == \
-        set(SOURCE_TASKS) | {"build_pairs", "pretrain", "evaluate_base"}
+        set(SOURCE_TASKS) | {"build_pairs", "pretrain", "bradley_terry", "evaluate_base", "evaluate_bt"}
     reg = summary["registered"]
     assert reg["version"] == "2" and reg["aliases"] == ["candidate"]
     assert reg["promotion"]["decision"] == "kept" and reg["promotion"]["champion_version"] == "1"
