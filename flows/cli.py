@@ -5,6 +5,7 @@
     gram judge --model MODEL --prompt TEXT --a TEXT --b TEXT
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet
+    gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md]
     gram presets [--fields]
 
 MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder (a GRAM
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="score a seeded, subset-stratified sample of N pairs")
     evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
 
+    study = sub.add_parser("study", help="the quality study: zero-shot | BT | judge without stage 1 | GRAM (eps 0.1) "
+                           "| GRAM (eps 0) on one eval set (default data: ../shared/data)")
+    config_args(study)
+    study.set_defaults(preset="study")
+    study.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
+    study.add_argument("--out", help="also write the report (with this command and its wall time) to this "
+                       "Markdown file, and the chart beside it as <name>.png")
+
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
     return parser
@@ -82,6 +91,33 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return summary
+
+
+def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
+    import shlex
+    import shutil
+    import time
+
+    _config(args)
+    from flows.study import gram_study
+
+    began = time.time()
+    summary = gram_study(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+    minutes = (time.time() - began) / 60
+    report = Path(summary["report"]).read_text()
+    print(report)
+    print(f"Study: {minutes:.1f} min; report {summary['report']}; MLflow run {summary['mlflow_run']} at "
+          f"{summary['tracking_uri']}")
+    if args.out:
+        out = Path(args.out)
+        command = "gram " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
+            f"gram study --preset {args.preset}"
+        chart = out.with_suffix(".png")
+        shutil.copy(summary["chart"], chart)
+        out.write_text(f"# Quality study ({args.preset})\n\nCommand: `{command}` — wall time {minutes:.1f} min "
+                       f"(stages served from cache count as ~0).\n\n![study]({chart.name})\n\n{report}")
+        print(f"wrote {out} and {chart}")
     return summary
 
 
@@ -243,7 +279,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval,
-            "presets": cmd_presets}
+            "study": cmd_study, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ def arm_metrics(scores: Any, scalar: bool = False) -> dict[str, Any]:
     """Sections, overall, per-subset accuracy, position consistency (None for a scalar model) and ECE."""
     result = section_scores(scores)
     p = scores["p_chosen"].to_pylist() if hasattr(scores, "column_names") else list(scores["p_chosen"])
-    return {"sections": dict(result.sections), "overall": result.overall,
+    correct = [x > 0.5 for x in p]  # strict, as everywhere: a tie counts as wrong
+    return {"sections": dict(result.sections), "overall": result.overall, "accuracy": sum(correct) / len(correct),
             "subsets": {k: v[0] for k, v in result.subsets.items()}, "rows": result.rows,
             "position_consistency": None if scalar else result.position_consistency,
             "ece": expected_calibration_error(p)}
@@ -43,11 +44,12 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
     """The study table: one row per arm (in ``ARMS`` order), sections then overall, consistency and ECE."""
     arms = [a for a in ARMS if a in metrics] + [a for a in metrics if a not in ARMS]
     sections = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)]
-    head = ["arm", *sections, "overall", "position consistency", "ECE"]
+    head = ["arm", *sections, "overall", "all pairs", "position consistency", "ECE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in arms:
         m = metrics[arm]
         cells = [ARMS.get(arm, arm), *(_pct(m["sections"].get(s)) for s in sections), f"**{_pct(m['overall'])}**",
+                 _pct(m["accuracy"]),
                  _pct(m["position_consistency"]) if m["position_consistency"] is not None else "n/a (scalar)",
                  f"{m['ece']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -57,7 +59,8 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
         lines.append(f"| {subset} | " + " | ".join(_pct(metrics[a]["subsets"].get(subset)) for a in arms) + " |")
     rows = {metrics[a]["rows"] for a in arms}
     out = [f"Eval set: {eval_name} ({', '.join(str(r) for r in sorted(rows))} pairs). {PROTOCOL_NOTE} "
-           "Accuracies in %. The Bradley-Terry model is scored in one order (a scalar reward has no slots). "
+           "Accuracies in %; overall = mean of the sections present, all pairs = plain pairwise accuracy. "
+           "The Bradley-Terry model is scored in one order (a scalar reward has no slots). "
            "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins.", "", *lines]
     if command:
         out = [f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else ""), "", *out]
@@ -74,11 +77,11 @@ def write_study_chart(path: str | Path, metrics: Mapping[str, Mapping[str, Any]]
     import matplotlib.pyplot as plt
 
     arms = [a for a in ARMS if a in metrics] + [a for a in metrics if a not in ARMS]
-    groups = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)] + ["overall"]
+    groups = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)] + ["all pairs"]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups), 4.2))
     width = 0.8 / max(len(arms), 1)
     for i, arm in enumerate(arms):
-        values = [100 * (metrics[arm]["overall"] if g == "overall" else metrics[arm]["sections"].get(g, 0.0) or 0.0)
+        values = [100 * (metrics[arm]["accuracy"] if g == "all pairs" else metrics[arm]["sections"].get(g) or 0.0)
                   for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=ARMS.get(arm, arm))
     ax.axhline(50, color="grey", linewidth=0.8, linestyle="--")

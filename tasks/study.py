@@ -27,7 +27,7 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, store_ur
         write_study_chart(folder / STUDY_CHART, metrics)
         (folder / STUDY_METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True))
         ref = store.publish("study_report", folder, "report",
-                            meta={"arms": {a: {"overall": m["overall"], "ece": m["ece"],
+                            meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],
                                                "position_consistency": m["position_consistency"]}
                                            for a, m in metrics.items()},
                                   "eval_set": eval_set.sha256, "eval_rows": eval_set.rows})
@@ -54,7 +54,8 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
                 history = _history(store.local_dir(models[arm]) / METRICS_FILE)
                 if history:
                     mlf.log_metric_history(history, run_id=run.run_id)
-            flat = {"study/overall": arm_metrics["overall"], "study/ece": arm_metrics["ece"],
+            flat = {"study/overall": arm_metrics["overall"], "study/accuracy": arm_metrics["accuracy"],
+                    "study/ece": arm_metrics["ece"],
                     "study/position_consistency": arm_metrics["position_consistency"],
                     **{f"study/{k}": v for k, v in arm_metrics["sections"].items()},
                     **{f"study/subset/{k}": v for k, v in arm_metrics["subsets"].items()}}

@@ -344,3 +344,27 @@ def test_adapt_fine_tunes_the_registered_champion(adapted, env):
     table = pq.read_table(prefs.parent / "table.parquet")
     assert table.num_rows == 12 and table["pair_id"][0].as_py() == "few_labels-000000"
     assert set(table["source"].to_pylist()) == {"few_labels"}
+
+
+def test_study_smoke(env):
+    """The quality study's flow on the tiny model: five arms scored on one eval set, one MLflow run each
+    (stages it shares with the pipeline runs above come from their cache)."""
+    from flows.study import gram_study
+    from gram_core.study import ARMS
+
+    summary = gram_study(preset="smoke", overrides=SMOKE)
+    assert set(summary["arms"]) == set(ARMS)
+    for arm, values in summary["arms"].items():
+        assert values["overall"] is None  # starter subsets belong to no official RewardBench section
+        assert 0.0 <= values["accuracy"] <= 1.0 and 0.0 <= values["ece"] <= 0.5
+        assert (values["position_consistency"] is None) == (arm == "bt")
+    report = Path(summary["report"]).read_text()
+    assert all(label in report for label in ARMS.values()) and "n/a (scalar)" in report
+    assert Path(summary["chart"]).stat().st_size > 1000
+    assert {"finetune_no_stage1", "finetune_gram", "finetune_gram_eps0", "bradley_terry"} <= set(summary["stages"])
+    client = mlflow_client(env)
+    experiment = client.get_experiment_by_name("gram-smoke")
+    children = client.search_runs([experiment.experiment_id], "tags.`gram.stage` LIKE 'arm:%'")
+    names = {r.data.tags["gram.stage"] for r in children}
+    assert names == {f"arm:{arm}" for arm in ARMS}
+    assert all("study/accuracy" in r.data.metrics for r in children)
