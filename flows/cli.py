@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="RewardBench-format Parquet/JSONL/JSON/CSV file or folder")
     evaluate.add_argument("--limit", type=int, default=0, help="score a seeded, subset-stratified sample of N pairs")
     evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
+    evaluate.add_argument("--actors", type=int, default=None,
+                          help="fan the judging out over N Ray Data actors (default: eval.actors of the preset)")
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
@@ -117,10 +119,10 @@ def resolve_model(spec: str, config: Any) -> str:
 
 
 def load_judge(args: argparse.Namespace):
-    from tasks.evaluate import make_judge
+    from gram_core.judging import load_judge as judge_from_folder
 
     config = _config(args)
-    return make_judge(resolve_model(args.model, config), config.judge)
+    return judge_from_folder(resolve_model(args.model, config), config.judge)
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
@@ -171,12 +173,14 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
-    from gram_core.judging import score_pairs
+    from tasks.evaluate import score_table
     from tasks.report import eval_metrics, report_markdown
     from tasks.sources import limit_rows
 
+    config = _config(args)
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
-    scores = score_pairs(load_judge(args), table, progress=True)
+    actors = config.eval.actors if args.actors is None else args.actors
+    scores = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray, progress=True)
     if args.output:
         write_table(scores, args.output, "scores")
     print(report_markdown(scores, None, eval_name=args.data, model_name=args.model).replace(

@@ -211,7 +211,13 @@ class JudgeConfig:
     reuse_prefix: bool = field(True, "Compute the shared judge-instruction prefix once and reuse its KV cache.")
     label_a: str = field("A", "Verdict token text for slot A.")
     label_b: str = field("B", "Verdict token text for slot B.")
+    dtype: str = field("auto", "Weights dtype for scoring: 'auto' = bfloat16 on a GPU, float32 on CPU; or float32, "
+                       "bfloat16, float16. The base and the trained model are scored at the same one.")
+    device: str = field("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
 
     def __post_init__(self) -> None:
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "judge.dtype",
+              f"expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.device in ("auto", "cpu", "cuda"), "judge.device", f"expected auto, cpu or cuda, got {self.device!r}")
         check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.max_length >= 32, "judge.max_length", f"must be >= 32, got {self.max_length}")

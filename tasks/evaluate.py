@@ -11,6 +11,7 @@ import json
 from prefect import task
 
 from gram_core.config import JudgeConfig, ModelConfig
+from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
@@ -20,36 +21,40 @@ CHART_FILE = "chart.png"
 METRICS_FILE = "metrics.json"
 
 
-def make_judge(folder: str, config: JudgeConfig, dtype: str = "float32"):
-    """A Judge over a plain HF folder (no LoRA/freezing: scoring only)."""
-    from gram_core.judging import Judge
-    from gram_core.models import load_model
+def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
+                progress=None):
+    """Scores-contract table of ``table`` by the judge in ``folder``: in this process, or fanned out over
+    ``actors`` Ray Data actors (the same scores, in the same row order)."""
+    if actors:
+        from tasks.ray_train import score_pairs_distributed
 
-    model, tokenizer = load_model(ModelConfig(source=folder, dtype=dtype))
-    return Judge(model, tokenizer, config)
+        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig())
+    from gram_core.judging import load_judge, score_pairs
+
+    return score_pairs(load_judge(folder, judge), table, progress=progress)
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
-             store_uri: str) -> ArtifactRef:
+             store_uri: str, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
     """Scores (both orders) of one model on the eval set, as a scores-contract table artifact.
 
-    ``model``: a trained model artifact, or a ModelConfig for the base model zero-shot.
+    ``model``: a trained model artifact, or a ModelConfig for the base model zero-shot (scored at the same
+    ``judge.dtype`` as the trained one). ``actors`` > 0 fans the scoring out over a Ray cluster.
     """
     from data_contracts import SCORES
-    from gram_core.judging import score_pairs
     from tasks.report import ACCURACY, eval_metrics
 
     log = stage_logger()
     store = ArtifactStore(store_uri)
     if isinstance(model, ModelConfig):
-        folder, dtype, name = base_model_dir(model), model.dtype, model.source
+        folder, name = base_model_dir(model), model.source
     else:
-        folder, dtype, name = model_folder(store_uri, model), "float32", model_label(model)
+        folder, name = model_folder(store_uri, model), model_label(model)
     table = read_table_artifact(store, eval_set)
-    scorer = make_judge(folder, judge, dtype)
-    log.info("evaluate %s (%s): scoring %d pairs in both orders", label, name, table.num_rows)
-    scores = score_pairs(scorer, table, progress=ProgressLog(log, f"evaluate {label}"))
+    where = f"over {actors} Ray Data actors" if actors else "in process"
+    log.info("evaluate %s (%s): scoring %d pairs in both orders, %s", label, name, table.num_rows, where)
+    scores = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"))
     metrics = eval_metrics(scores)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,
                               meta={"label": label, "model": name, "eval_set": eval_set.sha256, "metrics": metrics})

@@ -195,7 +195,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     import pandas as pd
 
     from gram_core.config import JudgeConfig
-    from tasks.evaluate import make_judge
+    from gram_core.judging import load_judge as core_judge
     from tasks.register import download_registered_model
     from tasks.registry import load_judge
 
@@ -208,7 +208,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
     assert resolved == f"models:/{name}/3"
-    core = make_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
+    core = core_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
                                                            list(frame["response_b"]))
     np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
 
