@@ -405,10 +405,11 @@ def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg
     rows = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
     with ray_runtime(ray_cfg):
         gpus = 1 if _use_gpu(ray_cfg.use_gpu) else 0
-        per_actor = -(-table.num_rows // actors)  # ceil: every actor gets one block
-        dataset = ray.data.from_arrow(rows).repartition(actors).map_batches(
+        per_actor = -(-table.num_rows // actors)  # ceil: one block, one batch per actor
+        blocks = [rows.slice(start, per_actor) for start in range(0, table.num_rows, per_actor)]
+        dataset = ray.data.from_arrow(blocks).map_batches(
             _JudgeActor, fn_constructor_args=(_reachable_uri(folder), to_dict(judge), ray_cfg.cpus_per_worker),
-            batch_size=per_actor, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ray_cfg.cpus_per_worker, num_gpus=gpus)
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     scored = scored.sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])

@@ -151,9 +151,22 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
     assert set(STAGE_TASKS) <= set(by_stage)
     history = client.get_metric_history(by_stage["finetune"].info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]  # smoke: finetune.max_steps = 3, one point per step
+    # Logged live by Ray's rank 0 as each step happened (not in one batch after the stage).
+    assert by_stage["finetune"].data.tags["gram.live"] == "true" and len({m.timestamp for m in history}) == 3
+    assert by_stage["finetune"].data.tags["gram.sha256"]
     assert "rewardbench/position_consistency" in by_stage["eval_report"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "chart.png"} <= artifacts
+
+
+def test_training_stages_show_progress_in_prefect(run1, env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    stages = {a.description.split(":")[0]: a.data for a in progress}
+    assert stages == {"pretrain": 100.0, "finetune": 100.0}  # updated from the workers' steps up to the last
 
 
 def test_second_run_is_served_from_cache(run2, env):
