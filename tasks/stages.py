@@ -84,7 +84,8 @@ class TrainingProgress:
         from prefect.artifacts import create_progress_artifact
         from prefect.context import TaskRunContext
 
-        self.lines = ProgressLog(log, stage, every)
+        self.log, self.stage, self.every, self.next_pct = log, stage, every, every
+        self.start = time.monotonic()
         self.artifact = None
         if TaskRunContext.get() is not None:  # outside a task run there is nothing to attach it to
             self.artifact = create_progress_artifact(0.0, description=f"{stage}: optimizer steps done (%)")
@@ -92,9 +93,14 @@ class TrainingProgress:
     def __call__(self, step: int, fraction: float) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        self.lines(round(1000 * fraction), 1000)
         if self.artifact is not None:
             update_progress_artifact(self.artifact, 100.0 * fraction)
+        if 100.0 * fraction + 1e-9 >= self.next_pct:
+            while self.next_pct <= 100.0 * fraction + 1e-9:
+                self.next_pct += self.every
+            elapsed = time.monotonic() - self.start
+            self.log.info("%s: step %d (%.0f%%), %.0f s elapsed, ~%.0f s left", self.stage, step, 100 * fraction,
+                          elapsed, elapsed / max(fraction, 1e-9) * (1 - fraction))
 
 
 def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, model: ModelConfig, train: Any,
