@@ -1,7 +1,8 @@
 """The one training loop, shared by both GRAM stages and the Bradley-Terry baseline.
 
 ``train`` runs AdamW over the trainable parameters with a warm-up + cosine schedule, gradient accumulation,
-clipping and optional bf16 autocast over fp32 master weights (gram_core.precision), on length-grouped seeded batches. Checkpoints hold everything needed
+clipping and optional bf16 autocast over fp32 master weights (bf16/fp16 trainable parameters are refused
+unless opted into: gram_core.precision), on length-grouped seeded batches. Checkpoints hold everything needed
 to continue exactly (trainable weights, optimizer, scheduler, step, RNG states); the data order is a pure
 function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
 
