@@ -49,8 +49,9 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     store = ArtifactStore(store_uri)
     if isinstance(model, ModelConfig):
         folder, name = base_model_dir(model), model.source
-    else:
-        folder, name = model_folder(store_uri, model), model_label(model)
+    else:  # fanning out: the actors read the artifact from the store themselves
+        folder = store.require(model).uri if actors else model_folder(store_uri, model)
+        name = model_label(model)
     table = read_table_artifact(store, eval_set)
     where = f"over {actors} Ray Data actors" if actors else "in process"
     log.info("evaluate %s (%s): scoring %d pairs in both orders, %s", label, name, table.num_rows, where)

@@ -380,7 +380,8 @@ class _JudgeActor:
         from gram_core.judging import load_judge
 
         torch.set_num_threads(threads)
-        self.judge = load_judge(folder, from_dict(JudgeConfig, judge))
+        with _local_copy(folder, tempfile.mkdtemp(prefix="gram-judge-")) as local:
+            self.judge = load_judge(local, from_dict(JudgeConfig, judge))
 
     def __call__(self, batch):
         from gram_core.judging import score_pairs
@@ -392,8 +393,8 @@ def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg
     """``gram_core.judging.score_pairs`` fanned out over ``actors`` Ray Data actors (``map_batches`` with an
     actor pool), returned in the input's row order. Each pair's two orders are scored by the same actor and
     every sequence's logits do not depend on its batch-mates (right padding, masked), so the scores are the
-    single-process ones up to float rounding in differently shaped batches. ``folder`` must be reachable
-    from every node."""
+    single-process ones up to float rounding in differently shaped batches. ``folder`` (a path or fsspec
+    URI) must be reachable from every node."""
     import pyarrow as pa
     import ray.data
 
