@@ -50,7 +50,7 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: str = DEF
                               stratify="subset")
         start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
         judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
-                    run.paths.ray_storage, params={"train": cfg.finetune, "start": model})
+                    run.paths.ray_storage, tracking=tracking, params={"train": cfg.finetune, "start": model})
         trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", store)
         before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", store)
         report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, store,

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="RewardBench-format Parquet/JSONL/JSON/CSV file or folder")
     evaluate.add_argument("--limit", type=int, default=0, help="score a seeded, subset-stratified sample of N pairs")
     evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
+    evaluate.add_argument("--actors", type=int, default=None,
+                          help="fan the judging out over N Ray Data actors (default: eval.actors of the preset)")
 
     study = sub.add_parser("study", help="the quality study: zero-shot | BT | judge without stage 1 | GRAM (eps 0.1) "
                            "| GRAM (eps 0) on one eval set (default data: ../shared/data)")
@@ -157,13 +159,14 @@ def resolve_model(spec: str, config: Any) -> str:
 
 
 def load_judge(args: argparse.Namespace):
-    """The scorer for --model: a Judge, or a BTScorer for a Bradley-Terry folder; anything else exits with one line."""
+    """The scorer for --model: a Judge (on judge.device at judge.dtype, its recorded judge settings applied), or
+    a BTScorer for a Bradley-Terry folder; anything else exits with one line."""
     from gram_core.models import ModelSourceError
-    from tasks.evaluate import make_judge
+    from gram_core.scorers import load_scorer
 
     config = _config(args)
     try:
-        return make_judge(resolve_model(args.model, config), config.judge)
+        return load_scorer(resolve_model(args.model, config), config.judge)
     except (ModelSourceError, FileNotFoundError) as err:
         raise SystemExit(f"gram {args.command}: --model {args.model}: {err}") from err
 
@@ -223,16 +226,21 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
-    from gram_core.scorers import is_scalar, score_table
+    from tasks.evaluate import score_table
     from tasks.report import eval_metrics, report_markdown
     from tasks.sources import limit_rows
 
+    config = _config(args)
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
-    scorer = load_judge(args)
-    scores = score_table(scorer, table, progress=True)
+    actors = config.eval.actors if args.actors is None else args.actors
+    try:
+        scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
+                                           progress=True)
+    except FileNotFoundError as err:
+        raise SystemExit(f"gram eval: --model {args.model}: {err}") from err
     if args.output:
         write_table(scores, args.output, "scores")
-    scalar = [args.model] if is_scalar(scorer) else []
+    scalar = [args.model] if scalar_model else []
     print(report_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
         "![accuracy per subset](chart.png)\n", ""))
     return eval_metrics(scores, bool(scalar))

@@ -91,13 +91,13 @@ def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> di
         if stop == 0:
             return out
         start = out["pretrain"] = run("pretrain", pretrain, out["pairs"], cfg.model, cfg.pretrain.train_config(),
-                                      cfg.encode, cfg.ray, store, run.paths.ray_storage,
+                                      cfg.encode, cfg.ray, store, run.paths.ray_storage, tracking=tracking,
                                       params={"model": cfg.model, "train": cfg.pretrain, "encode": cfg.encode,
                                               "ray": cfg.ray})
     if stop <= 1:
         return out
     out["model"] = run("finetune", finetune, out["preferences"], start, cfg.model, cfg.finetune, cfg.encode, cfg.ray,
-                       store, run.paths.ray_storage,
+                       store, run.paths.ray_storage, tracking=tracking,
                        params={"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray})
     if cfg.baseline.enabled:  # from the base model, on stage 2's pairs, with stage 2's number of steps
         out["bt_model"] = run("bradley_terry", bradley_terry, out["preferences"], cfg.model,
@@ -107,9 +107,10 @@ def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> di
                                                              "ray": cfg.ray})
     if stop == 2:
         return out
-    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store,
+    fan_out = (cfg.eval.actors, cfg.ray if cfg.eval.actors else None)  # Ray settings matter only when fanning out
+    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store, *fan_out,
                         params={"judge": cfg.judge})
-    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store,
+    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store, *fan_out,
                              params={"judge": cfg.judge, "model": cfg.model}) \
         if cfg.eval.compare_base_zero_shot else None
     out["bt_scores"] = run("evaluate_bt", evaluate, out["bt_model"], out["eval"], cfg.judge, "bt", store,

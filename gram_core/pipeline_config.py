@@ -48,10 +48,13 @@ class RayConfig:
     object_store_memory_mb: int = field(512, "Object store size for a local runtime, in MB.")
     max_failures: int = field(0, "Worker-group restarts Ray Train attempts after a worker failure; each resumes "
                               "from the last checkpoint (raise it on clusters with preemptible nodes).")
+    checkpoints_to_keep: int = field(2, "Checkpoints Ray Train keeps per run in storage_path (the newest; the "
+                                     "final model checkpoint is always the newest). Bounds disk use.")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+        check(self.checkpoints_to_keep >= 1, "ray.checkpoints_to_keep", f"must be >= 1, got {self.checkpoints_to_keep}")
         check(self.use_gpu in ("auto", "true", "false"), "ray.use_gpu",
               f"expected auto, true or false, got {self.use_gpu!r}")
 
@@ -150,9 +153,12 @@ class EvalConfig:
     compare_base_zero_shot: bool = field(True, "Also score the base model zero-shot, for the comparison table.")
     limit: int = field(0, "Score at most this many eval pairs (seeded sample, stratified by subset); 0 = all.")
     seed: int = field(0, "Seed of the `limit` sample.")
+    actors: int = field(0, "Judge the eval set over this many Ray Data actors (one judge each, a GPU each when the "
+                        "cluster has GPUs); 0 = score in the task's own process. Scores are the same either way.")
 
     def __post_init__(self) -> None:
         check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
+        check(self.actors >= 0, "eval.actors", f"must be >= 0, got {self.actors}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,22 +92,16 @@ def check_template(folder: str | Path, tokenizer: Any) -> None:
                                  f"{JUDGE_SETTINGS_FILE}); use the folder's own tokenizer")
 
 
-def load_scorer(folder: str | Path, config: JudgeConfig, dtype: str = "float32", device: str | None = None):
-    """A Judge (GRAM judge or base model zero-shot) or a BTScorer for ``folder``, by what the folder holds."""
+def load_scorer(folder: str | Path, config: JudgeConfig):
+    """A Judge (GRAM judge or base model zero-shot; ``judging.load_judge``: recorded settings, device, dtype)
+    or a BTScorer for ``folder``, by what the folder holds."""
     from gram_core.baseline import BTScorer
-    from gram_core.config import ModelConfig
-    from gram_core.judging import Judge
-    from gram_core.models import load_model
+    from gram_core.judging import default_device, load_judge
 
-    kind = folder_kind(folder)
-    if kind == "bradley_terry":
-        return BTScorer.load(folder, batch_size=config.batch_size, device=device)
-    config = resolve_judge_config(folder, config)
-    model, tokenizer = load_model(ModelConfig(source=str(folder), dtype=dtype))
-    check_template(folder, tokenizer)
-    if device:
-        model.to(device)
-    return Judge(model, tokenizer, config)
+    if folder_kind(folder) == "bradley_terry":
+        device = default_device() if config.device == "auto" else config.device
+        return BTScorer.load(folder, batch_size=config.batch_size, device=str(device))
+    return load_judge(str(folder), config)
 
 
 def is_scalar(scorer) -> bool:

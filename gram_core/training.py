@@ -1,7 +1,8 @@
 """The one training loop, shared by both GRAM stages and the Bradley-Terry baseline.
 
 ``train`` runs AdamW over the trainable parameters with a warm-up + cosine schedule, gradient accumulation,
-clipping and optional bf16 autocast, on length-grouped seeded batches. Checkpoints hold everything needed
+clipping and optional bf16 autocast over fp32 master weights (bf16/fp16 trainable parameters are refused
+unless opted into: gram_core.precision), on length-grouped seeded batches. Checkpoints hold everything needed
 to continue exactly (trainable weights, optimizer, scheduler, step, RNG states); the data order is a pure
 function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
 
@@ -12,7 +13,6 @@ the model twice per step (shared prefix, then the suffixes), which DDP's hooks d
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -40,6 +40,7 @@ from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
 from gram_core.forward import answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
+from gram_core.precision import autocast, check_master_weights
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -166,6 +167,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("train: the model has no trainable parameters (everything frozen?)")
+    check_master_weights(named, config.allow_low_precision_params)
     params = [p for _, p in named]
     device = params[0].device
     order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
@@ -181,10 +183,6 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     if resume_from is not None:
         step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout)
         checkpoint = str(resume_from)
-    def autocast():
-        return (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else contextlib.nullcontext())
-
     bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
     was_training = model.training
     model.train()
@@ -194,7 +192,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             indices = order.batch(step - 1)
             torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
             metrics = _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer,
-                                      scheduler, named, autocast, device, rank, world)
+                                      scheduler, named, device, rank, world)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
             metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
@@ -223,19 +221,19 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer, scheduler, named,
-                    autocast, device, rank, world) -> dict:
+                    device, rank, world) -> dict:
     """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics."""
     start = time.perf_counter()
     mine = shard(indices, rank, world)
     micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     batches = [collate([examples[i] for i in m]) for m in micro]
     weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
-    total_weight = _all_sum(sum(weights), world)
+    total_weight = _all_sum(sum(weights), world, device)
     sums: dict[str, float] = {}
     bad: list[str] = []
     for ids, batch, weight in zip(micro, batches, weights, strict=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast():
+        with autocast(device, config.precision):
             loss, metrics = step_fn(model, batch)
         if not bool(torch.isfinite(loss.detach())):
             bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")
@@ -275,10 +273,10 @@ def _example_id(example: dict, index: int) -> str:
     return f"#{index}"
 
 
-def _all_sum(value: float, world: int) -> float:
+def _all_sum(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(tensor)
     return float(tensor)
 

@@ -12,6 +12,7 @@ import json
 from prefect import task
 
 from gram_core.config import JudgeConfig, ModelConfig
+from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
@@ -21,38 +22,47 @@ CHART_FILE = "chart.png"
 METRICS_FILE = "metrics.json"
 
 
-def make_judge(folder: str, config: JudgeConfig, dtype: str = "float32"):
-    """The scorer a model folder calls for: a GRAM judge (its recorded judge settings applied), a base model
-    zero-shot, or a Bradley-Terry reward model (scalar rewards, one order)."""
-    from gram_core.scorers import load_scorer
+def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
+                progress=None):
+    """(scores-contract table, scalar?) of ``table`` by the model in ``folder``: a GRAM judge or a base model
+    (both orders; in this process, or fanned out over ``actors`` Ray Data actors with the same scores in the
+    same row order) or a Bradley-Terry reward model (one order, in this process: it is cheap)."""
+    from pathlib import Path
 
-    return load_scorer(folder, config, dtype)
+    from gram_core import scorers
+
+    bt_here = Path(str(folder)).is_dir() and scorers.folder_kind(folder) == "bradley_terry"
+    if actors and not bt_here:
+        from tasks.ray_train import score_pairs_distributed
+
+        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig()), False
+    scorer = scorers.load_scorer(folder, judge)
+    return scorers.score_table(scorer, table, progress=progress), scorers.is_scalar(scorer)
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
-             store_uri: str) -> ArtifactRef:
+             store_uri: str, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
     """Scores of one model on the eval set (a judge: both orders; a BT model: one), as a scores-contract table.
 
     ``model``: a trained model artifact (GRAM judge or BT reward model), or a ModelConfig for the base model
-    zero-shot.
+    zero-shot (scored at the same ``judge.dtype`` as the trained one). ``actors`` > 0 fans judge scoring out
+    over a Ray cluster.
     """
     from data_contracts import SCORES
-    from gram_core.scorers import is_scalar, score_table
     from tasks.report import ACCURACY, eval_metrics
 
     log = stage_logger()
     store = ArtifactStore(store_uri)
     if isinstance(model, ModelConfig):
-        folder, dtype, name = base_model_dir(model), model.dtype, model.source
-    else:
-        folder, dtype, name = model_folder(store_uri, model), "float32", model_label(model)
+        folder, name = base_model_dir(model), model.source
+    else:  # fanning out: the actors read the artifact from the store themselves
+        folder = store.require(model).uri if actors else model_folder(store_uri, model)
+        name = model_label(model)
     table = read_table_artifact(store, eval_set)
-    scorer = make_judge(folder, judge, dtype)
-    scalar = is_scalar(scorer)
-    log.info("evaluate %s (%s): scoring %d pairs %s", label, name, table.num_rows,
-             "once (scalar reward model)" if scalar else "in both orders")
-    scores = score_table(scorer, table, progress=ProgressLog(log, f"evaluate {label}"))
+    where = f"over {actors} Ray Data actors" if actors else "in process"
+    log.info("evaluate %s (%s): scoring %d pairs, %s", label, name, table.num_rows, where)
+    scores, scalar = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"))
     metrics = eval_metrics(scores, scalar)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,
                               meta={"label": label, "model": name, "eval_set": eval_set.sha256, "metrics": metrics})

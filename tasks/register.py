@@ -2,9 +2,10 @@
 
 MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
 holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
-stage. Stages are cached, so their child runs are written here from their artifact references after the
-stages finish (tag ``gram.cached`` says whether the stage computed in this run): a cached stage still shows
-its params, per-step training metrics (from the model's metrics.jsonl) and eval metrics.
+stage. Training stages that compute open their child run themselves and log every step live from Ray's
+rank 0; cached stages get theirs here, from their artifact references, after the stages finish (tag
+``gram.cached``): a cached stage still shows its params, per-step training metrics (from the model's
+metrics.jsonl) and eval metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from tasks.registry import (
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 
+# Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
+LIVE_STAGES = ("pretrain", "finetune", "register")
 PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
 
 
@@ -137,8 +140,8 @@ def record_run(records: list[StageRecord], report: ArtifactRef, registration: di
 
     store = ArtifactStore(store_uri)
     for record in records:
-        if record.name == "register" and not record.cached:
-            continue  # the register task wrote its own child run (it logged the model there)
+        if record.name in LIVE_STAGES and not record.cached:
+            continue  # the task wrote its own child run (register: the model; training: live metrics)
         _log_stage(record, store, tracking)
     mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)
     folder = store.local_dir(report)

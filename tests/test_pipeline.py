@@ -183,6 +183,9 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
     assert set(STAGE_TASKS) <= set(by_stage)
     history = client.get_metric_history(by_stage["finetune"].info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]  # smoke: finetune.max_steps = 3, one point per step
+    # Logged live by Ray's rank 0 as each step happened (not in one batch after the stage).
+    assert by_stage["finetune"].data.tags["gram.live"] == "true" and len({m.timestamp for m in history}) == 3
+    assert by_stage["finetune"].data.tags["gram.sha256"]
     assert "rewardbench/position_consistency" in by_stage["eval_report"].data.metrics
     assert "bt/eval/accuracy" in parent.data.metrics and "zero_shot/eval/accuracy" in parent.data.metrics
     assert "bt/rewardbench/position_consistency" not in parent.data.metrics
@@ -191,6 +194,16 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
     assert "eval/accuracy" in by_stage["evaluate_bt"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "chart.png"} <= artifacts
+
+
+def test_training_stages_show_progress_in_prefect(run1, env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    stages = {a.description.split(":")[0]: a.data for a in progress}
+    assert stages == {"pretrain": 100.0, "finetune": 100.0}  # updated from the workers' steps up to the last
 
 
 def test_second_run_is_served_from_cache(run2, env):
@@ -232,7 +245,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     import pandas as pd
 
     from gram_core.config import JudgeConfig
-    from tasks.evaluate import make_judge
+    from gram_core.judging import load_judge as core_judge
     from tasks.register import download_registered_model
     from tasks.registry import load_judge
 
@@ -245,7 +258,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
     assert resolved == f"models:/{name}/3"
-    core = make_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
+    core = core_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
                                                            list(frame["response_b"]))
     np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
 
