@@ -203,7 +203,7 @@ def test_training_stages_show_progress_in_prefect(run1, env):
     with get_client(sync_client=True) as client:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     stages = {a.description.split(":")[0]: a.data for a in progress}
-    assert stages == {"pretrain": 100.0, "finetune": 100.0}  # updated from the workers' steps up to the last
+    assert stages == {"pretrain": 100.0, "finetune": 100.0, "bradley_terry": 100.0}  # from the workers, up to the last step
 
 
 def test_second_run_is_served_from_cache(run2, env):
