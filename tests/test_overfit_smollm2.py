@@ -14,16 +14,7 @@ PAIRS = 16
 STEPS = 96  # 24 epochs of 16 pairs x 2 orders, 8 sequences per step
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
+@pytest.mark.threads(2)
 def test_smollm2_overfits_starter_pairs_in_both_orders():
     from gram_core.judging import Judge
     from gram_core.models import ModelSourceError, load_model

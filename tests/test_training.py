@@ -279,7 +279,7 @@ def test_bf16_autocast_is_applied_and_trains(tiny_tokenizer):
 
 
 def test_slot_placement_is_redrawn_each_epoch_and_seeded():
-    from gram_core.training import DataOrder, Groups
+    from gram_core.batching import DataOrder, Groups
 
     groups = Groups(tuple((2 * i, 2 * i + 1) for i in range(40)), pick="half")
     lengths = [10] * 80
@@ -299,7 +299,7 @@ def test_slot_placement_is_redrawn_each_epoch_and_seeded():
 
 
 def test_both_orders_of_a_pair_share_a_batch():
-    from gram_core.training import DataOrder, Groups
+    from gram_core.batching import DataOrder, Groups
 
     groups = Groups(tuple((2 * i, 2 * i + 1) for i in range(30)), pick="all")
     order = DataOrder(list(np.random.default_rng(0).integers(5, 50, 60)), 8, 3, groups)
