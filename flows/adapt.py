@@ -52,11 +52,11 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: str = DEF
                               stratify="subset")
         start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
         judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
-                    run.paths.ray_storage, params={"train": cfg.finetune, "start": model})
+                    run.paths.ray_storage, tracking=tracking, params={"train": cfg.finetune, "start": model})
         trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", store)
         before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", store)
-        report = run("eval_report", eval_report, trained, before, eval_set, store, cfg.data.eval.describe(),
-                     base_name=f"{model} (before)")
+        report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, store,
+                     cfg.data.eval.describe(), names={"base": f"{model} (before)", "trained": "adapted judge"})
         tags = {**version_tags(cfg, run.records), "adapted_from": start.meta.get("model_uri", model)}
         registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, home, store,
                            tracking=tracking)

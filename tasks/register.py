@@ -2,9 +2,10 @@
 
 MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
 holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
-stage. Stages are cached, so their child runs are written here from their artifact references after the
-stages finish (tag ``gram.cached`` says whether the stage computed in this run): a cached stage still shows
-its params, per-step training metrics (from the model's metrics.jsonl) and eval metrics.
+stage. Training stages that compute open their child run themselves and log every step live from Ray's
+rank 0; cached stages get theirs here, from their artifact references, after the stages finish (tag
+``gram.cached``): a cached stage still shows its params, per-step training metrics (from the model's
+metrics.jsonl) and eval metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from tasks.retries import REGISTRY_RETRIES
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 
+# Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
+LIVE_STAGES = ("pretrain", "finetune", "register")
 PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
 
 
@@ -99,6 +102,28 @@ def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlf
             "promotion": {k: getattr(decision, k) for k in PROMOTION_FIELDS}}
 
 
+# MLflow metric prefix of each report column but the GRAM judge's (logged unprefixed).
+METRIC_PREFIXES = {"base": "zero_shot", "bt": "bt"}
+
+
+def report_columns(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, name) of the report's columns, in order (eval_report's meta)."""
+    from tasks.report import COLUMNS
+
+    pairs = meta.get("columns") or [[k, COLUMNS[k]] for k in ("base", "trained") if meta.get(k)]
+    return [(key, name) for key, name in pairs if meta.get(key)]
+
+
+def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The report's metrics for MLflow: the GRAM judge's as they are, every other column's under its prefix
+    (zero_shot/..., bt/...)."""
+    out = dict(meta["trained"])
+    for key, _name in report_columns(meta):
+        if key != "trained":
+            out.update({f"{METRIC_PREFIXES.get(key, key)}/{k}": v for k, v in meta[key].items()})
+    return out
+
+
 def _history(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -126,9 +151,7 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
             mlf.log_eval_metrics(ref.meta.get("metrics", {}), run_id=run.run_id)
         elif ref.kind == "report":
             folder = store.local_dir(ref)
-            mlf.log_eval_metrics(ref.meta["trained"], run_id=run.run_id)
-            if ref.meta.get("base"):
-                mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in ref.meta["base"].items()}, run_id=run.run_id)
+            mlf.log_eval_metrics(report_metrics(ref.meta), run_id=run.run_id)
             for name in (REPORT_FILE, CHART_FILE, METRICS_FILE):
                 mlf.log_artifact_file(folder / name, run_id=run.run_id)
 
@@ -141,12 +164,10 @@ def record_run(records: list[StageRecord], report: ArtifactRef, registration: di
 
     store = ArtifactStore(store_uri)
     for record in records:
-        if record.name == "register" and not record.cached:
-            continue  # the register task wrote its own child run (it logged the model there)
+        if record.name in LIVE_STAGES and not record.cached:
+            continue  # the task wrote its own child run (register: the model; training: live metrics)
         _log_stage(record, store, tracking)
-    mlf.log_eval_metrics(report.meta["trained"], run_id=tracking.run_id)
-    if report.meta.get("base"):
-        mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in report.meta["base"].items()}, run_id=tracking.run_id)
+    mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)
     folder = store.local_dir(report)
     for name in (REPORT_FILE, CHART_FILE):
         mlf.log_artifact_file(folder / name, run_id=tracking.run_id)
@@ -165,13 +186,17 @@ def pipeline_params(config: Any) -> dict[str, Any]:
 @task(name="summarize")
 def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records: list[StageRecord],
               store_uri: str, tracking: RunHandle | None) -> dict[str, Any]:
-    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts."""
+    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts. ``columns``:
+    the compared models, key -> name, in order (zero-shot | BT | GRAM); ``eval``: one row per metric with
+    each column's value under its key (a fraction, None, or "n/a (scalar)")."""
     from tasks.report import comparison_rows
     from tasks.tracking import redact
 
-    rows = comparison_rows(report.meta["trained"], report.meta.get("base"))
+    columns = dict(report_columns(report.meta))
+    rows = comparison_rows({key: report.meta[key] for key in columns})
     summary: dict[str, Any] = {
-        "eval": [{"metric": r["name"], "base_zero_shot": r["base"], "trained": r["trained"]} for r in rows],
+        "columns": columns,
+        "eval": [{"metric": r["name"], **r["values"]} for r in rows],
         "eval_rows": report.meta.get("eval_rows"),
         "report": report.file(REPORT_FILE),
         "chart": report.file(CHART_FILE),
@@ -192,12 +217,13 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
     """Eval table + report with links to MLflow, visible on the flow run page in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    def pct(value: float | None) -> str:
-        return "—" if value is None else f"{100 * value:.1f}"
+    def pct(value: float | str | None) -> str:
+        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
 
-    table = [{"metric": r["metric"], "base zero-shot": pct(r["base_zero_shot"]), "trained": pct(r["trained"])}
+    columns = summary["columns"]
+    table = [{"metric": r["metric"], **{name: pct(r.get(key)) for key, name in columns.items()}}
              for r in summary["eval"]]
-    create_table_artifact(table, key="gram-eval", description="Eval accuracy (%): base zero-shot vs trained")
+    create_table_artifact(table, key="gram-eval", description=f"Eval accuracy (%): {' | '.join(columns.values())}")
     links = [f"* Artifact store: `{summary['artifact_store']}`", f"* Report: `{summary['report']}`",
              f"* MLflow run: {summary['mlflow_run']} (tracking URI `{summary['tracking_uri']}`)"]
     reg = summary.get("registered")

@@ -6,7 +6,9 @@ bind them to one state folder with ``bind`` (cached results under <home>/prefect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -83,35 +85,71 @@ class ProgressLog:
 METRICS_FILE = "metrics.jsonl"
 
 
-def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, model: ModelConfig, train: Any,
-                encode: Any, ray: Any, store_uri: str, ray_storage: str) -> ArtifactRef:
-    """Run one training stage under Ray Train and publish the trained HF folder as a model artifact."""
-    import json
-    import shutil
+class TrainingProgress:
+    """on_progress(step, fraction) for ``fit``: a Prefect progress artifact on the task run (updated while the
+    workers train) and a log line about every ``every`` percent."""
 
+    def __init__(self, log: Any, stage: str, every: float = 10.0):
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import TaskRunContext
+
+        self.log, self.stage, self.every, self.next_pct = log, stage, every, every
+        self.start = time.monotonic()
+        self.artifact = None
+        if TaskRunContext.get() is not None:  # outside a task run there is nothing to attach it to
+            self.artifact = create_progress_artifact(0.0, description=f"{stage}: optimizer steps done (%)")
+
+    def __call__(self, step: int, fraction: float) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.artifact is not None:
+            update_progress_artifact(self.artifact, 100.0 * fraction)
+        if 100.0 * fraction + 1e-9 >= self.next_pct:
+            while self.next_pct <= 100.0 * fraction + 1e-9:
+                self.next_pct += self.every
+            elapsed = time.monotonic() - self.start
+            self.log.info("%s: step %d (%.0f%%), %.0f s elapsed, ~%.0f s left", self.stage, step, 100 * fraction,
+                          elapsed, elapsed / max(fraction, 1e-9) * (1 - fraction))
+
+
+def train_stage(stage: str, *, data: ArtifactRef, start: ArtifactRef | str, model: ModelConfig, train: Any,
+                encode: Any, ray: Any, store_uri: str, ray_storage: str, tracking: Any = None) -> ArtifactRef:
+    """Run one training stage under Ray Train and publish the trained HF folder as a model artifact.
+
+    Workers read the data and the start model from the artifact store's URIs (shared storage on a cluster).
+    With ``tracking`` (the pipeline's parent run) the stage's MLflow child run is opened here and receives
+    every step's metrics live from rank 0; a Prefect progress artifact follows the steps.
+    """
+    import json
+
+    from tasks import tracking as mlf
     from tasks.artifacts import TABLE_FILE
     from tasks.caching import stage_logger
     from tasks.ray_train import fit
 
     log = stage_logger()
     store = ArtifactStore(store_uri)
-    data_path = store.local_dir(data) / TABLE_FILE
+    store.require(data)
     name = run_name(stage, data, start, model, train, encode)
     log.info("%s: %d examples from %s, starting from %s (Ray run %s)", stage, data.rows or 0, data.short,
              model_label(start), name)
     began = time.monotonic()
-    with store.staging(stage) as folder:
-        result = fit(stage, model_source=model_folder(store_uri, start), model_cfg=model, train_cfg=train,
-                     encode_cfg=encode, data_path=str(data_path), output_dir=str(folder), ray_cfg=ray,
-                     storage_path=ray_storage, run_name=name)
-        metrics_path = Path(result["metrics_path"])
-        if metrics_path.exists() and metrics_path.parent != folder:
-            shutil.copy(metrics_path, folder / METRICS_FILE)
+    params = {"model": model, "train": train, "encode": encode, "ray": ray}
+    child = (mlf.stage_run(stage, params=params, tags={"gram.cached": "false", "gram.live": "true"}, parent=tracking)
+             if tracking is not None else contextlib.nullcontext())
+    with child as handle, store.staging(stage) as folder:
+        source = start.uri if isinstance(start, ArtifactRef) else start
+        result = fit(stage, model_source=source, model_cfg=model, train_cfg=train, encode_cfg=encode,
+                     data_path=data.file(TABLE_FILE), output_dir=str(folder), ray_cfg=ray, storage_path=ray_storage,
+                     run_name=name, tracking=handle, on_progress=TrainingProgress(log, stage))
         final = {k: v for k, v in (result.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
         meta = {"stage": stage, "steps": int(result.get("steps", 0)), "final_metrics": final,
                 "data": data.sha256, "start": model_label(start), "run_name": name,
                 "resumed_from_step": int(result.get("resumed_from_step", 0))}
         ref = store.publish(stage, folder, "model", meta=meta)
+        if handle is not None:
+            mlf.set_tags({"gram.artifact": ref.uri, "gram.sha256": ref.sha256, "gram.state": "Completed"},
+                         run_id=handle.run_id)
     if "://" not in ray_storage:  # published: the run's checkpoints were only there to resume it
         shutil.rmtree(Path(ray_storage) / name, ignore_errors=True)
     log.info("%s: %d steps in %.0f s (resumed from step %d), final %s -> %s", stage, meta["steps"],

@@ -15,11 +15,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import numbers
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from mlflow.utils.validation import (
 
 from gram_core.pipeline_config import MlflowConfig
 
+_log = logging.getLogger(__name__)
 TRUNCATION_MARK = "...[truncated]"
 # Credentials inside URIs: user:password@ (or a token as the user) and secret-looking query parameters.
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
@@ -277,7 +279,10 @@ def _as_metric_value(value: Any, where: str) -> float:
 
 
 def _log_metrics(rid: str, metrics: list[Metric]) -> None:
-    client = MlflowClient()
+    _log_metrics_with(MlflowClient(), rid, metrics)
+
+
+def _log_metrics_with(client: MlflowClient, rid: str, metrics: list[Metric]) -> None:
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(rid, metrics=metrics[start: start + MAX_METRICS_PER_BATCH])
 
@@ -305,6 +310,25 @@ def log_metric_history(history: Sequence[Mapping[str, Any]], run_id: str | None 
                                   now, step))
     _log_metrics(rid, metrics)
     return len(metrics)
+
+
+def step_logger(handle: RunHandle) -> Callable[[int, Mapping[str, Any]], None]:
+    """log_step(step, metrics): one training step's numbers to run ``handle`` as they happen (rank 0 of a Ray
+    worker calls it after every logged step). Keys are named as in ``log_metric_history``. A failed write
+    is logged and skipped: the metrics also reach metrics.jsonl, and live logging must not stop training."""
+    client = MlflowClient(handle.tracking_uri)
+
+    def log_step(step: int, metrics: Mapping[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(_fit_key(key if "/" in key else f"train/{key}"), float(value), now, int(step))
+                 for key, value in metrics.items()
+                 if key != "step" and isinstance(value, numbers.Real)]
+        try:
+            _log_metrics_with(client, handle.run_id, items)
+        except Exception as err:  # noqa: BLE001 - see docstring
+            _log.warning("live metrics for step %d not logged to run %s: %s", step, handle.run_id, err)
+
+    return log_step
 
 
 def log_eval_metrics(metrics: Mapping[str, Any], run_id: str | None = None, step: int = 0) -> dict[str, float]:
