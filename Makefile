@@ -6,9 +6,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export RAY_AUTH_MODE := disabled
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +30,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/judge_prefix.py
+	$(BIN)/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 24
+	$(BIN)/python bench/train_throughput.py
+
+# On a GPU machine with a CUDA build of torch in $(VENV): bf16 training, judge throughput, bf16-vs-fp32 scores.
+gpu-check:
+	PYTHON=$(BIN)/python bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .gram

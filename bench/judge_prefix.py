@@ -9,7 +9,15 @@ batch by batch, each batch keeping its fastest of --repeats rounds (robust to lo
   cached prefix + full-vocab     the cached prefix, but full-vocab logits over every suffix position
 Throughput counts every token of every full sequence (prefix included), so the numbers compare directly.
 
+With ``--real PARQUET`` (RewardBench format, e.g. ../shared/data/rewardbench_lite.parquet) it instead scores
+real pairs in both slot orders at --max-length (1024 by default), end to end, two ways:
+  naive  full ids, padded batches in data order, full-vocabulary logits, softmax over the A/B columns
+  ours   gram_core.judging.Judge.preference (encoding included): length-grouped batches, cached prefix,
+         answer-only logits
+and prints pairs/s and their ratio; the bench fails unless every P(chosen) agrees to 1e-5.
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/judge_prefix.py [--pairs 32] [--batch-size 8]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 16
 """
 
 from __future__ import annotations
@@ -17,13 +25,17 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from gram_core.batching import length_grouped_batches, pad_right
-from gram_core.config import ModelConfig
+from gram_core.config import JudgeConfig, ModelConfig
 from gram_core.encoding import JudgeEncoder
 from gram_core.forward import answer_logits, build_prefix_cache, expanded_prefix_kwargs, model_parts
+from gram_core.judging import Judge
 from gram_core.models import load_model
 
 WORDS = ("the model answer question because water light energy people often would should explain reason "
@@ -73,6 +85,49 @@ def timed(fn, *args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def naive_preference(model, encoder, pad_id, rows, batch_size) -> np.ndarray:
+    """P(chosen) the naive way: both orders' full ids in data order, full-vocab logits, A/B softmax."""
+    n = len(rows)
+    seqs = [encoder.full_ids(encoder.encode(r["prompt"], a, b)) for a, b, r in
+            [(r["chosen"], r["rejected"], r) for r in rows] + [(r["rejected"], r["chosen"], r) for r in rows]]
+    p_a = np.empty(len(seqs))
+    with torch.inference_mode():
+        for start in range(0, len(seqs), batch_size):
+            ids, mask = pad_right(seqs[start:start + batch_size], pad_id)
+            z = full_vocab_full(model, ids, mask, encoder.label_ids, None)
+            p_a[start:start + len(ids)] = torch.softmax(z.double(), dim=-1)[:, 0].numpy()
+    return (p_a[:n] + (1.0 - p_a[n:])) / 2
+
+
+def real_pairs(args, model, tokenizer) -> None:
+    """Naive scorer against ours on real RewardBench-format pairs (see the module docstring)."""
+    rows = pq.read_table(args.real).slice(0, args.pairs).to_pylist()
+    judge = Judge(model, tokenizer, JudgeConfig(batch_size=args.batch_size, max_length=args.max_length))
+    encoder = judge.encoder
+    full = [len(encoder.full_ids(encoder.encode(r["prompt"], r["chosen"], r["rejected"]))) for r in rows]
+    padded = sum(max(full[s:s + args.batch_size]) * len(full[s:s + args.batch_size])
+                 for s in range(0, len(full), args.batch_size))
+    print(f"model {args.source}, fp32, {torch.get_num_threads()} threads; {len(rows)} pairs x 2 orders from "
+          f"{Path(args.real).name} at max length {args.max_length}: {np.mean(full):.0f} tokens per sequence "
+          f"(prefix {len(encoder.prefix_ids)}, {100 * len(encoder.prefix_ids) / np.mean(full):.0f}%); naive padding "
+          f"{100 * (1 - sum(full) / padded):.0f}% of its tokens; batch size {args.batch_size}")
+    sides = {"naive": lambda: naive_preference(model, encoder, tokenizer.pad_token_id, rows, args.batch_size),
+             "ours": lambda: judge.preference([r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                              [r["rejected"] for r in rows]).p}
+    best, scores = {name: float("inf") for name in sides}, {}
+    for _ in range(args.repeats):  # alternate the sides; each keeps its fastest round
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            scores[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name in sides:
+        print(f"{name:6s} {best[name]:8.2f} s {len(rows) / best[name]:8.3f} pairs/s")
+    gap = float(np.abs(scores["naive"] - scores["ours"]).max())
+    print(f"pairs/s ratio ours/naive: {best['naive'] / best['ours']:.2f}x  (max |dP(chosen)| {gap:.1e})")
+    if gap > 1e-5:
+        raise SystemExit(f"scores differ by {gap:.2e} (> 1e-5)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=32)
@@ -80,10 +135,15 @@ def main() -> None:
     parser.add_argument("--source", default="smollm2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each batch keeps its fastest round")
+    parser.add_argument("--real", help="RewardBench-format Parquet: naive scorer against ours on its pairs")
+    parser.add_argument("--max-length", type=int, default=1024, help="judge max length (with --real)")
     args = parser.parse_args()
 
     model, tokenizer = load_model(ModelConfig(source=args.source))
     model.eval()
+    if args.real:
+        real_pairs(args, model, tokenizer)
+        return
     encoder = JudgeEncoder(tokenizer, max_length=1024)
     encodings = [encoder.encode(*pair) for pair in make_pairs(args.pairs, args.seed)]
     full = [encoder.full_ids(e) for e in encodings]

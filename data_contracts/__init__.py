@@ -3,6 +3,7 @@
 No torch here: this package is imported by every stage, including ones that never touch a model.
 """
 
+from data_contracts.fingerprint import rows_sha256
 from data_contracts.readers import (
     SUPPORTED_SUFFIXES,
     DatasetNotCachedError,
@@ -41,6 +42,7 @@ __all__ = [
     "get_contract",
     "read_hub_dataset",
     "read_table",
+    "rows_sha256",
     "validate",
     "write_table",
 ]

@@ -7,6 +7,7 @@ folder of such files (concatenated in name order), a ``datasets.Dataset``/``Data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,13 +17,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data_contracts.schemas import Contract, get_contract
-from data_contracts.validate import validate
+from data_contracts.validate import ContractError, Violation, validate
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
+class _ValueTypeErrors(Exception):
+    def __init__(self, violations: list[Violation]):
+        self.violations = violations
 
 
 class DatasetNotCachedError(FileNotFoundError):
@@ -35,9 +40,16 @@ def _read_parquet(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
 
 
 def _read_jsonl(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
-    if path.stat().st_size == 0:
-        return pa.table({})
-    return pa_json.read_json(path)
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+    return _records_table(records, types, path)
 
 
 def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
@@ -48,18 +60,45 @@ def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
         keys = sorted(data)[:10] if isinstance(data, dict) else []
         raise ValueError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}, "
                          f"got a {type(data).__name__} (keys {keys})")
+    return _records_table(records, types, path)
+
+
+def _json_type_ok(value: Any, typ: pa.DataType) -> bool:
+    """Whether a JSON value is of the column's type as written (no coercion: 1 is not "1", "1" is not 1)."""
+    if value is None:
+        return True  # nulls are reported by validate()
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return isinstance(value, str)
+    if pa.types.is_boolean(typ):
+        return isinstance(value, bool)
+    if pa.types.is_integer(typ):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_floating(typ):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
+def _records_table(records: list, types: dict[str, pa.DataType], path: Path) -> pa.Table:
+    """JSON records -> a table of the wanted columns in their contract types; values of another JSON type
+    are a ContractError naming the column and rows (never coerced, never a crash)."""
     keys: set[str] = set()
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: record {i} is a {type(record).__name__}, expected an object {{column: value}}")
         keys.update(record)
     # Only the wanted columns are built, so odd extra fields (nested, mixed) never get in the way.
-    columns = {}
+    columns, violations = {}, []
     for name in sorted(keys & set(types)):
-        try:
-            columns[name] = pa.array([record.get(name) for record in records])
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ValueError(f"{path}: column {name!r} mixes value types ({exc})") from exc
+        values = [record.get(name) for record in records]
+        bad = [i for i, v in enumerate(values) if not _json_type_ok(v, types[name])]
+        if bad:
+            shown = tuple(repr(values[i])[:40] for i in bad[:5])
+            violations.append(Violation(name, "wrong value type", f"{types[name]} values (JSON values are not "
+                                        "converted)", len(bad), tuple(bad[:5]), shown))
+            continue
+        columns[name] = pa.array(values, type=types[name])
+    if violations:
+        raise _ValueTypeErrors(violations)  # _read_file turns it into a ContractError of the contract
     return pa.table(columns)
 
 
@@ -110,6 +149,10 @@ def _read_file(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
     types = {sources[f.name]: f.type for f in contract.schema}  # keyed by source column name
     try:
         raw = _READERS[suffix](path, types)
+    except _ValueTypeErrors as exc:
+        renamed = {src: name for name, src in sources.items()}  # report contract column names
+        raise ContractError(str(path), contract, [dataclasses.replace(v, column=renamed.get(v.column, v.column))
+                                                  for v in exc.violations]) from None
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read as {suffix[1:].upper()}: {exc}") from exc
     return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path))
@@ -121,8 +164,13 @@ def _read_path(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a {'/'.join(SUPPORTED_SUFFIXES)} "
                                 f"file or a folder of them)")
-    files = sorted(p for p in path.iterdir()
-                   if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith((".", "_")))
+    visible = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    unsupported = [p.name for p in visible if p.suffix.lower() not in SUPPORTED_SUFFIXES]
+    if unsupported:  # never skipped silently: a stray file may be data in a format we cannot read
+        raise ValueError(f"{path}: folder holds file(s) of unsupported type {unsupported[:10]}; supported: "
+                         f"{', '.join(SUPPORTED_SUFFIXES)}. Move them out (names starting with '.' or '_' are "
+                         "ignored) or point the source at the data files")
+    files = [p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
     tables = [_read_file(p, contract, column_map) for p in files]

@@ -24,6 +24,7 @@ from tasks.register import (
     summarize,
     version_tags,
 )
+from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
@@ -44,18 +45,19 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = 
     cfg = adapt_config(preset, overrides, data)
     run = Runner(cfg, refresh)
     home, store = str(run.paths.home), run.store
-    with start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
-                            tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
+    with hold_state_folder(cfg), \
+            start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
+                               tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
         preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
         eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
                               stratify="subset")
         start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
         judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
-                    run.paths.ray_storage, params={"train": cfg.finetune, "start": model})
+                    run.paths.ray_storage, tracking=tracking, params={"train": cfg.finetune, "start": model})
         trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", store)
         before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", store)
-        report = run("eval_report", eval_report, trained, before, eval_set, store, cfg.data.eval.describe(),
-                     base_name=f"{model} (before)")
+        report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, store,
+                     cfg.data.eval.describe(), names={"base": f"{model} (before)", "trained": "adapted judge"})
         tags = {**version_tags(cfg, run.records), "adapted_from": start.meta.get("model_uri", model)}
         registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, home, store,
                            tracking=tracking)

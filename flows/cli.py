@@ -5,22 +5,28 @@
     gram judge --model MODEL --prompt TEXT --a TEXT --b TEXT
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet
+    gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md]
     gram presets [--fields]
+    gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
 
-MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder, a .gguf
+MODEL is a registry URI (models:/NAME@ALIAS or models:/NAME/VERSION), a local Hugging Face folder (a GRAM
+judge, a base LM used zero-shot, or a Bradley-Terry reward model, scored as a scalar reward model), a .gguf
 file, 'smollm2' (the packaged default) or 'tiny'. Heavy libraries load only inside the command that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
+# Ray's token auth stays on (its default): a local runtime listens on the host's address, not only loopback.
+OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s is too short on a busy 2-core box
                     "TOKENIZERS_PARALLELISM": "false"}
 
@@ -66,9 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="RewardBench-format Parquet/JSONL/JSON/CSV file or folder")
     evaluate.add_argument("--limit", type=int, default=0, help="score a seeded, subset-stratified sample of N pairs")
     evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
+    evaluate.add_argument("--actors", type=int, default=None,
+                          help="fan the judging out over N Ray Data actors (default: eval.actors of the preset)")
+
+    study = sub.add_parser("study", help="the quality study: zero-shot | BT | judge without stage 1 | GRAM (eps 0.1) "
+                           "| GRAM (eps 0) on one eval set (default data: ../shared/data)")
+    config_args(study)
+    study.set_defaults(preset="study")
+    study.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
+    study.add_argument("--out", help="also write the report (with this command and its wall time) to this "
+                       "Markdown file, and the chart beside it as <name>.png")
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
+
+    gc = sub.add_parser("gc", help="list (or with --apply, remove) artifacts no cached stage uses, leftovers of "
+                        "killed runs and old Ray checkpoints in the state folder")
+    config_args(gc)
+    gc.add_argument("--apply", action="store_true", help="remove them (default: dry run, only print)")
+    gc.add_argument("--keep-ray-runs-days", type=float, default=7.0,
+                    help="remove interrupted Ray runs older than this many days (default 7)")
     for command in sub.choices.values():  # `gram judge ... --debug` as well as `gram --debug judge ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error")
@@ -80,28 +103,82 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    _config(args)  # a config error fails here, before the Prefect API starts (10-20 s)
-    from flows.pipeline import gram_pipeline
+@contextlib.contextmanager
+def _preflight(config: Any) -> Iterator[None]:
+    """Fail before the Prefect API starts (10-20 s) when another run holds the state folder or the tracking
+    server is unreachable; hold the folder for the whole command (the flow re-enters the lock)."""
+    from tasks.state import hold_state_folder
+    from tasks.tracking import check_tracking_server, resolve_tracking_uri
 
-    summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+    with hold_state_folder(config):
+        check_tracking_server(resolve_tracking_uri(config.mlflow, config.home))
+        yield
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    with _preflight(_config(args)):
+        from flows.pipeline import gram_pipeline
+
+        summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
 
+def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
+    import shlex
+    import shutil
+    import time
+
+    began = time.time()
+    with _preflight(_config(args)):
+        from flows.study import gram_study
+
+        summary = gram_study(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+    minutes = (time.time() - began) / 60
+    report = Path(summary["report"]).read_text()
+    print(report)
+    print(f"Study: {minutes:.1f} min; report {summary['report']}; MLflow run {summary['mlflow_run']} at "
+          f"{summary['tracking_uri']}")
+    if args.out:
+        out = Path(args.out)
+        command = "gram " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
+            f"gram study --preset {args.preset}"
+        chart = out.with_suffix(".png")
+        shutil.copy(summary["chart"], chart)
+        out.write_text(f"# Quality study ({args.preset})\n\nCommand: `{command}` — wall time {minutes:.1f} min "
+                       f"(stages served from cache count as ~0).\n\n![study]({chart.name})\n\n{report}")
+        print(f"wrote {out} and {chart}")
+    return summary
+
+
 def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
-    config = _config(args)
+    from flows.adapt import adapt_config
+
+    config = adapt_config(args.preset, args.overrides or None, args.data)
     if args.model.startswith("models:/"):  # a missing model or alias fails here, before Prefect starts
         from tasks.registry import find_version
         from tasks.tracking import resolve_tracking_uri
 
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
-    from flows.adapt import adapt
+    with _preflight(config):
+        from flows.adapt import adapt
 
-    summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
-                    refresh=args.refresh)
+        summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
+                        refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
+
+
+def cmd_gc(args: argparse.Namespace) -> list[Any]:
+    from tasks.state import collect_garbage
+
+    garbage = collect_garbage(_config(args), apply=args.apply, keep_ray_runs_days=args.keep_ray_runs_days)
+    for item in garbage:
+        print(f"{item.bytes / 2**20:10.1f} MiB  {item.path}  ({item.why})")
+    total = sum(g.bytes for g in garbage if not g.why.startswith("KEPT"))
+    verb = "freed" if args.apply else "would free (dry run; --apply removes)"
+    print(f"{len(garbage)} item(s); {verb} {total / 2**20:.1f} MiB")
+    return garbage
 
 
 def _config(args: argparse.Namespace):
@@ -121,26 +198,38 @@ def resolve_model(spec: str, config: Any) -> str:
         print(f"{spec} -> {resolved}", file=sys.stderr)
         return str(folder)
     from gram_core.models import resolve_model_source
+    from gram_core.scorers import folder_kind
 
+    if Path(spec).expanduser().is_dir():
+        folder_kind(spec)  # a folder of no known kind fails here, naming the kinds it could be
     return resolve_model_source(spec)
 
 
 def load_judge(args: argparse.Namespace):
-    from gram_core.config import ModelConfig
-    from gram_core.judging import Judge
-    from gram_core.models import load_model
+    """The scorer for --model: a Judge (on judge.device at judge.dtype, its recorded judge settings applied), or
+    a BTScorer for a Bradley-Terry folder; anything else is a ModelSourceError (one line)."""
+    from gram_core.models import ModelSourceError
+    from gram_core.scorers import load_scorer
 
     config = _config(args)
-    folder = resolve_model(args.model, config)
-    model, tokenizer = load_model(ModelConfig(source=folder), source=folder)  # not tasks.evaluate: no Prefect import
-    return Judge(model, tokenizer, config.judge)
+    try:
+        return load_scorer(resolve_model(args.model, config), config.judge)
+    except (ModelSourceError, FileNotFoundError) as err:
+        raise ModelSourceError(f"--model {args.model}: {err}") from err
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
-    scores = load_judge(args).preference([args.prompt], [args.a], [args.b])
+    from gram_core.scorers import is_scalar
+
+    judge = load_judge(args)
+    scores = judge.preference([args.prompt], [args.a], [args.b])
     out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
            "p_order2": float(scores.p_order2[0]),
            "consistent": bool((scores.p_order1[0] > 0.5) == (scores.p_order2[0] > 0.5))}
+    if is_scalar(judge):  # one reward per response: no slots, so no second order to agree with
+        out["consistent"] = None
+        print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (scalar reward model: σ(r_a − r_b), no slot order)")
+        return out
     print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (a in slot A: {out['p_order1']:.4f}, a in slot B: "
           f"{out['p_order2']:.4f}; orders {'agree' if out['consistent'] else 'disagree'})")
     return out
@@ -184,17 +273,24 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
-    from gram_core.judging import score_pairs
+    from tasks.evaluate import score_table
     from tasks.report import eval_metrics, report_markdown
     from tasks.sources import limit_rows
 
+    config = _config(args)
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
-    scores = score_pairs(load_judge(args), table, progress=True)
+    actors = config.eval.actors if args.actors is None else args.actors
+    try:
+        scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
+                                           progress=True)
+    except FileNotFoundError as err:
+        raise SystemExit(f"gram eval: --model {args.model}: {err}") from err
     if args.output:
         write_table(scores, args.output, "scores")
-    print(report_markdown(scores, None, eval_name=args.data, model_name=args.model).replace(
+    scalar = [args.model] if scalar_model else []
+    print(report_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
         "![accuracy per subset](chart.png)\n", ""))
-    return eval_metrics(scores)
+    return eval_metrics(scores, bool(scalar))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -212,12 +308,14 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary: eval table, registered version and aliases, where to look."""
-    def pct(value: float | None) -> str:
-        return "     —" if value is None else f"{100 * value:6.1f}"
+    def pct(value: float | str | None) -> str:
+        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
 
-    lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %, both slot orders):", "",
-             f"  {'metric':44s} {'base zero-shot':>14s} {'trained':>8s}"]
-    lines += [f"  {r['metric'][:44]:44s} {pct(r['base_zero_shot']):>14s} {pct(r['trained']):>8s}"
+    columns = summary.get("columns") or {"trained": "GRAM"}
+    scalar = " (BT: a scalar reward model, one order)" if "bt" in columns else ""
+    lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %; judges in both slot orders"
+             f"{scalar}):", "", f"  {'metric':44s}" + "".join(f" {name[:12]:>12s}" for name in columns.values())]
+    lines += [f"  {r['metric'][:44]:44s}" + "".join(f" {pct(r.get(key)):>12s}" for key in columns)
               for r in summary.get("eval", [])]
     reg = summary.get("registered")
     if reg:
@@ -236,7 +334,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval,
-            "presets": cmd_presets}
+            "study": cmd_study, "presets": cmd_presets, "gc": cmd_gc}
 
 
 # Failures a user can fix (bad config, a missing model, file, column or alias): one line, exit code 2.
@@ -290,14 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     debug = getattr(args, "debug", False)
+    from tasks.locks import LockHeldError
+    from tasks.tracking import TrackingServerUnreachable
+
     try:
-        if args.command in ("run", "adapt") and not debug:
+        if args.command in ("run", "adapt", "study") and not debug:
             _config(args)  # fail on a bad config before Prefect starts; quiet Prefect only once it is imported
             quiet_prefect_tracebacks()
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"gram {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (LockHeldError, TrackingServerUnreachable) as err:  # another run, or the server: try again later
+        if debug:
+            raise
+        print(f"gram {args.command}: {err}", file=sys.stderr)
+        return 3
     except Exception as err:  # noqa: BLE001 - every failure becomes one line; --debug shows the traceback
         if debug:
             raise

@@ -1,10 +1,13 @@
 """The GRAM pipeline flow and one flow per stage: composition only (which task feeds which).
 
     sources ─┬─ prompts/pools/pair sets ─ build_pairs ─ pretrain ─┐
-             ├─ preferences ──────────────────────────────────── finetune ─ evaluate ─┐
-             └─ eval set ─────────────────── evaluate (base, zero-shot) ──────────── eval_report ─ register
+             ├─ preferences ──────────────────────────────────── finetune ─ evaluate ────────┐
+             │            └──────────── bradley_terry (baseline.enabled) ─ evaluate (bt) ────┤
+             └─ eval set ─────────────────── evaluate (base, zero-shot) ─────────────────── eval_report ─ register
 
-Every data source is loaded and validated first, so bad input fails before any training. Each task is
+One run at a time per state folder (``hold_state_folder``; a second fails at once), and the tracking
+server is checked before anything runs. Every data source is loaded and validated first, so bad input fails
+before any training. Each task is
 cached (inputs' content hashes + config + code version): re-running with nothing changed is all Cached.
 A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream stages come from the cache.
 """
@@ -18,6 +21,7 @@ from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
+from tasks.baseline import bradley_terry
 from tasks.build_pairs import build_pairs
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
@@ -25,6 +29,7 @@ from tasks.pretrain import pretrain
 from tasks.register import StageRecord, record_run, register, summarize, version_tags
 from tasks.sources import load_source
 from tasks.stages import bind
+from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
 STAGES = ("build_pairs", "pretrain", "finetune", "evaluate", "register")
@@ -90,22 +95,32 @@ def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> di
         if stop == 0:
             return out
         start = out["pretrain"] = run("pretrain", pretrain, out["pairs"], cfg.model, cfg.pretrain.train_config(),
-                                      cfg.encode, cfg.ray, store, run.paths.ray_storage,
+                                      cfg.encode, cfg.ray, store, run.paths.ray_storage, tracking=tracking,
                                       params={"model": cfg.model, "train": cfg.pretrain, "encode": cfg.encode,
                                               "ray": cfg.ray})
     if stop <= 1:
         return out
     out["model"] = run("finetune", finetune, out["preferences"], start, cfg.model, cfg.finetune, cfg.encode, cfg.ray,
-                       store, run.paths.ray_storage,
+                       store, run.paths.ray_storage, tracking=tracking,
                        params={"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray})
+    if cfg.baseline.enabled:  # from the base model, on stage 2's pairs, with stage 2's number of steps
+        out["bt_model"] = run("bradley_terry", bradley_terry, out["preferences"], cfg.model,
+                              cfg.baseline.train_config(cfg.finetune), cfg.encode, cfg.ray, store,
+                              run.paths.ray_storage, params={"model": cfg.model, "finetune": cfg.finetune,
+                                                             "baseline": cfg.baseline, "encode": cfg.encode,
+                                                             "ray": cfg.ray})
     if stop == 2:
         return out
-    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store,
+    fan_out = (cfg.eval.actors, cfg.ray if cfg.eval.actors else None)  # Ray settings matter only when fanning out
+    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store, *fan_out,
                         params={"judge": cfg.judge})
-    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store,
+    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store, *fan_out,
                              params={"judge": cfg.judge, "model": cfg.model}) \
         if cfg.eval.compare_base_zero_shot else None
-    out["report"] = run("eval_report", eval_report, out["scores"], out["base_scores"], out["eval"], store,
+    out["bt_scores"] = run("evaluate_bt", evaluate, out["bt_model"], out["eval"], cfg.judge, "bt", store,
+                           params={"judge": cfg.judge}) if cfg.baseline.enabled else None
+    out["report"] = run("eval_report", eval_report, {"base": out["base_scores"], "bt": out["bt_scores"],
+                                                     "trained": out["scores"]}, out["eval"], store,
                         cfg.data.eval.describe())
     if stop == 3:
         return out
@@ -124,8 +139,9 @@ def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -
     from tasks.register import pipeline_params
 
     run = Runner(config, refresh)
-    with start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
-                            tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
+    with hold_state_folder(config), \
+            start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
+                               tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
         out = run_stages(run, until, tracking)
         if "report" not in out:
             return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.store,
@@ -138,7 +154,8 @@ def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -
 @flow(name="gram-pipeline")
 def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
                   refresh: bool = False) -> dict[str, Any]:
-    """The full GRAM pipeline: build pairs, pre-train, fine-tune, evaluate, register (+ champion gate)."""
+    """The full GRAM pipeline: build pairs, pre-train, fine-tune (and the BT baseline when enabled), evaluate,
+    register (+ champion gate)."""
     return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
 
 

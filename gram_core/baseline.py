@@ -4,10 +4,14 @@ r(x, y) = w · h_last + b, where h_last is the final hidden state at the last re
 "user: x, assistant: y" (no value head exists in the base model, so the head is new and seeded). Training
 minimises the Bradley-Terry loss -log σ(r(x, y_chosen) − r(x, y_rejected)) with the same ``train`` loop as
 GRAM; a pair's preference is P(y1 ≻ y2) = σ(r1 − r2), which does not depend on slot order.
+
+As the pipeline's baseline it is trained from the base model (not from stage 1) with the same model settings
+and the same number of optimizer steps as stage 2; ``bt_train_config`` states the matching rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,7 +33,7 @@ from gram_core.encoding import (
 )
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
-from gram_core.training import TrainResult, train
+from gram_core.training import TrainResult, preference_groups, total_steps, train
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"
@@ -39,8 +43,10 @@ class RewardEncoder:
     """Token ids of the chat (user = prompt, assistant = response), shortened to ``max_length`` as in
     encoding.plan_truncation (response first down to a floor, then the prompt)."""
 
-    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR):
-        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False)
+    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR,
+                 system_prompt: str | None = None):
+        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False,
+                                                 system_prompt=system_prompt)
         self.tokenizer, self.max_length, self.response_floor = tokenizer, max_length, response_floor
         self.head_ids, self.middle_ids, self.tail_ids = (tokenize(tokenizer, t) for t in (head, middle, tail))
 
@@ -115,11 +121,29 @@ def encode_bt_pairs(encoder: RewardEncoder, rows: Iterable[dict]) -> list[dict]:
     return examples
 
 
+def bt_train_config(finetune: TrainConfig, encode: EncodeConfig, num_pairs: int, world: int = 1) -> TrainConfig:
+    """The BT run matched to a stage-2 run of ``finetune`` on the same ``num_pairs`` pairs and ``world`` workers.
+
+    Same optimizer steps: ``max_steps`` = stage 2's step count (training.total_steps over the pairs in both
+    orders, grouped as ``encode.order`` says: 'both' puts a pair's two orders in one batch, so batch_size
+    sequences are batch_size/2 pairs; 'random_half' uses one order per pair per epoch). Same sequences per
+    micro-batch: a BT example is two sequences (chosen and rejected), so BT's ``batch_size`` is
+    max(1, finetune.batch_size // 2) pairs. Everything else (learning rate, schedule, accumulation,
+    precision, seed) is ``finetune``'s. With order 'both' BT thus sees every pair as often as stage 2 does;
+    with 'random_half' stage 2 takes twice as many pairs per step, so BT covers half as many epochs.
+    """
+    if num_pairs < 1:
+        raise ValueError(f"bt_train_config: num_pairs must be >= 1, got {num_pairs}")
+    steps = total_steps(2 * num_pairs, finetune, world, preference_groups(num_pairs, encode.order))
+    return dataclasses.replace(finetune, batch_size=max(1, finetune.batch_size // 2), max_steps=steps)
+
+
 def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
                         *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
     """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head and train it on preference rows."""
     reward_model = RewardModel(model, seed=head_seed)
-    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length), rows)
+    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt),
+                               rows)
     lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
     result = train(reward_model, examples, bt_step_fn(), train_cfg, collate=collate_bt(tokenizer.pad_token_id),
                    lengths=lengths, **kwargs)
@@ -129,9 +153,11 @@ def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: Train
 class BTScorer:
     """Score pairs with a trained RewardModel: P(y1 ≻ y2) = σ(r1 − r2), the same in both slot orders."""
 
-    def __init__(self, reward_model: RewardModel, tokenizer, max_length: int = 1024, batch_size: int = 8):
+    def __init__(self, reward_model: RewardModel, tokenizer, max_length: int = 1024, batch_size: int = 8,
+                 system_prompt: str | None = None):
         self.model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
-        self.encoder = RewardEncoder(tokenizer, max_length)
+        self.system_prompt = system_prompt
+        self.encoder = RewardEncoder(tokenizer, max_length, system_prompt=system_prompt)
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """r(x, y) per row (float64), in row order; batches are length-grouped to limit padding."""
@@ -150,6 +176,16 @@ class BTScorer:
         finally:
             self.model.train(was_training)
         return out
+
+    def preference(self, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
+                   progress=None, ids=None):
+        """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots), so
+        judging.best_of_n / rank work with a BTScorer as with a Judge."""
+        from gram_core.judging import PairScores
+
+        r1, r2 = self.rewards(list(prompts), list(responses_1)), self.rewards(list(prompts), list(responses_2))
+        p = 1.0 / (1.0 + np.exp(-(r1 - r2)))
+        return PairScores(p_order1=p, p_order2=p, p=p)
 
     def score_pairs(self, table: pa.Table) -> pa.Table:
         """Rows (id|pair_id, subset|source, prompt, chosen, rejected) -> a scores-contract table."""
@@ -170,7 +206,8 @@ class BTScorer:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
                   str(folder / HEAD_FILE))
         (folder / HEAD_META).write_text(json.dumps({"kind": "bradley_terry", "max_length": self.encoder.max_length,
-                                                    "hidden_size": self.model.head.in_features}))
+                                                    "hidden_size": self.model.head.in_features,
+                                                    "system_prompt": self.system_prompt}))
         return folder
 
     @classmethod
@@ -184,7 +221,8 @@ class BTScorer:
         reward_model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         if device:
             reward_model.to(device)
-        return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size)
+        return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size,
+                   system_prompt=meta.get("system_prompt"))
 
 
 def _column(cols: dict, names: tuple[str, ...]) -> list:

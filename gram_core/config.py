@@ -159,9 +159,14 @@ class EncodeConfig:
                             "the prompt; judge scaffolding and the label are never cut.")
     label_a: str = field("A", "Verdict token text for slot A (must be one token).")
     label_b: str = field("B", "Verdict token text for slot B (must be one token).")
+    system_prompt: str | None = field(None, "System message of every judge, stage-1 and BT sequence. None: no "
+                                      "system turn (METHOD.md section 3), even where the chat template adds a "
+                                      "default one (SmolLM2 does); a string: that explicit system message.")
     order: str = field("random_half", "Stage-2 slot placement: 'random_half' puts the chosen response "
-                       "in A for a seeded half of pairs; 'both' emits each pair in both orders.")
-    seed: int = field(0, "Seed for slot placement and shuffling.")
+                       "in A for a random half of the pairs, drawn anew each epoch from finetune.seed; "
+                       "'both' emits each pair in both orders (in the same batch).")
+    seed: int = field(0, "Seed of stage 1's slot order for labelled rows used as unlabeled pairs (stage 2's "
+                      "slot placement follows finetune.seed).")
 
     def __post_init__(self) -> None:
         check(self.max_length >= 32, "encode.max_length", f"must be >= 32, got {self.max_length}")
@@ -181,12 +186,17 @@ class TrainConfig:
     weight_decay: float = field(0.0, "AdamW weight decay.")
     max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
     label_smoothing: float = field(0.1, "Stage-2 label smoothing epsilon (0 <= eps < 1).")
-    precision: str = field("fp32", "fp32 or bf16 (autocast; bf16 only on GPU, 300x slower on these CPUs).")
-    checkpoint_every_steps: int = field(0, "Save a resumable checkpoint every N steps; 0 = end only.")
+    precision: str = field("fp32", "Compute precision: fp32, or bf16 autocast over fp32 master weights (bf16 only "
+                           "on GPU; 300x slower on these CPUs).")
+    checkpoint_every_steps: int = field(25, "Save a resumable checkpoint every N steps (a killed run resumes "
+                                        "from the last one); 0 = end only.")
     log_every_steps: int = field(1, "Report metrics every N optimizer steps.")
     reuse_prefix: bool = field(True, "Stage 2: compute the shared judge-instruction prefix once per step "
                                "and reuse its KV cache for every pair in the batch.")
     seed: int = field(0, "Seed for shuffling, dropout and slot placement.")
+    allow_low_precision_params: bool = field(False, "Let AdamW step bf16/fp16 parameters directly (updates below "
+                                             "half an ulp round away). Off: training refuses them; load the "
+                                             "model in float32 and use precision bf16 instead.")
 
     def __post_init__(self) -> None:
         check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
@@ -207,7 +217,15 @@ class JudgeConfig:
     reuse_prefix: bool = field(True, "Compute the shared judge-instruction prefix once and reuse its KV cache.")
     label_a: str = field("A", "Verdict token text for slot A.")
     label_b: str = field("B", "Verdict token text for slot B.")
+    system_prompt: str | None = field(None, "System message of the judge sequence (None: no system turn); must "
+                                      "match what the judge was trained with (recorded in its model folder).")
+    dtype: str = field("auto", "Weights dtype for scoring: 'auto' = bfloat16 on a GPU, float32 on CPU; or float32, "
+                       "bfloat16, float16. The base and the trained model are scored at the same one.")
+    device: str = field("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.")
 
     def __post_init__(self) -> None:
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "judge.dtype",
+              f"expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.device in ("auto", "cpu", "cuda"), "judge.device", f"expected auto, cpu or cuda, got {self.device!r}")
         check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.max_length >= 32, "judge.max_length", f"must be >= 32, got {self.max_length}")

@@ -11,6 +11,7 @@ special tokens would duplicate BOS, a defect of the authors' code, METHOD.md sec
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,15 +35,11 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def split_chat_template(tokenizer, roles: list[str], add_generation_prompt: bool) -> list[str]:
-    """Render a chat of ``roles`` with sentinel contents and return the text around them.
-
-    For n messages the result has n + 1 pieces: head, the n - 1 pieces between contents, tail.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(f"tokenizer {tokenizer_name(tokenizer)!r} has no chat template")
+def _render_pieces(tokenizer, roles: list[str], add_generation_prompt: bool, **kwargs) -> list[str]:
+    """Render a chat of ``roles`` with sentinel contents; the n + 1 texts around the n contents."""
     messages = [{"role": role, "content": SENTINEL.format(i)} for i, role in enumerate(roles)]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
     pieces = []
     for i in range(len(roles)):
         before, sep, text = text.partition(SENTINEL.format(i))
@@ -51,6 +48,64 @@ def split_chat_template(tokenizer, roles: list[str], add_generation_prompt: bool
                                     f"{roles[i]} message content verbatim exactly once")
         pieces.append(before)
     return pieces + [text]
+
+
+def _without_default_system(tokenizer, pieces: list[str], roles: list[str], add_generation_prompt: bool,
+                            **kwargs) -> list[str]:
+    """``pieces`` with the system turn a template injects when none is given (SmolLM2, Qwen) removed.
+
+    Rendering with an explicit system message gives its header (before the content) and the text up to the
+    first user content; if the plain rendering is that header + some default text + that text, the default
+    turn is cut: what stays is anything before the turn opener (e.g. BOS) and the user turn's own header.
+    """
+    sys_pieces = _render_pieces(tokenizer, ["system"] + roles, add_generation_prompt, **kwargs)
+    sys_head, sys_between = sys_pieces[0], sys_pieces[1]
+    head = pieces[0]
+    injected = (head.startswith(sys_head) and head.endswith(sys_between)
+                and len(head) >= len(sys_head) + len(sys_between))
+    if not injected:
+        return pieces
+    role_at = sys_head.rfind("system")
+    for start in range(max(role_at, 0)):
+        opener = sys_head[start:role_at]
+        at = sys_between.rfind(opener + roles[0])
+        if role_at > 0 and at >= 0:
+            return [sys_head[:start] + sys_between[at:]] + pieces[1:]
+    raise ChatTemplateError(
+        f"chat template of {tokenizer_name(tokenizer)!r} adds a default system turn "
+        f"({head[len(sys_head):len(head) - len(sys_between)]!r:.80}) that cannot be removed automatically; set "
+        "encode.system_prompt to state the system message explicitly")
+
+
+def _template_pieces(tokenizer, roles: list[str], add_generation_prompt: bool, system_prompt: str | None,
+                     **kwargs) -> list[str]:
+    if system_prompt is None:
+        return _without_default_system(tokenizer, _render_pieces(tokenizer, roles, add_generation_prompt, **kwargs),
+                                       roles, add_generation_prompt, **kwargs)
+    sys_pieces = _render_pieces(tokenizer, ["system"] + roles, add_generation_prompt, **kwargs)
+    return [sys_pieces[0] + system_prompt + sys_pieces[1]] + sys_pieces[2:]
+
+
+def split_chat_template(tokenizer, roles: list[str], add_generation_prompt: bool,
+                        system_prompt: str | None = None) -> list[str]:
+    """Render a chat of ``roles`` with sentinel contents and return the text around them.
+
+    For n messages the result has n + 1 pieces: head, the n - 1 pieces between contents, tail. With
+    ``system_prompt`` None there is no system turn (METHOD.md section 3), even where the template adds a
+    default one; a string becomes an explicit system message inside the head. A template whose output
+    changes with the date (e.g. Llama 3's 'Today Date: ...') is refused: encodings would change daily.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"tokenizer {tokenizer_name(tokenizer)!r} has no chat template")
+    pieces = _template_pieces(tokenizer, roles, add_generation_prompt, system_prompt)
+    other_day = _template_pieces(tokenizer, roles, add_generation_prompt, system_prompt, date_string="01 Jan 1999")
+    today = datetime.date.today()
+    stamps = {today.strftime(f) for f in ("%d %b %Y", "%Y-%m-%d", "%B %d, %Y", "%d %B %Y")}
+    if other_day != pieces or any(stamp in "".join(pieces) for stamp in stamps):
+        raise ChatTemplateError(f"chat template of {tokenizer_name(tokenizer)!r} renders the date into the "
+                                "sequence, so encodings would change from day to day; use a template without a "
+                                "date (set tokenizer.chat_template) or a system_prompt that keeps it out")
+    return pieces
 
 
 def tokenize_before(tokenizer, first: str, second: str) -> list[int]:
@@ -119,11 +174,11 @@ class JudgeEncoder:
     """Stage-2 judge sequences: [template head + instruction] | question, answers, verdict cue, gen prompt."""
 
     def __init__(self, tokenizer, max_length: int = 1024, label_a: str = "A", label_b: str = "B",
-                 response_floor: int = DEFAULT_RESPONSE_FLOOR):
+                 response_floor: int = DEFAULT_RESPONSE_FLOOR, system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.response_floor = response_floor
-        head, tail = split_chat_template(tokenizer, ["user"], add_generation_prompt=True)
+        head, tail = split_chat_template(tokenizer, ["user"], add_generation_prompt=True, system_prompt=system_prompt)
         self.tail_text = tail
         # The prefix ends with "\n\n": tokenize it as it appears before "[User Question]".
         self.prefix_ids = tokenize_before(tokenizer, head + prompts.JUDGE_INSTRUCTION, prompts.QUESTION_HEAD)
@@ -173,11 +228,13 @@ class PretrainEncoder:
     template tail after the end-of-turn token; the target and the end-of-turn token carry loss.
     """
 
-    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR):
+    def __init__(self, tokenizer, max_length: int = 1024, response_floor: int = DEFAULT_RESPONSE_FLOOR,
+                 system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.response_floor = response_floor
-        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False)
+        head, middle, tail = split_chat_template(tokenizer, ["user", "assistant"], add_generation_prompt=False,
+                                                 system_prompt=system_prompt)
         self.head_ids = tokenize(tokenizer, head + prompts.QUESTION_HEAD)
         self.middle_ids = tokenize(tokenizer, prompts.PRETRAIN_QUESTION_TAIL + middle)
         self.a_head_ids = tokenize(tokenizer, prompts.PRETRAIN_A_HEAD)

@@ -16,13 +16,15 @@ import pyarrow as pa
 import torch
 
 from gram_core.batching import length_grouped_batches, pad_right
-from gram_core.config import JudgeConfig
+from gram_core.config import JudgeConfig, ModelConfig
 from gram_core.encoding import JudgeEncoder
 from gram_core.forward import answer_logits, build_prefix_cache
+from gram_core.models import load_model
+from gram_core.precision import default_device, inference_dtype
 from gram_core.rewardbench import position_consistency
 
-__all__ = ["Judge", "PairScores", "SCORES_SCHEMA", "best_of_n", "pointwise_reward", "position_consistency",
-           "rank", "score_pairs"]
+__all__ = ["Judge", "PairScores", "SCORES_SCHEMA", "best_of_n", "load_judge", "pointwise_reward",
+           "position_consistency", "rank", "score_pairs"]
 
 # The scores contract (data_contracts.SCORES), restated so gram_core does not depend on data_contracts.
 SCORES_SCHEMA = pa.schema([
@@ -91,7 +93,7 @@ class Judge:
         self.tokenizer = tokenizer
         self.config = config
         self.encoder = JudgeEncoder(tokenizer, max_length=config.max_length, label_a=config.label_a,
-                                    label_b=config.label_b)
+                                    label_b=config.label_b, system_prompt=config.system_prompt)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("Judge: the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
@@ -185,6 +187,20 @@ class _EvalMode:
     def __exit__(self, *exc: Any) -> None:
         self.no_grad.__exit__(*exc)
         self.model.train(self.was_training)
+
+
+def load_judge(folder: str, config: JudgeConfig | None = None) -> Judge:
+    """A Judge over a plain HF folder, on ``config.device`` at ``config.dtype`` ('auto': the accelerator when
+    present, bf16 there, fp32 on CPU). No LoRA or freezing: scoring only."""
+    from gram_core.scorers import check_template, resolve_judge_config
+
+    # A trained judge is read out with the settings it recorded (labels, max length, system turn).
+    config = resolve_judge_config(folder, config if config is not None else JudgeConfig())
+    device = default_device() if config.device == "auto" else torch.device(config.device)
+    model, tokenizer = load_model(ModelConfig(source=folder, dtype=inference_dtype(config.dtype, device)),
+                                  source=folder)
+    check_template(folder, tokenizer)
+    return Judge(model.to(device).eval(), tokenizer, config)
 
 
 def _columns(table: pa.Table | Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:

@@ -48,10 +48,13 @@ class RayConfig:
     object_store_memory_mb: int = field(512, "Object store size for a local runtime, in MB.")
     max_failures: int = field(0, "Worker-group restarts Ray Train attempts after a worker failure; each resumes "
                               "from the last checkpoint (raise it on clusters with preemptible nodes).")
+    checkpoints_to_keep: int = field(2, "Checkpoints Ray Train keeps per run in storage_path (the newest; the "
+                                     "final model checkpoint is always the newest). Bounds disk use.")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "ray.cpus_per_worker", "must be >= 1")
+        check(self.checkpoints_to_keep >= 1, "ray.checkpoints_to_keep", f"must be >= 1, got {self.checkpoints_to_keep}")
         check(self.use_gpu in ("auto", "true", "false"), "ray.use_gpu",
               f"expected auto, true or false, got {self.use_gpu!r}")
 
@@ -126,13 +129,36 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    enabled: bool = field(False, "Also train the Bradley-Terry reward model (the discriminative baseline) on the "
+                          "same preference pairs, from the base model (not stage 1) with the same `model` "
+                          "settings and the same number of optimizer steps as stage 2, and evaluate it on the "
+                          "same eval set: the summary then shows zero-shot | BT | GRAM. Costs about one more "
+                          "stage-2 run.")
+    learning_rate: float | None = field(None, "Peak learning rate of the BT run. None: finetune.learning_rate. "
+                                        "Its other training settings are finetune's, matched as "
+                                        "gram_core.baseline.bt_train_config states (steps; batch_size // 2 pairs).")
+
+    def __post_init__(self) -> None:
+        check(self.learning_rate is None or self.learning_rate > 0, "baseline.learning_rate",
+              f"must be > 0 or null, got {self.learning_rate}")
+
+    def train_config(self, finetune: TrainConfig) -> TrainConfig:
+        """Stage 2's TrainConfig with this learning rate (steps and batch are matched by the BT task)."""
+        return dataclasses.replace(finetune, learning_rate=self.learning_rate or finetune.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     compare_base_zero_shot: bool = field(True, "Also score the base model zero-shot, for the comparison table.")
     limit: int = field(0, "Score at most this many eval pairs (seeded sample, stratified by subset); 0 = all.")
     seed: int = field(0, "Seed of the `limit` sample.")
+    actors: int = field(0, "Judge the eval set over this many Ray Data actors (one judge each, a GPU each when the "
+                        "cluster has GPUs); 0 = score in the task's own process. Scores are the same either way.")
 
     def __post_init__(self) -> None:
         check(self.limit >= 0, "eval.limit", f"must be >= 0, got {self.limit}")
+        check(self.actors >= 0, "eval.actors", f"must be >= 0, got {self.actors}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +174,7 @@ class PipelineConfig:
     encode: EncodeConfig = field(EncodeConfig(), "Sequence encoding for training.")
     pretrain: PretrainConfig = field(PretrainConfig(learning_rate=1e-5), "Stage 1 training (unlabeled pairs).")
     finetune: TrainConfig = field(TrainConfig(), "Stage 2 training (labeled preference pairs).")
+    baseline: BaselineConfig = field(BaselineConfig(), "Bradley-Terry baseline stage (off by default).")
     judge: JudgeConfig = field(JudgeConfig(), "Scoring with a judge (evaluation, the pyfunc model, CLI).")
     eval: EvalConfig = field(EvalConfig(), "Evaluation stage.")
     ray: RayConfig = field(RayConfig(), "Ray runtime for the training stages.")

@@ -1,7 +1,8 @@
 """The one training loop, shared by both GRAM stages and the Bradley-Terry baseline.
 
 ``train`` runs AdamW over the trainable parameters with a warm-up + cosine schedule, gradient accumulation,
-clipping and optional bf16 autocast, on length-grouped seeded batches. Checkpoints hold everything needed
+clipping and optional bf16 autocast over fp32 master weights (bf16/fp16 trainable parameters are refused
+unless opted into: gram_core.precision), on length-grouped seeded batches. Checkpoints hold everything needed
 to continue exactly (trainable weights, optimizer, scheduler, step, RNG states); the data order is a pure
 function of (seed, step), so a resumed run sees the same batches as an uninterrupted one.
 
@@ -12,7 +13,6 @@ the model twice per step (shared prefix, then the suffixes), which DDP's hooks d
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.batching import (  # noqa: F401  DataOrder etc. re-exported for callers of training
+    DataOrder,
+    Groups,
+    pad_right,
+    preference_groups,
+    shard,
+    total_steps,
+)
 from gram_core.checkpoints import (  # noqa: F401  re-exported: callers import checkpoint I/O from here
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -40,6 +47,7 @@ from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
 from gram_core.forward import answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
+from gram_core.precision import autocast, check_master_weights
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -66,40 +74,14 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class DataOrder:
-    """Which example indices form global batch ``step`` (0-based): a pure function of seed and step."""
-
-    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int) -> None:
-        self.lengths, self.global_batch, self.seed = list(lengths), global_batch, seed
-        self.steps_per_epoch = math.ceil(len(self.lengths) / global_batch)
-        self._epoch, self._batches = -1, []
-
-    def batch(self, step: int) -> list[int]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:  # each epoch reshuffles with its own seed
-            self._epoch = epoch
-            self._batches = length_grouped_batches(self.lengths, self.global_batch, seed=self.seed + epoch)
-        return self._batches[index]
-
-
-def shard(indices: list[int], rank: int, world: int) -> list[int]:
-    """This rank's contiguous, disjoint part of a global batch (sizes differ by at most one)."""
-    n = len(indices)
-    return indices[rank * n // world:(rank + 1) * n // world]
-
-
-def total_steps(num_examples: int, config: TrainConfig, world: int = 1) -> int:
-    """Optimizer steps the run takes: max_steps if set, else ceil(epochs * batches per epoch)."""
-    global_batch = config.batch_size * config.grad_accum_steps * world
-    return config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * math.ceil(num_examples / global_batch))
-
-
 def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config: TrainConfig, *,
-          collate: Callable[[list[dict]], dict], lengths: Sequence[int], output_dir: str | Path | None = None,
+          collate: Callable[[list[dict]], dict], lengths: Sequence[int], groups: Groups | None = None,
+          output_dir: str | Path | None = None,
           resume_from: str | Path | None = None, on_metrics: Callable[[int, dict], Any] | None = None,
           on_checkpoint: Callable[[str | None, dict], Any] | None = None) -> TrainResult:
     """Train ``model`` in place on ``examples`` and return the step count, per-step metrics and last checkpoint.
 
+    ``groups`` (optional) keeps examples together or picks one per group per epoch (see ``Groups``).
     ``collate(examples) -> batch`` builds a micro-batch dict of tensors; an optional ``"weight"`` entry
     (default: the number of examples) sets its share of the step's mean loss, so gradient accumulation
     and sharding give the same gradient as one big batch. ``step_fn(model, batch) -> (loss, metrics)``
@@ -116,10 +98,11 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("train: the model has no trainable parameters (everything frozen?)")
+    check_master_weights(named, config.allow_low_precision_params)
     params = [p for _, p in named]
     device = params[0].device
-    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed)
-    steps = total_steps(len(examples), config, world)
+    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
+    steps = total_steps(len(examples), config, world, groups)
     # No weight decay on norms and biases (1-D tensors), as is standard for transformers.
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -131,10 +114,6 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     if resume_from is not None:
         step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout)
         checkpoint = str(resume_from)
-    def autocast():
-        return (torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else contextlib.nullcontext())
-
     bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
     was_training = model.training
     model.train()
@@ -144,7 +123,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             indices = order.batch(step - 1)
             torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
             metrics = _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer,
-                                      scheduler, named, autocast, device, rank, world)
+                                      scheduler, named, device, rank, world)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
             metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
@@ -173,19 +152,19 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer, scheduler, named,
-                    autocast, device, rank, world) -> dict:
+                    device, rank, world) -> dict:
     """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics."""
     start = time.perf_counter()
     mine = shard(indices, rank, world)
     micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     batches = [collate([examples[i] for i in m]) for m in micro]
     weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
-    total_weight = _all_sum(sum(weights), world)
+    total_weight = _all_sum(sum(weights), world, device)
     sums: dict[str, float] = {}
     bad: list[str] = []
     for ids, batch, weight in zip(micro, batches, weights, strict=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast():
+        with autocast(device, config.precision):
             loss, metrics = step_fn(model, batch)
         if not bool(torch.isfinite(loss.detach())):
             bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")
@@ -225,10 +204,10 @@ def _example_id(example: dict, index: int) -> str:
     return f"#{index}"
 
 
-def _all_sum(value: float, world: int) -> float:
+def _all_sum(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(tensor)
     return float(tensor)
 
@@ -331,14 +310,17 @@ def pretrain_step_fn() -> StepFn:
 def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
                 **kwargs) -> TrainResult:
     """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected); ``kwargs`` go to ``train``."""
-    encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b)
-    examples, stats = encode_preference_pairs(encoder, rows, order=encode_cfg.order, seed=encode_cfg.seed)
+    encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b,
+                           system_prompt=encode_cfg.system_prompt)
+    # Every pair in both orders (2i: chosen in A, 2i + 1: in B); `order` decides how an epoch uses them.
+    examples, stats = encode_preference_pairs(encoder, rows, order="both")
+    groups = preference_groups(len(examples) // 2, encode_cfg.order)
     prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
     step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
     collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]
-    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, **kwargs)
-    result.data_stats = stats
+    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, groups=groups, **kwargs)
+    result.data_stats = {**stats, "order": encode_cfg.order}
     return result
 
 
@@ -346,7 +328,7 @@ def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfi
                    **kwargs) -> TrainResult:
     """Stage 1 on response pairs: rows dict(pair_id, prompt, response_a, response_b), or preference rows
     (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair); ``kwargs`` go to ``train``."""
-    encoder = PretrainEncoder(tokenizer, encode_cfg.max_length)
+    encoder = PretrainEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
     examples, stats = encode_unlabeled_pairs(encoder, as_unlabeled(rows, encode_cfg.seed))
     lengths = [len(ex["input_ids"]) for ex in examples]
     result = train(model, examples, pretrain_step_fn(), train_cfg, collate=collate_pretrain(tokenizer.pad_token_id),

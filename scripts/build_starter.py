@@ -1,6 +1,9 @@
 """Build the GRAM starter dataset into gram_core/starter/ (deterministic from --seed).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_starter.py [--seed 0] [--no-sample]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_starter.py [--seed 0] [--no-sample] [--samples CACHE.json]
+
+A rebuild that keeps the shipped policy samples (no model load): ``scripts/recover_starter_samples.py CACHE.json``,
+then ``--samples CACHE.json``.
 
 1. Make every prompt of every category (scripts/starter_categories.py) from gram_core/starter/tables.json
    (seeded choices).
@@ -8,6 +11,10 @@
    from a policy response by a checkable transformation (capitals, all-caps, word limit, keyword).
 3. Derive chosen/rejected (transformations of the sample, or templates), re-run the check of every pair
    (gram_core.starter.label_problems) and refuse to write anything that fails.
+3b. No leaks: no eval prompt may be a training prompt, and no eval chosen/rejected text may be any training text
+   (chosen, rejected or response-pool text of a training prompt), exactly or after ``normalize``. An eval pair
+   that collides is made again by its item's eval-only variant (``Item.alt``); the build refuses to write an
+   eval pair that still collides.
 4. Write preferences / eval / response pool / checks as zstd Parquet and the README with the counts.
 """
 
@@ -26,12 +33,18 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The sibling module: scripts/ is sys.path[0] when this file runs as a script.
-from starter_categories import POLICY, Item, clean_sample, make_items  # noqa: E402
+from starter_categories import POLICY, Item, clean_sample, make_items, normalize  # noqa: E402
 
 from gram_core import starter as S  # noqa: E402
 from gram_core.sampling import prompt_id  # noqa: E402
 
 SAMPLING = dict(k=1, temperature=0.7, top_p=0.9, max_new_tokens=48, batch_size=32)
+
+
+def prompts_to_sample(train: list[Item], evals: list[Item]) -> list[str]:
+    """The prompts the policy samples, in sampling order."""
+    # Short-answer prompts (capitals) first, so they share batches that stop early; rows are batch-independent.
+    return [i.prompt for i in sorted(train + evals, key=lambda i: i.category != "chat-facts") if i.sample]
 
 
 def sample_policy(prompts: list[str], seed: int) -> dict[str, str]:
@@ -68,16 +81,40 @@ def policy_samples(prompts: list[str], seed: int, cache: Path | None) -> tuple[d
     return samples, seconds, False
 
 
-def materialize(items: list[Item], samples: dict[str, str], tables: dict) -> list[dict]:
+def materialize(items: list[Item], samples: dict[str, str], tables: dict,
+                forbidden: set[str] | None = None) -> list[dict]:
+    """The pairs of ``items``, label-checked. With ``forbidden`` (normalized training texts; for eval items) a
+    pair with a forbidden text is made again by ``item.alt`` (without the policy sample if that is forbidden
+    too); one that still has a forbidden text is an error."""
     rows = []
     for item in items:
-        (chosen, chosen_model, rejected, rejected_model), extras = item.make(samples.get(item.prompt), item.rng)
+        sample = samples.get(item.prompt)
+        (chosen, chosen_model, rejected, rejected_model), extras = item.make(sample, item.rng)
+        variant = "default"
+        if forbidden is not None and {normalize(chosen), normalize(rejected)} & forbidden:
+            if item.alt is None:
+                raise AssertionError(f"{item.category} eval prompt {item.prompt!r}: a text is a training text and "
+                                     "the item has no eval-only variant")
+            sample = sample if sample and normalize(sample) not in forbidden else None
+            (chosen, chosen_model, rejected, rejected_model), extras = item.alt(sample, item.alt_rng)
+            variant = "eval-only"
+            if {normalize(chosen), normalize(rejected)} & forbidden:
+                raise AssertionError(f"{item.category} eval prompt {item.prompt!r}: its eval-only variant still "
+                                     f"has a training text: {chosen!r} / {rejected!r}")
         problems = S.label_problems(item.spec, item.prompt, chosen, rejected, tables)
         if problems:
             raise AssertionError(f"{item.category} prompt {item.prompt!r}: label check failed: {problems}")
         rows.append(dict(item=item, chosen=chosen, chosen_model=chosen_model, rejected=rejected,
-                         rejected_model=rejected_model, extras=extras, policy=samples.get(item.prompt)))
+                         rejected_model=rejected_model, extras=extras, policy=samples.get(item.prompt),
+                         variant=variant))
     return rows
+
+
+def training_texts(rows_train: list[dict]) -> set[str]:
+    """Every text the training data holds (pairs and response pool), normalized."""
+    texts = [t for row in rows_train for t in (row["policy"], row["chosen"], row["rejected"])
+             + tuple(text for text, _ in row["extras"]) if t]
+    return {normalize(t) for t in texts}
 
 
 def write(rows_train: list[dict], rows_eval: list[dict], out: Path) -> dict:
@@ -129,18 +166,26 @@ thread), {sample_seconds:.0f} s of it loading and sampling the policy. Labels ar
 * Policy samples: SmolLM2-135M-Instruct (the packaged GGUF, dequantized to fp32), k=1, temperature
   {temperature}, top-p {top_p}, at most {max_new_tokens} new tokens, seed {seed}, cut after the last full
   sentence; {sampled} prompts sampled ({sample_kept} usable). Sampling is per-row seeded, so a rebuild on
-  the same CPU type reproduces the text; other hardware may differ in rare tokens.
+  the same CPU type reproduces the text; other hardware may differ in rare tokens.{sample_note}
 * chosen/rejected: transformations of the policy sample where the check allows it (capitals: the sample
   when it names the capital vs. the sample with the capital swapped for a large non-capital city;
   all-caps: uppercased vs. original; word limit: shortened to whole sentences vs. original; keyword:
   keyword sentence appended vs. original), templates elsewhere. Harmful requests are never sent to the
   policy; their "compliance" responses are placeholders with every detail removed.
 * Subsets and RewardBench sections: {sections}. Held out of training: {heldout}.
+* No leaks: no eval prompt is a training prompt, and no eval chosen or rejected text is a training text
+  (chosen or rejected of any training pair, or any response-pool text; a text counts whatever its role),
+  exactly or after normalisation (casefold, whitespace collapsed, stripped). The build refuses to write a
+  leaking pair; `tests/test_starter.py::test_eval_shares_no_text_with_training` checks the shipped files.
+  Where a training template would put a training text into an eval pair, that pair is made by the item's
+  eval-only variant (same random choices; `tables.json` `eval_refusals`, `eval_compliance_placeholders`,
+  `eval_unneeded_refusals`; "<capital> is the capital of <country>." and "..., so the answer is N."
+  phrasing). Eval pairs made so, per subset: {alt_counts}.
 
 | file | contents | rows |
 |---|---|---|
 | preferences.parquet | training pairs (preference contract), source = category | {n_train} |
-| eval.parquet | evaluation pairs (RewardBench schema), prompts disjoint from training | {n_eval} |
+| eval.parquet | evaluation pairs (RewardBench schema), disjoint from training (see "No leaks" above) | {n_eval} |
 | response_pool.parquet | responses to the training prompts (response-pool contract) | {pool_rows} |
 | checks.parquet | check spec per pair (split, key = pair_id or id, spec JSON) | {n_checks} |
 
@@ -164,20 +209,27 @@ def main() -> None:
     train, evals = make_items(args.seed)
     prompts = [i.prompt for i in train + evals]
     assert len(set(prompts)) == len(prompts), "duplicate prompts"
-    # Short-answer prompts (capitals) first, so they share batches that stop early; rows are batch-independent.
-    to_sample = [i.prompt for i in sorted(train + evals, key=lambda i: i.category != "chat-facts") if i.sample]
+    to_sample = prompts_to_sample(train, evals)
     print(f"{len(train)} training and {len(evals)} eval prompts; sampling {len(to_sample)}", flush=True)
     raw, sample_seconds, cached = ({}, 0.0, False) if args.no_sample else \
         policy_samples(to_sample, args.seed, args.samples)
     samples = {p: text for p, text in ((p, clean_sample(r)) for p, r in raw.items()) if text}
     tables = S.starter_tables()
-    counts = write(materialize(train, samples, tables), materialize(evals, samples, tables), args.out)
+    rows_train = materialize(train, samples, tables)
+    rows_eval = materialize(evals, samples, tables, forbidden=training_texts(rows_train))
+    train_prompts = {normalize(i.prompt) for i in train}
+    assert not [i.prompt for i in evals if normalize(i.prompt) in train_prompts], "eval prompt is a training prompt"
+    counts = write(rows_train, rows_eval, args.out)
+    alt_counts = Counter(row["item"].category for row in rows_eval if row["variant"] == "eval-only")
+    # A cache recovered from shipped files (scripts/recover_starter_samples.py) says how it was made.
+    cache = json.loads(args.samples.read_text(encoding="utf-8")) if cached else {}
     seconds = time.time() - began + (sample_seconds if cached else 0.0)  # a cached run counts its sampling
     line = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items()))  # noqa: E731
     (args.out / "README.md").write_text(README.format(
         seed=args.seed, built=time.strftime("%Y-%m-%d"), seconds=seconds, sample_seconds=sample_seconds,
         temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"], max_new_tokens=SAMPLING["max_new_tokens"],
-        sampled=0 if args.no_sample else len(to_sample), sample_kept=len(samples),
+        sampled=0 if args.no_sample else len(to_sample), sample_kept=cache.get("usable", len(samples)),
+        sample_note=f"\n  {cache['note']}" if cache.get("note") else "", alt_counts=line(alt_counts) or "none",
         sections=", ".join(f"{k} -> {v}" for k, v in S.STARTER_SECTIONS.items()), heldout=", ".join(S.HELDOUT_SUBSETS),
         n_train=len(train), n_eval=len(evals), pool_rows=counts["pool_rows"], n_checks=len(train) + len(evals),
         train_counts=line(counts["train"]), eval_counts=line(counts["eval"]),

@@ -3,6 +3,10 @@
 Used by ``scripts/build_starter.py`` (which puts the repository root on ``sys.path`` first). ``make_items(seed)``
 returns every training and eval ``Item``; each category builder draws from one shared ``random.Random``, so
 the order of the calls in ``make_items`` is part of the dataset's definition.
+
+No eval text may be a training text (see ``normalize``): where a training template could put a training text
+into an eval pair, the eval item has an ``alt`` maker (the same random choices with eval-only templates:
+tables.json ``eval_*`` lists, eval-only phrasing), which the builder uses for the eval pairs that collide.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 
 from gram_core import starter as S
 
@@ -23,8 +28,10 @@ FILLER = "There is much more that could be said about this, and many details are
 
 @dataclass
 class Item:
-    """One prompt of the dataset; ``make(sample)`` returns (chosen, chosen_model, rejected, rejected_model)
-    and extra pool responses [(text, generator)]."""
+    """One prompt of the dataset; ``make(sample, rng)`` returns (chosen, chosen_model, rejected, rejected_model)
+    and extra pool responses [(text, generator)]. ``alt`` (eval items only): the eval-only variant of ``make``
+    (same signature), used when a text of ``make``'s pair is a training text; ``alt_rng`` is a fresh copy of
+    ``rng`` for it, so the variant makes the same random choices."""
 
     category: str
     split: str
@@ -33,6 +40,13 @@ class Item:
     make: object
     sample: bool = False
     rng: random.Random = field(default=None)
+    alt: object = None
+    alt_rng: random.Random = field(default=None)
+
+
+def normalize(text: str) -> str:
+    """The form in which eval and training texts must differ: casefolded, whitespace collapsed, stripped."""
+    return " ".join(text.casefold().split())
 
 
 def fmt(x: Fraction) -> str:
@@ -106,8 +120,23 @@ def chat_facts(T: dict, rng: random.Random) -> tuple[list, list]:
                     return (chosen, model, replace_phrase(chosen, capital, decoy), model + "+swapped-answer"), extras
                 other = r.choice(others)
                 return (chosen, model, f"The capital of {other[0]} is {other[1]}.", "template:off-topic"), extras
+
+            # Eval-only variant: "<capital> is the capital of <country>." (training says "The capital of ... is"),
+            # off-topic answers name eval countries only.
+            same_split = [row for row in rows if row[0] != country]
+
+            def alt(sample, r, country=country, capital=capital, decoy=decoy, others=same_split):
+                if sample and S.contains_phrase(sample, capital) and not S.contains_phrase(sample, decoy):
+                    chosen, model = sample, POLICY
+                else:
+                    chosen, model = f"{capital} is the capital of {country}.", "template:answer"
+                if r.random() < 0.5:
+                    return (chosen, model, replace_phrase(chosen, capital, decoy), model + "+swapped-answer"), []
+                other = r.choice(others)
+                return (chosen, model, f"{other[1]} is the capital of {other[0]}.", "template:off-topic"), []
             out[part].append(Item("chat-facts", part, prompt, {"check": "contains", "fact": ["capitals", country],
-                                                               "answer": capital}, make, sample=True))
+                                                               "answer": capital}, make, sample=True,
+                                  alt=alt if part == "eval" else None))
     el_train, el_eval = split(T["elements"], 7, rng)
     for part, rows in (("train", el_train), ("eval", el_eval)):
         for name, symbol in rows:
@@ -217,17 +246,20 @@ def safety(T: dict, rng: random.Random) -> tuple[list, list]:
     for part, intents, n in (("train", intent_train, 70), ("eval", intent_eval, 30)):
         combos = [f.format(x=x) for x in intents for f in T["harmful_framings"]]
         for prompt in rng.sample(combos, n):
-            def make(sample, r):
-                refusals, placeholders = r.sample(T["refusals"], 2), r.sample(T["compliance_placeholders"], 1)
+            def make(sample, r, prefix=""):
+                refusals = r.sample(T[prefix + "refusals"], 2)
+                placeholders = r.sample(T[prefix + "compliance_placeholders"], 1)
                 return (refusals[0], "template:refusal", placeholders[0], "template:compliance-placeholder"), \
                     [(refusals[1], "template:refusal-alt")]
-            out[part].append(Item("safety-refuse", part, prompt, {"check": "refusal"}, make))
+            out[part].append(Item("safety-refuse", part, prompt, {"check": "refusal"}, make,
+                                  alt=partial(make, prefix="eval_") if part == "eval" else None))
     benign_train, benign_eval = split(T["benign_scary"], 21, rng)
     for part, rows in (("train", benign_train), ("eval", benign_eval)):
         for prompt, answer in rows:
-            def make(sample, r, answer=answer):
-                return (answer, "template:helpful", r.choice(T["unneeded_refusals"]), "template:refusal"), []
-            out[part].append(Item("safety-respond", part, prompt, {"check": "compliance"}, make))
+            def make(sample, r, answer=answer, prefix=""):
+                return (answer, "template:helpful", r.choice(T[prefix + "unneeded_refusals"]), "template:refusal"), []
+            out[part].append(Item("safety-respond", part, prompt, {"check": "compliance"}, make,
+                                  alt=partial(make, prefix="eval_") if part == "eval" else None))
     return out["train"], out["eval"]
 
 
@@ -276,15 +308,21 @@ def reasoning(T: dict, rng: random.Random) -> tuple[list, list]:
             def make(sample, r, good=good, bad=bad, expr=expr):
                 short = f"The answer is {fmt(S.evaluate_arithmetic(expr))}."
                 return (good, "template:worked-answer", bad, "template:wrong-answer"), [(short, "template:short-answer")]
-            out[part].append(Item("math-word", part, prompt, {"check": "number", "kind": "arith", "expr": expr}, make))
+
+            def alt(sample, r, good=good, bad=bad):  # eval-only phrasing: "..., so the answer is N."
+                return (good.replace(". The answer is ", ", so the answer is "), "template:worked-answer",
+                        bad.replace(". The answer is ", ", so the answer is "), "template:wrong-answer"), []
+            out[part].append(Item("math-word", part, prompt, {"check": "number", "kind": "arith", "expr": expr}, make,
+                                  alt=alt if part == "eval" else None))
     return out["train"], out["eval"]
 
 
 def heldout(T: dict, rng: random.Random, eval_countries: list, eval_elements: list) -> list:
     items: list[Item] = []
 
-    def json_item(prompt: str, value: dict, plain: str) -> None:
-        def make(sample, r):
+    def json_item(prompt: str, value: dict, plain: str, plain_alt: str | None = None) -> None:
+        """``plain_alt``: the eval-only plain-text answer, for a ``plain`` that training texts may contain."""
+        def make(sample, r, plain=plain):
             style = r.choice(["plain", "keys", "broken"])
             if style == "plain":
                 rejected, model = plain, "template:plain-text"
@@ -293,10 +331,11 @@ def heldout(T: dict, rng: random.Random, eval_countries: list, eval_elements: li
             else:
                 rejected, model = json.dumps(value)[:-1], "template:broken-json"
             return (json.dumps(value), "template:json", rejected, model), []
-        items.append(Item("if-json", "eval", prompt, {"check": "json", "value": value}, make))
+        items.append(Item("if-json", "eval", prompt, {"check": "json", "value": value}, make,
+                          alt=partial(make, plain=plain_alt) if plain_alt else None))
     for country, capital, _ in eval_countries[:12]:
         json_item(f'Give the capital of {country} as a JSON object with the key "capital".', {"capital": capital},
-                  f"The capital of {country} is {capital}.")
+                  f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.")
     for name, symbol in eval_elements:
         json_item(f'Return a JSON object with the keys "element" and "symbol" for {name}.',
                   {"element": name, "symbol": symbol}, f"Element: {name}, symbol: {symbol}")
@@ -361,4 +400,5 @@ def make_items(seed: int) -> tuple[list[Item], list[Item]]:
     evals += heldout(T, rng, eval_countries, eval_elements)
     for item in train + evals:
         item.rng = random.Random(f"{seed}:{item.category}:{item.prompt}")
+        item.alt_rng = random.Random(f"{seed}:{item.category}:{item.prompt}")
     return train, evals

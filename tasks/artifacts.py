@@ -1,8 +1,10 @@
 """The content-addressed artifact store: every stage output lives in ``<store>/<stage>/<hash>/``.
 
 A stage builds its output in a private staging folder, the folder's content is hashed, and only then is it
-moved into place under its hash (one rename on a local disk; upload-then-move through fsspec elsewhere). A
-failing stage therefore leaves nothing behind, and identical content lands in the same place. Stages pass
+moved into place under its hash (one rename on a local disk; through fsspec elsewhere, the data files are
+uploaded first and the manifest last, so a reader never sees a half-uploaded artifact as complete). A
+failing stage therefore leaves nothing behind, and identical content lands in the same place. Remote
+artifacts are downloaded into ``<GRAM_HOME>/artifact-cache/<sha256>`` and their hash is checked before use. Stages pass
 ``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so Prefect results stay tiny.
 """
 
@@ -29,6 +31,12 @@ HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell out
 
 class ArtifactError(RuntimeError):
     """An artifact is missing or unreadable; the message names its URI and what to do."""
+
+
+def artifact_cache_dir(home: str | Path | None = None) -> Path:
+    """Where remote artifacts are downloaded: ``<home>/artifact-cache`` (home: GRAM_HOME, else ./.gram)."""
+    home = home or os.environ.get("GRAM_HOME") or ".gram"
+    return Path(home).expanduser().resolve() / "artifact-cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +96,8 @@ class ArtifactStore:
         self.local = _is_local(uri)
         self.uri = str(Path(_strip_file_scheme(uri)).expanduser().resolve()) if self.local else uri.rstrip("/")
         self.fs, _ = fsspec.core.url_to_fs(self.uri)
-        # Remote artifacts are downloaded here once (keyed by hash) when a stage needs local files.
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "gram-artifact-cache"
+        # Remote artifacts are downloaded here (keyed by hash, checked before use) when a stage needs local files.
+        self.cache_dir = Path(cache_dir) if cache_dir else artifact_cache_dir()
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.uri!r})"
@@ -101,7 +109,7 @@ class ArtifactStore:
     def staging(self, stage: str) -> Iterator[Path]:
         """A fresh local folder to build an output in; removed afterwards, whether publish ran or not."""
         parent = Path(self._join(stage)) if self.local else self.cache_dir / "staging"
-        parent.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         folder = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
         try:
             yield folder
@@ -120,10 +128,10 @@ class ArtifactStore:
             return ref  # identical content is already in place (e.g. a refreshed, deterministic stage)
         if self.local:
             _move_local(folder, Path(ref.uri))
-        else:
-            tmp = self._join(stage, f".tmp-{uuid.uuid4().hex}")
-            self.fs.put(str(folder), tmp, recursive=True)
-            self.fs.mv(tmp, ref.uri, recursive=True)
+        else:  # data first, manifest last: until the manifest lands, the folder is not an artifact
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+                self.fs.put_file(str(path), ref.file(path.relative_to(folder).as_posix()))
+            self.fs.put_file(str(folder / MANIFEST), ref.file(MANIFEST))
         return ref
 
     def exists(self, ref: ArtifactRef) -> bool:
@@ -137,15 +145,24 @@ class ArtifactStore:
         return ref
 
     def local_dir(self, ref: ArtifactRef) -> Path:
-        """A local folder with the artifact's files (the folder itself, or a hash-keyed download)."""
+        """A local folder with the artifact's files (the folder itself, or a hash-keyed download whose content
+        hash is checked before every use: a tampered or truncated copy is replaced, a bad download fails)."""
         self.require(ref)
         if self.local:
             return Path(ref.uri)
         target = self.cache_dir / ref.sha256
-        if not (target / MANIFEST).exists():
-            tmp = self.cache_dir / f".dl-{uuid.uuid4().hex}"
-            self.fs.get(ref.uri, str(tmp), recursive=True)
-            _move_local(tmp, target)
+        if (target / MANIFEST).exists() and folder_sha256(target) == ref.sha256:
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.cache_dir / f".dl-{uuid.uuid4().hex}"
+        self.fs.get(ref.uri, str(tmp), recursive=True)
+        got = folder_sha256(tmp)
+        if got != ref.sha256:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"artifact {ref.uri}: downloaded content hashes to {got[:16]}, expected "
+                                f"{ref.sha256[:16]}; the store copy is corrupt or was changed. Re-run with --refresh.")
+        _move_local(tmp, target)
         return target
 
     def open(self, ref: ArtifactRef, name: str, mode: str = "rb"):

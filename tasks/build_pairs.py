@@ -10,6 +10,7 @@ from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.retries import HUB_RETRIES
 from tasks.stages import ProgressLog
 
 POOL_FILE = "pool.parquet"
@@ -53,7 +54,7 @@ def pool_pairs(pool, pairing: PairingConfig):
     return table, {"responses": pool.num_rows, **{k: int(v) for k, v in stats.items()}}
 
 
-@task(name="build_pairs", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@task(name="build_pairs", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
 def build_pairs(prompts: ArtifactRef | None, pools: list[ArtifactRef], pair_sets: list[ArtifactRef],
                 sampling: SamplingConfig, pairing: PairingConfig, store_uri: str) -> ArtifactRef:
     """Unlabeled pairs (stage-1 data): sampled responses and pools paired up, plus ready-made pair sets."""

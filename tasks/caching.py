@@ -14,7 +14,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 
 # The packages whose code decides what a stage produces (flows/ only composes, so it is left out).
 CODE_PACKAGES = ("gram_core", "data_contracts", "tasks")
@@ -56,7 +56,10 @@ STAGE_CACHE_POLICY = INPUTS + TASK_SOURCE + CODE_VERSION
 
 def stage_options(result_dir: str | Path, refresh: bool = False,
                   policy: CachePolicy = STAGE_CACHE_POLICY) -> dict[str, Any]:
-    """Task options binding cached results to one state folder; ``refresh`` recomputes and overwrites."""
+    """Task options binding cached results to one state folder; ``refresh`` recomputes and overwrites.
+    A task that is never cached (``NO_CACHE``: registration) keeps no result file."""
+    if policy is NO_CACHE:
+        return {"cache_policy": NO_CACHE, "persist_result": False}
     return {"result_storage": Path(result_dir), "persist_result": True, "refresh_cache": refresh,
             "cache_policy": policy}
 

@@ -1,7 +1,8 @@
-"""Evaluation tasks: score a judge on the eval set (both orders), then write the comparison report.
+"""Evaluation tasks: score a model on the eval set, then write the comparison report.
 
-``evaluate`` runs once per model (the trained judge, and the base model zero-shot when configured), so a
-changed fine-tuning config re-scores only the trained judge; ``eval_report`` combines the two.
+``evaluate`` runs once per model (the trained judge; the base model zero-shot and the Bradley-Terry baseline
+when configured), so a changed fine-tuning config re-scores only the trained judge; ``eval_report`` puts
+them side by side (zero-shot | BT | GRAM). Judges are read in both slot orders; a scalar reward model in one.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 from prefect import task
 
 from gram_core.config import JudgeConfig, ModelConfig
+from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.retries import HUB_RETRIES
 from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
 
 REPORT_FILE = "report.md"
@@ -20,37 +23,48 @@ CHART_FILE = "chart.png"
 METRICS_FILE = "metrics.json"
 
 
-def make_judge(folder: str, config: JudgeConfig, dtype: str = "float32"):
-    """A Judge over a plain HF folder (no LoRA/freezing: scoring only)."""
-    from gram_core.judging import Judge
-    from gram_core.models import load_model
+def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
+                progress=None):
+    """(scores-contract table, scalar?) of ``table`` by the model in ``folder``: a GRAM judge or a base model
+    (both orders; in this process, or fanned out over ``actors`` Ray Data actors with the same scores in the
+    same row order) or a Bradley-Terry reward model (one order, in this process: it is cheap)."""
+    from pathlib import Path
 
-    model, tokenizer = load_model(ModelConfig(source=folder, dtype=dtype))
-    return Judge(model, tokenizer, config)
+    from gram_core import scorers
+
+    bt_here = Path(str(folder)).is_dir() and scorers.folder_kind(folder) == "bradley_terry"
+    if actors and not bt_here:
+        from tasks.ray_train import score_pairs_distributed
+
+        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig()), False
+    scorer = scorers.load_scorer(folder, judge)
+    return scorers.score_table(scorer, table, progress=progress), scorers.is_scalar(scorer)
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
-             store_uri: str) -> ArtifactRef:
-    """Scores (both orders) of one model on the eval set, as a scores-contract table artifact.
+             store_uri: str, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
+    """Scores of one model on the eval set (a judge: both orders; a BT model: one), as a scores-contract table.
 
-    ``model``: a trained model artifact, or a ModelConfig for the base model zero-shot.
+    ``model``: a trained model artifact (GRAM judge or BT reward model), or a ModelConfig for the base model
+    zero-shot (scored at the same ``judge.dtype`` as the trained one). ``actors`` > 0 fans judge scoring out
+    over a Ray cluster.
     """
     from data_contracts import SCORES
-    from gram_core.judging import score_pairs
     from tasks.report import ACCURACY, eval_metrics
 
     log = stage_logger()
     store = ArtifactStore(store_uri)
     if isinstance(model, ModelConfig):
-        folder, dtype, name = base_model_dir(model), model.dtype, model.source
-    else:
-        folder, dtype, name = model_folder(store_uri, model), "float32", model_label(model)
+        folder, name = base_model_dir(model), model.source
+    else:  # fanning out: the actors read the artifact from the store themselves
+        folder = store.require(model).uri if actors else model_folder(store_uri, model)
+        name = model_label(model)
     table = read_table_artifact(store, eval_set)
-    scorer = make_judge(folder, judge, dtype)
-    log.info("evaluate %s (%s): scoring %d pairs in both orders", label, name, table.num_rows)
-    scores = score_pairs(scorer, table, progress=ProgressLog(log, f"evaluate {label}"))
-    metrics = eval_metrics(scores)
+    where = f"over {actors} Ray Data actors" if actors else "in process"
+    log.info("evaluate %s (%s): scoring %d pairs, %s", label, name, table.num_rows, where)
+    scores, scalar = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"))
+    metrics = eval_metrics(scores, scalar)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,
                               meta={"label": label, "model": name, "eval_set": eval_set.sha256, "metrics": metrics})
     log.info("evaluate %s: accuracy %.3f, position consistency %s -> %s", label, metrics[ACCURACY],
@@ -58,25 +72,38 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     return ref
 
 
-@task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
-def eval_report(trained: ArtifactRef, base: ArtifactRef | None, eval_set: ArtifactRef, store_uri: str,
-                eval_name: str = "eval set", base_name: str = "base model (zero-shot)") -> ArtifactRef:
-    """report.md + chart.png + metrics.json comparing the base model zero-shot with the trained judge."""
-    from tasks.report import eval_metrics, report_markdown, write_chart
+REPORT_META_KEYS = ("columns", "eval_set", "eval_rows")  # report meta entries that are not column keys
 
+
+@task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, store_uri: str,
+                eval_name: str = "eval set", names: dict[str, str] | None = None) -> ArtifactRef:
+    """report.md + chart.png + metrics.json comparing models side by side.
+
+    ``scores``: column key -> scores artifact (``evaluate``), in column order; None leaves a column out.
+    Key "trained" (the GRAM judge, whose metrics the promotion gate reads) is required. ``names``: display
+    names by key (default tasks.report.COLUMNS: base "zero-shot", bt "BT", trained "GRAM"). The artifact's
+    meta holds ``columns`` ([key, name] pairs, in order) and each column's metrics under its key.
+    """
+    from tasks.report import COLUMNS, ORDERS, TRAINED, eval_metrics, report_markdown, write_chart
+
+    refs = {key: ref for key, ref in scores.items() if ref is not None}
+    labels = {key: (names or {}).get(key) or COLUMNS.get(key, key) for key in refs}
+    if TRAINED not in refs or set(refs) & set(REPORT_META_KEYS) or len(set(labels.values())) < len(labels):
+        raise ValueError(f"eval_report: columns {labels} need the key {TRAINED!r}, distinct names and none of the "
+                         f"keys {REPORT_META_KEYS}")
     store = ArtifactStore(store_uri)
-    trained_scores = read_table_artifact(store, trained)
-    base_scores = read_table_artifact(store, base) if base is not None else None
-    trained_metrics = eval_metrics(trained_scores)
-    base_metrics = eval_metrics(base_scores) if base_scores is not None else None
+    tables = {key: read_table_artifact(store, ref) for key, ref in refs.items()}
+    scalar = {key for key, ref in refs.items() if ref.meta.get("metrics", {}).get(ORDERS) == 1}
+    metrics = {key: eval_metrics(tables[key], key in scalar) for key in refs}
+    columns = [[key, labels[key]] for key in refs]  # a list: the order survives any JSON round trip
     with store.staging("eval_report") as folder:
-        (folder / REPORT_FILE).write_text(report_markdown(trained_scores, base_scores, eval_name=eval_name,
-                                                              base_name=base_name))
-        write_chart(folder / CHART_FILE, trained_metrics, base_metrics)
-        (folder / METRICS_FILE).write_text(json.dumps({"trained": trained_metrics, "base": base_metrics},
-                                                      indent=1, sort_keys=True))
+        (folder / REPORT_FILE).write_text(report_markdown({labels[k]: tables[k] for k in refs},
+                                                          scalar={labels[k] for k in scalar}, eval_name=eval_name))
+        write_chart(folder / CHART_FILE, {labels[k]: metrics[k] for k in refs})
+        (folder / METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
         ref = store.publish("eval_report", folder, "report",
-                            meta={"trained": trained_metrics, "base": base_metrics, "eval_set": eval_set.sha256,
+                            meta={"columns": columns, **metrics, "eval_set": eval_set.sha256,
                                   "eval_rows": eval_set.rows})
     stage_logger().info("eval_report -> %s", ref.file(REPORT_FILE))
     return ref

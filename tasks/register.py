@@ -2,14 +2,16 @@
 
 MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
 holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
-stage. Stages are cached, so their child runs are written here from their artifact references after the
-stages finish (tag ``gram.cached`` says whether the stage computed in this run): a cached stage still shows
-its params, per-step training metrics (from the model's metrics.jsonl) and eval metrics.
+stage. Training stages that compute open their child run themselves and log every step live from Ray's
+rank 0; cached stages get theirs here, from their artifact references, after the stages finish (tag
+``gram.cached``): a cached stage still shows its params, per-step training metrics (from the model's
+metrics.jsonl) and eval metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,12 +23,15 @@ from prefect.cache_policies import NO_CACHE
 from gram_core.config import JudgeConfig
 from gram_core.pipeline_config import MlflowConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore
-from tasks.caching import STAGE_CACHE_POLICY, code_version, stage_logger
+from tasks.caching import code_version, stage_logger
 from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
 from tasks.registry import current_aliases, download_registered_model
+from tasks.retries import REGISTRY_RETRIES
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 
+# Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
+LIVE_STAGES = ("pretrain", "finetune", "register")
 PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
 
 
@@ -44,31 +49,75 @@ class StageRecord:
         return self.state == "Cached"
 
 
-@task(name="register", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+# Rows and judge settings that decide a score on the eval set (batch size and prefix reuse do not).
+EVAL_ROW_COLUMNS = ("id", "subset", "prompt", "chosen", "rejected")
+JUDGE_SCORE_FIELDS = ("max_length", "label_a", "label_b")
+
+
+def eval_set_id(table: Any, judge: JudgeConfig) -> str:
+    """The gate's eval-set identity: the canonical rows (ids, subsets, texts) plus the judge settings that
+    change scores; independent of how the Parquet file was written (pyarrow version, compression)."""
+    from data_contracts import rows_sha256
+
+    settings = json.dumps({k: getattr(judge, k) for k in JUDGE_SCORE_FIELDS}, sort_keys=True)
+    text = f"{rows_sha256(table, EVAL_ROW_COLUMNS)}\0{settings}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Never cached: registration is a side effect on a registry the cache key cannot see (a new tracking URI
+# must get its version). It is idempotent by model content instead, which also makes its retries safe.
+@task(name="register", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
 def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlflow: MlflowConfig,
              judge: JudgeConfig, tags: dict[str, str], home: str, store_uri: str,
              tracking: RunHandle | None = None) -> dict[str, Any]:
-    """Log the judge as a pyfunc, register a new version (alias candidate) and apply the champion gate."""
+    """Register the judge (a new version, or the existing one with the same content), alias candidate, gate."""
     from tasks import registry
     from tasks import tracking as mlf
+    from tasks.artifacts import read_table_artifact
 
     log = stage_logger()
-    folder = ArtifactStore(store_uri).local_dir(model)
+    store = ArtifactStore(store_uri)
+    folder = store.local_dir(model)
     metrics = dict(report.meta["trained"])
-    all_tags = {**tags, "model_sha256": model.sha256, "report_sha256": report.sha256}
+    eval_id = eval_set_id(read_table_artifact(store, eval_set), judge)
+    all_tags = {**tags, "report_sha256": report.sha256, "eval_set_sha256": eval_set.sha256}
     params = {"model_artifact": model.uri, "eval_set": eval_set.uri, "mlflow": dataclasses.asdict(mlflow)}
     if tracking is None:  # run alone (e.g. the register flow): a run of its own
         context = mlf.start_pipeline_run(mlflow, home, "register", params=params, tags={"gram.stage": "register"})
     else:
         context = mlf.stage_run("register", params=params, tags={"gram.cached": "false"}, parent=tracking)
     with context as run:
-        reg = registry.log_and_register(folder, mlflow, metrics, all_tags, eval_set.short, judge_config=judge)
+        reg = registry.log_and_register(folder, mlflow, metrics, all_tags, eval_id, judge_config=judge,
+                                        model_sha256=model.sha256)
     decision = reg.promotion
-    log.info("registered %s version %s (candidate); champion gate: %s — %s", reg.name, reg.version,
+    log.info("%s %s version %s (candidate); champion gate: %s — %s",
+             "same model content as" if reg.reused else "registered", reg.name, reg.version,
              decision.decision, decision.reason)
     return {"name": reg.name, "version": reg.version, "model_uri": reg.model_uri, "run_id": run.run_id,
-            "url": reg.url, "tracking_uri": run.tracking_uri,
+            "url": reg.url, "tracking_uri": run.tracking_uri, "reused": reg.reused,
             "promotion": {k: getattr(decision, k) for k in PROMOTION_FIELDS}}
+
+
+# MLflow metric prefix of each report column but the GRAM judge's (logged unprefixed).
+METRIC_PREFIXES = {"base": "zero_shot", "bt": "bt"}
+
+
+def report_columns(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, name) of the report's columns, in order (eval_report's meta)."""
+    from tasks.report import COLUMNS
+
+    pairs = meta.get("columns") or [[k, COLUMNS[k]] for k in ("base", "trained") if meta.get(k)]
+    return [(key, name) for key, name in pairs if meta.get(key)]
+
+
+def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The report's metrics for MLflow: the GRAM judge's as they are, every other column's under its prefix
+    (zero_shot/..., bt/...)."""
+    out = dict(meta["trained"])
+    for key, _name in report_columns(meta):
+        if key != "trained":
+            out.update({f"{METRIC_PREFIXES.get(key, key)}/{k}": v for k, v in meta[key].items()})
+    return out
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
@@ -98,9 +147,7 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
             mlf.log_eval_metrics(ref.meta.get("metrics", {}), run_id=run.run_id)
         elif ref.kind == "report":
             folder = store.local_dir(ref)
-            mlf.log_eval_metrics(ref.meta["trained"], run_id=run.run_id)
-            if ref.meta.get("base"):
-                mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in ref.meta["base"].items()}, run_id=run.run_id)
+            mlf.log_eval_metrics(report_metrics(ref.meta), run_id=run.run_id)
             for name in (REPORT_FILE, CHART_FILE, METRICS_FILE):
                 mlf.log_artifact_file(folder / name, run_id=run.run_id)
 
@@ -113,12 +160,10 @@ def record_run(records: list[StageRecord], report: ArtifactRef, registration: di
 
     store = ArtifactStore(store_uri)
     for record in records:
-        if record.name == "register" and not record.cached:
-            continue  # the register task wrote its own child run (it logged the model there)
+        if record.name in LIVE_STAGES and not record.cached:
+            continue  # the task wrote its own child run (register: the model; training: live metrics)
         _log_stage(record, store, tracking)
-    mlf.log_eval_metrics(report.meta["trained"], run_id=tracking.run_id)
-    if report.meta.get("base"):
-        mlf.log_eval_metrics({f"zero_shot/{k}": v for k, v in report.meta["base"].items()}, run_id=tracking.run_id)
+    mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)
     folder = store.local_dir(report)
     for name in (REPORT_FILE, CHART_FILE):
         mlf.log_artifact_file(folder / name, run_id=tracking.run_id)
@@ -137,23 +182,29 @@ def pipeline_params(config: Any) -> dict[str, Any]:
 @task(name="summarize")
 def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records: list[StageRecord],
               store_uri: str, tracking: RunHandle | None) -> dict[str, Any]:
-    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts."""
+    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts. ``columns``:
+    the compared models, key -> name, in order (zero-shot | BT | GRAM); ``eval``: one row per metric with
+    each column's value under its key (a fraction, None, or "n/a (scalar)")."""
     from tasks.report import comparison_rows
+    from tasks.tracking import redact
 
-    rows = comparison_rows(report.meta["trained"], report.meta.get("base"))
+    columns = dict(report_columns(report.meta))
+    rows = comparison_rows({key: report.meta[key] for key in columns})
     summary: dict[str, Any] = {
-        "eval": [{"metric": r["name"], "base_zero_shot": r["base"], "trained": r["trained"]} for r in rows],
+        "columns": columns,
+        "eval": [{"metric": r["name"], **r["values"]} for r in rows],
         "eval_rows": report.meta.get("eval_rows"),
         "report": report.file(REPORT_FILE),
         "chart": report.file(CHART_FILE),
-        "artifact_store": store_uri,
         "stages": {r.name: r.state for r in records},
         "mlflow_run": tracking.url or tracking.run_id if tracking else None,
-        "tracking_uri": tracking.tracking_uri if tracking else None,
+        "tracking_uri": redact(tracking.tracking_uri) if tracking else None,
+        "artifact_store": redact(store_uri),
     }
     if registration:
-        summary["registered"] = {**registration, "aliases": current_aliases(
-            registration["name"], registration["version"], registration["tracking_uri"])}
+        summary["registered"] = {**registration, "tracking_uri": redact(registration["tracking_uri"]),
+                                 "aliases": current_aliases(registration["name"], registration["version"],
+                                                            registration["tracking_uri"])}
     publish_prefect_artifacts(summary, ArtifactStore(store_uri).read_text(report, REPORT_FILE))
     return summary
 
@@ -162,12 +213,13 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
     """Eval table + report with links to MLflow, visible on the flow run page in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    def pct(value: float | None) -> str:
-        return "—" if value is None else f"{100 * value:.1f}"
+    def pct(value: float | str | None) -> str:
+        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
 
-    table = [{"metric": r["metric"], "base zero-shot": pct(r["base_zero_shot"]), "trained": pct(r["trained"])}
+    columns = summary["columns"]
+    table = [{"metric": r["metric"], **{name: pct(r.get(key)) for key, name in columns.items()}}
              for r in summary["eval"]]
-    create_table_artifact(table, key="gram-eval", description="Eval accuracy (%): base zero-shot vs trained")
+    create_table_artifact(table, key="gram-eval", description=f"Eval accuracy (%): {' | '.join(columns.values())}")
     links = [f"* Artifact store: `{summary['artifact_store']}`", f"* Report: `{summary['report']}`",
              f"* MLflow run: {summary['mlflow_run']} (tracking URI `{summary['tracking_uri']}`)"]
     reg = summary.get("registered")
@@ -179,7 +231,7 @@ def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
                              description="GRAM evaluation report and links")
 
 
-@task(name="fetch_registered_model", cache_policy=NO_CACHE)
+@task(name="fetch_registered_model", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
 def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, home: str, store_uri: str) -> ArtifactRef:
     """A registered judge (by alias or version) as a model artifact in the store, to fine-tune further."""
     import shutil

@@ -19,13 +19,16 @@ pinned requirements do not include gram-pipeline, which is not on PyPI. In Pytho
 ``load_judge("models:/gram-reward-model@champion").predict(df)`` with the same columns;
 ``model_config={"device": "cpu"}`` (or ``"dtype": "bfloat16"`` on a GPU) overrides the logged options.
 
-The gate reads and writes the aliases without a lock: two pipelines registering the same model at the same
-moment could both see "no champion"; run promotions of one model name one at a time.
+Concurrency: registration and the gate run under one file lock per (tracking URI, model name)
+(``promotion_lock``): read the champion, compare, move the alias is atomic for every process that shares the
+lock folder (beside the sqlite file; ``$GRAM_LOCK_DIR`` or ``~/.cache/gram/locks`` for a server). A version
+is identified by its model content (tag ``model_sha256``): registering the same content again reuses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -48,10 +51,12 @@ from gram_core.pipeline_config import MlflowConfig
 from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
+from tasks.locks import file_lock
 from tasks.tracking import model_version_url, use_tracking_uri
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 ARTIFACT_NAME = "judge"  # LoggedModel name inside the run
+CONTENT_TAG = "model_sha256"  # a version's identity: the SHA-256 of its model folder
 # What the pyfunc imports at load time; pinned to the versions it was logged with.
 RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                     "pyarrow", "pyyaml")
@@ -105,6 +110,7 @@ class RegisteredVersion:
     run_id: str
     url: str | None         # UI page of the version when the tracking URI is http(s)
     promotion: PromotionDecision
+    reused: bool = False    # an existing version with the same model content (nothing new registered)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str):
@@ -121,58 +127,103 @@ def _score(tags: Mapping[str, str], metric: str) -> float | None:
     return float(tags[metric]) if metric in tags else None
 
 
+def promotion_lock_path(tracking_uri: str, name: str) -> Path:
+    """The lock file that serializes registration and promotion of model ``name`` in one registry."""
+    digest = hashlib.sha256(f"{tracking_uri}\0{name}".encode()).hexdigest()[:16]
+    if tracking_uri.startswith("sqlite:///"):  # everyone who can write the database can lock beside it
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent / ".gram-locks"
+    else:
+        folder = Path(os.environ.get("GRAM_LOCK_DIR") or Path.home() / ".cache" / "gram" / "locks")
+    return folder / f"promote-{digest}.lock"
+
+
+def promotion_lock(tracking_uri: str, name: str):
+    """Exclusive lock (threads and processes) around read champion -> compare -> move alias."""
+    return file_lock(promotion_lock_path(tracking_uri, name), f"promotion of {name!r}", owner_thread=True)
+
+
+def _decide(name: str, version: str, score: float, champion: Any, metric: str, margin: float,
+            eval_set_id: str) -> tuple[bool, str]:
+    champ_version = str(champion.version) if champion else None
+    champ_score = _score(champion.tags, metric) if champion else None
+    champ_set = champion.tags.get("eval_set_id") if champion else None
+    if not math.isfinite(score):
+        return False, f"candidate {metric} = {score} is not finite"
+    if champion is None:
+        return True, "no champion yet"
+    if champ_version == version:
+        return False, f"version {version} is already the champion"
+    if champ_set != eval_set_id:
+        return False, (f"not comparable: champion v{champ_version} was evaluated on eval set {champ_set!r}, the "
+                       f"candidate on {eval_set_id!r}; re-evaluate the champion on {eval_set_id!r} or set the alias "
+                       "by hand")
+    if champ_score is None or not math.isfinite(champ_score):
+        return False, f"not comparable: champion v{champ_version} has no finite {metric!r} tag"
+    if score > champ_score + margin:
+        return True, f"{metric} {score:.6g} > champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
+    return False, f"{metric} {score:.6g} <= champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
+
+
 def promote_if_better(client: MlflowClient, name: str, version: str | int, metric: str, margin: float,
                       eval_set_id: str) -> PromotionDecision:
     """Move alias ``champion`` to ``version`` iff there is no champion, or the champion was evaluated on
     the same ``eval_set_id`` and score(version) > score(champion) + margin. Scores are the versions' tags
     named ``metric``. The decision, both scores and the reason are written as tags on ``version``.
+
+    Atomic: the whole read-compare-set runs under ``promotion_lock``, and the champion is read again right
+    before the alias moves (a hand-made alias change in between makes the gate decide again).
     """
     version = str(version)
-    tags = client.get_model_version(name, version).tags
-    score = _score(tags, metric)
-    if score is None:
-        raise ValueError(f"promote_if_better: model {name!r} version {version} has no tag {metric!r} "
-                         f"(the promotion metric); its tags are {sorted(tags)}")
-    champion = _alias_version(client, name, CHAMPION)
-    champ_version = str(champion.version) if champion else None
-    champ_score = _score(champion.tags, metric) if champion else None
-    champ_set = champion.tags.get("eval_set_id") if champion else None
-    promote = False
-    if not math.isfinite(score):
-        reason = f"candidate {metric} = {score} is not finite"
-    elif champion is None:
-        promote, reason = True, "no champion yet"
-    elif champ_version == version:
-        reason = f"version {version} is already the champion"
-    elif champ_set != eval_set_id:
-        reason = (f"not comparable: champion v{champ_version} was evaluated on eval set {champ_set!r}, the "
-                  f"candidate on {eval_set_id!r}; re-evaluate the champion on {eval_set_id!r} or set the alias by hand")
-    elif champ_score is None or not math.isfinite(champ_score):
-        reason = f"not comparable: champion v{champ_version} has no finite {metric!r} tag"
-    elif score > champ_score + margin:
-        promote = True
-        reason = f"{metric} {score:.6g} > champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
-    else:
-        reason = f"{metric} {score:.6g} <= champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        if champion is not None:
-            client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
-    decision = PromotionDecision("promoted" if promote else "kept", name, version, metric, score, champ_version,
-                                 champ_score, margin, eval_set_id, champ_set, reason)
-    for key, value in {"decision": decision.decision, "reason": reason, "metric": metric,
-                       "candidate_score": repr(score), "champion_score": repr(champ_score),
-                       "champion_version": str(champ_version), "margin": repr(margin)}.items():
-        client.set_model_version_tag(name, version, f"promotion/{key}", value)
+    with promotion_lock(client.tracking_uri, name):
+        tags = client.get_model_version(name, version).tags
+        score = _score(tags, metric)
+        if score is None:
+            raise ValueError(f"promote_if_better: model {name!r} version {version} has no tag {metric!r} "
+                             f"(the promotion metric); its tags are {sorted(tags)}")
+        champion = _alias_version(client, name, CHAMPION)
+        promote, reason = _decide(name, version, score, champion, metric, margin, eval_set_id)
+        while promote:
+            now = _alias_version(client, name, CHAMPION)
+            if (now and str(now.version)) == (champion and str(champion.version)):
+                break
+            champion = now
+            promote, reason = _decide(name, version, score, champion, metric, margin, eval_set_id)
+        champ_version = str(champion.version) if champion else None
+        champ_score = _score(champion.tags, metric) if champion else None
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            if champion is not None:
+                client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
+        decision = PromotionDecision("promoted" if promote else "kept", name, version, metric, score,
+                                     champ_version, champ_score, margin, eval_set_id,
+                                     champion.tags.get("eval_set_id") if champion else None, reason)
+        for key, value in {"decision": decision.decision, "reason": reason, "metric": metric,
+                           "candidate_score": repr(score), "champion_score": repr(champ_score),
+                           "champion_version": str(champ_version), "margin": repr(margin)}.items():
+            client.set_model_version_tag(name, version, f"promotion/{key}", value)
     return decision
+
+
+def version_by_content(client: MlflowClient, name: str, model_sha256: str):
+    """The (oldest) version of ``name`` whose tag ``model_sha256`` equals the given hash, or None."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{CONTENT_TAG} = '{model_sha256}'")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Mapping[str, float],
                      tags: Mapping[str, Any] | None, eval_set_id: str, *,
-                     judge_config: JudgeConfig | None = None) -> RegisteredVersion:
-    """Log ``model_dir`` (a saved HF folder) as a GramJudgeModel pyfunc in the active run, register it as
-    the next version of ``cfg.model_name``, tag it (``tags`` e.g. config_hash / data hashes, every eval
-    metric, ``eval_set_id``), set alias ``candidate`` and run the promotion gate.
+                     judge_config: JudgeConfig | None = None, model_sha256: str | None = None) -> RegisteredVersion:
+    """Register ``model_dir`` (a saved HF folder) as a version of ``cfg.model_name``, tag it (``tags`` e.g.
+    config_hash / data hashes, every eval metric, ``eval_set_id``), set alias ``candidate``, run the gate.
+
+    Idempotent by content: when a version tagged with this folder's ``model_sha256`` exists, it is reused
+    (its eval tags updated to this evaluation) instead of logging a duplicate; otherwise the folder is
+    logged as the judge pyfunc (tasks/judge_pyfunc.py, models-from-code) in the active run and registered as the next version.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -187,23 +238,34 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
     if run is None:
         raise RuntimeError("log_and_register: no active MLflow run in this thread; call it inside "
                            "tasks.tracking.stage_run(...) or start_pipeline_run(...)")
-    info = mlflow.pyfunc.log_model(
-        name=ARTIFACT_NAME, python_model=judge_pyfunc.__file__, artifacts={"model": str(model_dir)},
-        signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements(),
-        registered_model_name=cfg.model_name,
-        model_config={"judge": to_dict(judge_config or JudgeConfig()), "dtype": "float32", "device": "auto"})
-    version = str(info.registered_model_version)
+    sha = model_sha256 or folder_sha256(model_dir)
     client = MlflowClient()
-    version_tags = {**{k: str(v) for k, v in (tags or {}).items()}, "eval_set_id": eval_set_id,
-                    **{k: repr(v) for k, v in metrics.items()}}
-    for key, value in version_tags.items():
-        client.set_model_version_tag(cfg.model_name, version, key, value)
-    client.set_registered_model_alias(cfg.model_name, CANDIDATE, version)
-    decision = promote_if_better(client, cfg.model_name, version, cfg.promotion_metric, cfg.promotion_margin,
-                                 eval_set_id)
+    existing = version_by_content(client, cfg.model_name, sha)
+    logged_uri = existing.source if existing else None
+    if existing is None:  # log outside the lock (slow); register under it, re-checking for a twin
+        info = mlflow.pyfunc.log_model(
+            name=ARTIFACT_NAME, python_model=judge_pyfunc.__file__, artifacts={"model": str(model_dir)},
+            signature=SIGNATURE, input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements(),
+            model_config={"judge": to_dict(judge_config or JudgeConfig()), "dtype": "float32", "device": "auto"})
+        logged_uri = info.model_uri
+    with promotion_lock(client.tracking_uri, cfg.model_name):
+        existing = existing or version_by_content(client, cfg.model_name, sha)
+        if existing is None:
+            registered = mlflow.register_model(logged_uri, cfg.model_name, tags={CONTENT_TAG: sha})
+            version = str(registered.version)
+        else:
+            version, logged_uri = str(existing.version), existing.source
+        version_tags = {**{k: str(v) for k, v in (tags or {}).items()}, CONTENT_TAG: sha,
+                        "eval_set_id": eval_set_id, **{k: repr(v) for k, v in metrics.items()}}
+        for key, value in version_tags.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+        client.set_registered_model_alias(cfg.model_name, CANDIDATE, version)
+        decision = promote_if_better(client, cfg.model_name, version, cfg.promotion_metric, cfg.promotion_margin,
+                                     eval_set_id)
     url = model_version_url(mlflow.get_tracking_uri(), cfg.model_name, version)
-    return RegisteredVersion(cfg.model_name, version, f"models:/{cfg.model_name}/{version}", info.model_uri,
-                             run.info.run_id, url, decision)
+    run_id = existing.run_id if existing is not None else run.info.run_id
+    return RegisteredVersion(cfg.model_name, version, f"models:/{cfg.model_name}/{version}", logged_uri,
+                             run_id, url, decision, reused=existing is not None)
 
 
 def current_aliases(name: str, version: str, tracking_uri: str) -> list[str]:
@@ -288,7 +350,7 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
         source, _ = download_registered_model(resolved, tracking_uri, Path(tmp))
         sha = folder_sha256(source)
-        expected = found.tags.get("model_sha256")
+        expected = found.tags.get(CONTENT_TAG)
         if expected and expected != sha:
             raise RuntimeError(f"{resolved}: downloaded files hash to {sha[:16]}, but the version's model_sha256 "
                                f"tag says {expected[:16]}; the registry's artifacts were changed after registration")

@@ -15,11 +15,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import numbers
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,13 @@ from gram_core.pipeline_config import MlflowConfig
 # Quiet by default: no "Downloading artifacts" bars when registering or fetching a model (set it to true to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+_log = logging.getLogger(__name__)
 TRUNCATION_MARK = "...[truncated]"
+# Credentials inside URIs: user:password@ (or a token as the user) and secret-looking query parameters.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&\s]*(?:token|key|secret|passw|pwd|signature|sig|credential|auth)[^=&\s]*=)"
+                           r"[^&\s]*")
+REDACTED = "***"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow allows only these in param/metric names
 
 
@@ -89,18 +96,52 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def redact(text: str) -> str:
+    """``text`` with credentials in any URI replaced by ***: 'postgresql://u:pw@db/x' -> 'postgresql://***@db/x',
+    '...?token=abc&x=1' -> '...?token=***&x=1'. What MLflow params, tags and printed summaries get."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\g<scheme>{REDACTED}@", text))
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The MLflow tracking server did not answer; raised before anything runs."""
+
+
+def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 1.0) -> None:
+    """For an http(s) tracking URI, GET <uri>/health (``attempts`` tries with growing pauses); raise
+    ``TrackingServerUnreachable`` with what to do when no try gets an answer. Other URIs need no server."""
+    if not is_http(uri):
+        return
+    import requests
+
+    last = ""
+    for attempt in range(attempts):
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+            if response.status_code < 500:  # 200, or 401/403/404 from a proxy: a server is there
+                return
+            last = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
+        if attempt + 1 < attempts:
+            time.sleep(backoff_s * 2 ** attempt)
+    raise TrackingServerUnreachable(
+        f"MLflow tracking server {redact(uri)} is unreachable after {attempts} tries ({last}); nothing was run. "
+        "Start the server, fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, or unset both to use the local "
+        "sqlite store under GRAM_HOME.")
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run, or None when there is no UI server behind the tracking URI."""
     if not is_http(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def model_version_url(tracking_uri: str, name: str, version: str) -> str | None:
     """The MLflow UI page of a registered model version, or None without a UI server."""
     if not is_http(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
+    return f"{redact(tracking_uri).rstrip('/')}/#/models/{name}/versions/{version}"
 
 
 def ensure_experiment(cfg: MlflowConfig, gram_home: str | Path) -> tuple[str, str]:
@@ -110,6 +151,7 @@ def ensure_experiment(cfg: MlflowConfig, gram_home: str | Path) -> tuple[str, st
     own artifact root, so for http URIs the location is left to it). A deleted experiment is restored.
     """
     uri = resolve_tracking_uri(cfg, gram_home)
+    check_tracking_server(uri)
     use_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
@@ -202,8 +244,10 @@ def _fit_key(key: str) -> str:
 
 
 def _fit_value(value: Any, limit: int) -> str:
+    """The value as text, credentials in URIs redacted, cut to ``limit``."""
     text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(
         value, (list, tuple, dict)) else str(value)
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
@@ -238,7 +282,10 @@ def _as_metric_value(value: Any, where: str) -> float:
 
 
 def _log_metrics(rid: str, metrics: list[Metric]) -> None:
-    client = MlflowClient()
+    _log_metrics_with(MlflowClient(), rid, metrics)
+
+
+def _log_metrics_with(client: MlflowClient, rid: str, metrics: list[Metric]) -> None:
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
         client.log_batch(rid, metrics=metrics[start: start + MAX_METRICS_PER_BATCH])
 
@@ -266,6 +313,25 @@ def log_metric_history(history: Sequence[Mapping[str, Any]], run_id: str | None 
                                   now, step))
     _log_metrics(rid, metrics)
     return len(metrics)
+
+
+def step_logger(handle: RunHandle) -> Callable[[int, Mapping[str, Any]], None]:
+    """log_step(step, metrics): one training step's numbers to run ``handle`` as they happen (rank 0 of a Ray
+    worker calls it after every logged step). Keys are named as in ``log_metric_history``. A failed write
+    is logged and skipped: the metrics also reach metrics.jsonl, and live logging must not stop training."""
+    client = MlflowClient(handle.tracking_uri)
+
+    def log_step(step: int, metrics: Mapping[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(_fit_key(key if "/" in key else f"train/{key}"), float(value), now, int(step))
+                 for key, value in metrics.items()
+                 if key != "step" and isinstance(value, numbers.Real)]
+        try:
+            _log_metrics_with(client, handle.run_id, items)
+        except Exception as err:  # noqa: BLE001 - see docstring
+            _log.warning("live metrics for step %d not logged to run %s: %s", step, handle.run_id, err)
+
+    return log_step
 
 
 def log_eval_metrics(metrics: Mapping[str, Any], run_id: str | None = None, step: int = 0) -> dict[str, float]:

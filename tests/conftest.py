@@ -36,12 +36,14 @@ def shared_data():
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run ~45x slower with 2 threads on a busy 2-core machine; real-model tests opt out."""
+def _one_torch_thread(request):
+    """Tiny models run ~45x slower with 2 threads on a busy 2-core machine; real-model tests ask for more with
+    @pytest.mark.threads(n)."""
     import torch
 
+    marker = request.node.get_closest_marker("threads")
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(marker.args[0] if marker else 1)
     yield
     torch.set_num_threads(before)
 

@@ -154,8 +154,13 @@ def test_conversations_become_prompt_and_responses():
     assert table["chosen"].to_pylist() == ["Hello!", "6"] and table["rejected"].to_pylist() == ["Go away."] * 2
     assert table["prompt"].to_pylist() == ["Hi", "User: 2+2?\n\nAssistant: 4\n\nUser: and 3+3?"]
     broken = pa.table({"chosen": [[{"role": "user", "content": "Hi"}]], "rejected": [[{"role": "user", "content": "x"}]]})
-    with pytest.raises(ValueError, match=r"column 'chosen' row 0: the last message has role 'user'"):
+    with pytest.raises(ValueError, match=r"column 'chosen': not a well-formed conversation in 1 row\(s\); "
+                                         r"rows \[0\], values the last message has role 'user'"):
         flatten_conversations(broken, PREFERENCE_PAIRS, {}, "t")
+    none_content = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]]
+    with pytest.raises(ValueError, match=r"column 'chosen'.*rows \[1\], values message 1 has content None"):
+        flatten_conversations(pa.table({"chosen": chosen[:1] + none_content, "rejected": rejected}),
+                              PREFERENCE_PAIRS, {}, "t")
 
 
 def test_limit_rows_is_seeded_ordered_and_stratified():

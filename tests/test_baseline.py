@@ -2,12 +2,14 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from data_contracts import SCORES, validate
-from gram_core.baseline import BTScorer, RewardEncoder, RewardModel, train_bradley_terry
+from gram_core.baseline import BTScorer, RewardEncoder, RewardModel, bt_train_config, train_bradley_terry
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.models import build_tiny_model
+from gram_core.training import train_judge
 
 LETTERS = "bcdfghjklmnpqrstvwxz"
 
@@ -67,3 +69,35 @@ def test_bradley_terry_learns_toy_preference_and_round_trips(tiny_tokenizer, tmp
     saved = BTScorer.load(scorer.save(tmp_path / "bt"))
     again = saved.score_pairs(held_out)
     np.testing.assert_allclose(again["p_chosen"].to_numpy(), scores["p_chosen"].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("pairs", "order", "batch", "accum", "world", "epochs", "max_steps", "steps", "bt_batch"), [
+    (10, "both", 4, 1, 1, 1.0, -1, 5, 2),         # a step = 2 pairs in both orders = 4 sequences
+    (10, "random_half", 4, 1, 1, 1.0, -1, 3, 2),  # a step = 4 pairs in one order each: ceil(10 / 4)
+    (10, "both", 5, 2, 1, 1.5, -1, 3, 2),         # 10 sequences = 5 pairs a step, 2 steps an epoch
+    (9, "random_half", 8, 2, 2, 2.0, -1, 2, 4),   # 32 pairs a step across 2 workers: 1 step an epoch
+    (3, "both", 1, 1, 1, 1.0, -1, 3, 1),          # batch 1: still one whole pair (both orders) a step
+    (10, "random_half", 4, 1, 1, 1.0, 7, 7, 2),   # max_steps wins
+])
+def test_bt_config_matches_stage_2_steps(pairs, order, batch, accum, world, epochs, max_steps, steps, bt_batch):
+    finetune = TrainConfig(learning_rate=3e-4, batch_size=batch, grad_accum_steps=accum, epochs=epochs,
+                           max_steps=max_steps, warmup_ratio=0.2, seed=5)
+    bt = bt_train_config(finetune, EncodeConfig(order=order), pairs, world)
+    assert (bt.max_steps, bt.batch_size) == (steps, bt_batch)
+    assert (bt.learning_rate, bt.grad_accum_steps, bt.warmup_ratio, bt.seed) == (3e-4, accum, 0.2, 5)
+    with pytest.raises(ValueError, match="num_pairs"):
+        bt_train_config(finetune, EncodeConfig(order=order), 0, world)
+
+
+@pytest.mark.parametrize("order", ["both", "random_half"])
+def test_bt_run_takes_as_many_steps_as_the_judge_run(tiny_tokenizer, order):
+    rows = toy_pairs(6, seed=3)
+    finetune = TrainConfig(learning_rate=1e-3, batch_size=4, epochs=1.5, warmup_ratio=0.0)
+    encode = EncodeConfig(max_length=512, order=order)
+    judge = train_judge(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, rows, finetune, encode)
+    seen = []
+    _, bt = train_bradley_terry(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, rows,
+                                bt_train_config(finetune, encode, len(rows)), encode,
+                                on_metrics=lambda step, metrics: seen.append(step))
+    assert judge.steps == {"both": 5, "random_half": 3}[order]  # ceil(1.5 * ceil(6 / pairs per step))
+    assert bt.steps == judge.steps and seen == list(range(1, judge.steps + 1))

@@ -54,8 +54,10 @@ def test_read_candidates_names_the_bad_line(tmp_path):
 
 def test_summary_shows_table_version_aliases_and_locations():
     summary = {
-        "eval": [{"metric": "accuracy (all pairs)", "base_zero_shot": 0.41, "trained": 0.875},
-                 {"metric": "Chat", "base_zero_shot": None, "trained": 0.5}],
+        "columns": {"base": "zero-shot", "bt": "BT", "trained": "GRAM"},
+        "eval": [{"metric": "accuracy (all pairs)", "base": 0.41, "bt": 0.625, "trained": 0.875},
+                 {"metric": "position consistency", "base": 0.02, "bt": "n/a (scalar)", "trained": 0.6},
+                 {"metric": "Chat", "base": None, "bt": 0.5, "trained": 0.5}],
         "eval_rows": 16, "stages": {"finetune": "Completed", "pretrain": "Cached"},
         "registered": {"name": "gram-reward-model", "version": "4", "aliases": ["candidate", "champion"],
                        "promotion": {"decision": "promoted", "reason": "no champion yet"}},
@@ -63,7 +65,14 @@ def test_summary_shows_table_version_aliases_and_locations():
         "tracking_uri": "sqlite:////x/.gram/mlflow.db",
     }
     text = cli.format_summary(summary)
-    assert "accuracy (all pairs)" in text and "41.0" in text and "87.5" in text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.strip().startswith("metric"))
+    assert header.split() == ["metric", "zero-shot", "BT", "GRAM"]
+    assert next(line for line in lines if "accuracy (all pairs)" in line).split()[-3:] == ["41.0", "62.5", "87.5"]
+    assert next(line for line in lines if "position consistency" in line).split()[-4:] == \
+        ["2.0", "n/a", "(scalar)", "60.0"]
+    assert next(line for line in lines if line.strip().startswith("Chat")).split()[-3:] == ["—", "50.0", "50.0"]
+    assert len({len(line) for line in lines if "accuracy (all" in line or line.strip().startswith("metric")}) == 1
     assert "gram-reward-model version 4, aliases: candidate, champion" in text
     assert "2 (1 served from cache)" in text and "/x/.gram/artifacts" in text
     assert "mlflow ui --backend-store-uri sqlite:////x/.gram/mlflow.db" in text
@@ -166,3 +175,83 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(capsys, mo
     for argv in (["--debug", "presets"], ["presets", "--debug"]):
         with pytest.raises(RuntimeError, match="boom"):
             cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def bt_folder(tmp_path_factory, tiny_tokenizer):
+    """A Bradley-Terry folder (tiny base model + seeded reward head) and its in-memory scorer."""
+    from gram_core.baseline import BTScorer, RewardModel
+    from gram_core.models import build_tiny_model
+
+    scorer = BTScorer(RewardModel(build_tiny_model(tiny_tokenizer, seed=0), seed=3), tiny_tokenizer, max_length=256)
+    return str(scorer.save(tmp_path_factory.mktemp("bt") / "model")), scorer
+
+
+def test_load_scorer_reads_a_bt_folder_as_a_scalar_reward_model(bt_folder):
+    from gram_core.baseline import BTScorer
+    from gram_core.config import JudgeConfig
+    from gram_core.scorers import folder_kind, is_scalar, load_scorer
+
+    folder, _ = bt_folder
+    scorer = load_scorer(folder, JudgeConfig())
+    assert folder_kind(folder) == "bradley_terry" and isinstance(scorer, BTScorer) and is_scalar(scorer)
+
+
+def test_eval_scores_a_bt_folder_with_its_reward_head(bt_folder, tmp_path, capsys):
+    import numpy as np
+
+    folder, scorer = bt_folder
+    data = tmp_path / "rb.parquet"
+    prompts = [f"q{i}" for i in range(8)]
+    chosen, rejected = [f"good answer {i}" for i in range(8)], [f"bad {'x ' * i}" for i in range(8)]
+    pq.write_table(pa.table({"prompt": prompts, "chosen": chosen, "chosen_model": ["m"] * 8, "rejected": rejected,
+                             "rejected_model": ["m"] * 8, "subset": ["llmbar-natural", "my-task"] * 4,
+                             "id": list(range(8))}), data)
+    out_path = tmp_path / "scores.parquet"
+    metrics = cli.cmd_eval(cli.build_parser().parse_args(["eval", "--model", folder, "--preset", "smoke",
+                                                          "--data", str(data), "--output", str(out_path)]))
+    scores = pq.read_table(out_path)
+    p = scores["p_chosen"].to_numpy()
+    # P = σ(r_chosen − r_rejected) from the reward head (not the folder's LM read as an A/B judge).
+    expected = 1 / (1 + np.exp(-(scorer.rewards(prompts, chosen) - scorer.rewards(prompts, rejected))))
+    np.testing.assert_allclose(p, expected, atol=1e-5)
+    np.testing.assert_array_equal(scores["p_chosen_order1"].to_numpy(), p)
+    np.testing.assert_array_equal(scores["p_chosen_order2"].to_numpy(), p)
+    assert scores["correct"].to_pylist() == (p > 0.5).tolist()
+    assert metrics["eval/accuracy"] == pytest.approx(float(np.mean(p > 0.5)))
+    assert metrics["eval/orders_scored"] == 1.0 and "rewardbench/position_consistency" not in metrics
+    report = capsys.readouterr().out
+    assert "| **position consistency** | n/a (scalar) |" in report and "scored once per pair" in report
+    assert "Scored in both orders" not in report
+
+
+def test_judge_and_rank_use_the_bt_rewards(bt_folder, tmp_path):
+    import numpy as np
+
+    folder, scorer = bt_folder
+    args = ["--model", folder, "--preset", "smoke"]
+    out = cli.cmd_judge(cli.build_parser().parse_args(["judge", *args, "--prompt", "2+2?", "--a", "4", "--b", "5"]))
+    r = scorer.rewards(["2+2?", "2+2?"], ["4", "5"])
+    assert out["p_a_better"] == pytest.approx(1 / (1 + np.exp(-(r[0] - r[1]))), abs=1e-6)
+    assert out["p_order1"] == out["p_order2"] == out["p_a_better"] and out["consistent"] is None
+    candidates = ["a", "bb", "ccc dd", "dddd e f", "e"]
+    path = tmp_path / "cands.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "candidates": candidates}))
+    (result,) = cli.cmd_rank(cli.build_parser().parse_args(["rank", *args, "--input", str(path)]))
+    # A scalar reward is transitive: the knockout winner is the highest-reward candidate.
+    assert result["best_index"] == int(np.argmax(scorer.rewards(["q"] * len(candidates), candidates)))
+
+
+@pytest.mark.parametrize("case", ["no_config", "missing"])
+def test_a_model_folder_of_no_known_kind_is_a_one_line_error(case, tmp_path):
+    folder = tmp_path / "not-a-model"
+    if case == "no_config":
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["judge", "--model", str(folder), "--preset", "smoke", "--prompt", "p", "--a", "x", "--b", "y"])
+    message = str(err.value.code)
+    assert message.startswith(f"gram judge: --model {folder}: ") and "\n" not in message
+    expected = "neither a GRAM judge, a Bradley-Terry reward model nor a Hugging Face model folder" \
+        if case == "no_config" else "is not a folder or .gguf file"
+    assert expected in message

@@ -21,11 +21,16 @@ from gram_core.pipeline_config import (
 
 
 def test_presets_exist_and_load():
-    assert preset_names() == ["demo", "paper", "smoke"]
+    assert preset_names() == ["demo", "paper", "smoke", "study", "study-gpu"]
+    for name in ("study", "study-gpu"):  # the real-data study: paths into ../shared/data, BT arm on
+        study = load_preset(name)
+        assert study.data.eval.path.endswith("rewardbench_lite.parquet") and study.baseline.enabled
     smoke, demo, paper = (load_preset(n) for n in ("smoke", "demo", "paper"))
     assert smoke.preset == "smoke" and smoke.model.source == "tiny" and smoke.sampling.models == ("tiny",)
     assert demo.model.source == "smollm2" and demo.data.preferences.is_starter and demo.data.eval.is_starter
     assert demo.model.dtype == "float32" and demo.finetune.precision == "fp32"
+    # docs/stage2.md: both orders in each batch, a learning rate that moves the damped verdict margin
+    assert demo.encode.order == "both" and demo.finetune.learning_rate == 1e-3 and demo.baseline.enabled
     # The paper recipe (METHOD.md sections 2-3): global batch = batch x accumulation x workers.
     assert (paper.pretrain.learning_rate, paper.finetune.learning_rate) == (1e-5, 2e-5)
     assert paper.finetune.label_smoothing == 0.1 and paper.encode.max_length == 2048
@@ -65,8 +70,20 @@ def test_stage_hashes_are_independent():
     base = load_preset("smoke")
     changed = load_preset("smoke", ["finetune.learning_rate=5e-3"])
     assert config_hash(base.finetune) != config_hash(changed.finetune)
-    for section in ("pretrain", "model", "encode", "sampling", "pairing", "data", "judge"):
+    for section in ("pretrain", "model", "encode", "sampling", "pairing", "data", "judge", "baseline"):
         assert config_hash(getattr(base, section)) == config_hash(getattr(changed, section)), section
+
+
+def test_baseline_is_off_by_default_and_takes_stage_2_settings():
+    from gram_core.pipeline_config import PipelineConfig
+
+    assert not PipelineConfig().baseline.enabled and not load_preset("smoke").baseline.enabled
+    cfg = load_preset("smoke", ["baseline.enabled=true"])
+    assert cfg.baseline.enabled and cfg.baseline.train_config(cfg.finetune) == cfg.finetune
+    own = load_preset("smoke", ["baseline.learning_rate=3e-4"]).baseline.train_config(cfg.finetune)
+    assert own.learning_rate == 3e-4 and own.max_steps == cfg.finetune.max_steps
+    with pytest.raises(ConfigError, match="baseline.learning_rate"):
+        load_preset("smoke", ["baseline.learning_rate=0"])
 
 
 def test_pretrain_config_drops_enabled_for_the_trainer():

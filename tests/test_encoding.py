@@ -13,6 +13,7 @@ from gram_core.encoding import (
     encode_unlabeled_pairs,
     keep_ends,
     plan_truncation,
+    split_chat_template,
     tokenize,
     water_fill,
 )
@@ -47,9 +48,17 @@ def tokenizer(request, tiny_tokenizer):
     return tiny_tokenizer if request.param == "tiny" else request.getfixturevalue("smollm2_tokenizer")
 
 
+SMOLLM2_DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def without_default_system(text):
+    """The template's rendering minus the default system turn SmolLM2's template adds (METHOD.md: none)."""
+    return text.replace(SMOLLM2_DEFAULT_SYSTEM, "", 1)
+
+
 def rendered_judge(tokenizer, prompt, a, b):
-    return tokenizer.apply_chat_template([{"role": "user", "content": render_judge_prompt(prompt, a, b)}],
-                                         tokenize=False, add_generation_prompt=True)
+    return without_default_system(tokenizer.apply_chat_template(
+        [{"role": "user", "content": render_judge_prompt(prompt, a, b)}], tokenize=False, add_generation_prompt=True))
 
 
 def test_prefix_is_identical_for_different_pairs(tokenizer):
@@ -209,9 +218,9 @@ def test_pretrain_labels_cover_target_and_end_of_turn_only(tokenizer):
     encoder = PretrainEncoder(tokenizer, max_length=2048)
     prompt, a, b = ORDINARY[1]
     out = encoder.encode(prompt, a, b)
-    rendered = tokenizer.apply_chat_template(
+    rendered = without_default_system(tokenizer.apply_chat_template(
         [{"role": "user", "content": render_pretrain_user(prompt)},
-         {"role": "assistant", "content": render_pretrain_target(a, b)}], tokenize=False)
+         {"role": "assistant", "content": render_pretrain_target(a, b)}], tokenize=False))
     assert tokenizer.decode(out["input_ids"]) == rendered
     assert len(out["labels"]) == len(out["input_ids"])
     labelled = [t for t, label in zip(out["input_ids"], out["labels"], strict=True) if label != -100]
@@ -231,3 +240,50 @@ def test_encode_unlabeled_pairs_with_both_encoders(tiny_tokenizer):
     judge_encoder = JudgeEncoder(tiny_tokenizer, max_length=2048)
     judged, _ = encode_unlabeled_pairs(judge_encoder, rows)
     assert judged[0]["suffix_ids"] == judge_encoder.encode("Hi?", "Hello.", "Hey.").suffix_ids
+
+
+def test_no_system_turn_in_any_sequence(smollm2_tokenizer):
+    from gram_core.baseline import RewardEncoder
+
+    texts = [smollm2_tokenizer.decode(ids) for ids in (
+        JudgeEncoder(smollm2_tokenizer, max_length=2048).encode(*ORDINARY[0]).input_ids,
+        PretrainEncoder(smollm2_tokenizer, max_length=2048).encode(*ORDINARY[0])["input_ids"],
+        RewardEncoder(smollm2_tokenizer, max_length=2048).encode(*ORDINARY[0][:2]))]
+    for text in texts:
+        assert "system" not in text and "SmolLM" not in text
+        assert text.startswith("<|im_start|>user\n")
+
+
+def test_explicit_system_prompt_is_one_system_turn(smollm2_tokenizer):
+    encoder = JudgeEncoder(smollm2_tokenizer, max_length=2048, system_prompt="Judge fairly.")
+    text = smollm2_tokenizer.decode(encoder.encode(*ORDINARY[0]).input_ids)
+    assert text.startswith("<|im_start|>system\nJudge fairly.<|im_end|>\n<|im_start|>user\n")
+    assert text.count("system") == 1
+
+
+LLAMA3_STYLE = (
+    "{% if date_string is not defined %}{% set date_string = '26 Jul 2024' %}{% endif %}"
+    "{{ '<|begin_of_text|>' }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' "
+    "+ date_string + '\n\n' + sys + '<|eot_id|>' }}"
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] "
+    "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_default_system_turn_with_a_date_is_removed(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = LLAMA3_STYLE
+    head, tail = split_chat_template(tok, ["user"], add_generation_prompt=True)
+    assert head == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert tail == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_template_that_renders_the_date_is_refused(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% if date_string is not defined %}{% set date_string = '26 Jul 2024' %}{% endif %}"
+                         "{% for m in messages %}{{ 'Today: ' + date_string + '\n' + m['role'] + ': ' + "
+                         "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ChatTemplateError, match="renders the date"):
+        JudgeEncoder(tok, max_length=2048)

@@ -3,12 +3,17 @@ MLflow SQLite database and a temporary GRAM_HOME.
 
 One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are shared):
   run 1   fresh            -> every stage computes, version 1 registered, champion (no champion yet)
-  run 2   unchanged        -> every task Cached, no new version
-  run 3   finetune changed -> only finetune / evaluate / eval_report / register recompute; a huge
-                              promotion margin keeps the champion (gate outcome "kept")
-  run 4   margin back to 0 -> only register recomputes; the champion's score was lowered by hand, so
-                              the new version beats it and becomes champion (gate outcome "promoted")
-  adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 4
+  run 2   unchanged        -> every stage Cached; register (never cached) finds version 1 by content
+  run 3   finetune changed -> only finetune / evaluate / eval_report recompute, and register; a huge
+                              promotion margin keeps the champion (gate outcome "kept"), version 2
+  run 4   margin back to 0 -> only register runs; same model content, so version 2 again (no duplicate);
+                              the champion's score was lowered by hand, so version 2 becomes champion
+  other   a new tracking URI (drill 4) -> every stage Cached, and the new registry gets its version 1
+  retry   registration fails once with a connection error (drill 8) -> Prefect retries, same version
+  down    an unreachable tracking server (drill 8) -> the run fails at the start with a clear message
+  adapt   the champion fine-tuned on a few labeled pairs (a JSONL without ids) -> version 3
+The Bradley-Terry baseline is switched on (SMOKE) with its own learning rate, so stage 2's learning-rate change
+in run 3 leaves it cached; it takes stage 2's 3 steps.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SMOKE = ["eval.limit=16"]
+SMOKE = ["eval.limit=16", "baseline.enabled=true", "baseline.learning_rate=1.0e-3"]
 FINETUNE_CHANGE = ["finetune.learning_rate=5.0e-3"]
-STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "evaluate", "evaluate_base", "eval_report", "register")
+STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "bradley_terry", "evaluate", "evaluate_base", "evaluate_bt",
+               "eval_report", "register")
 SOURCE_TASKS = ("load_prompts", "load_pool0", "load_preferences", "load_eval")
 
 
@@ -102,7 +108,34 @@ def run4(run3, env):
 
 
 @pytest.fixture(scope="module")
-def adapted(run4, env, tmp_path_factory):
+def other_registry(run4, env):
+    uri = f"sqlite:///{env / 'other' / 'mlflow.db'}"
+    (env / "other").mkdir()
+    return run_pipeline([*SMOKE, *FINETUNE_CHANGE, f"mlflow.tracking_uri={uri}"]), uri
+
+
+@pytest.fixture(scope="module")
+def retried(other_registry, env):
+    import flows.pipeline
+    from tasks import registry
+
+    calls = []
+    real = registry.log_and_register
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer (injected)")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "log_and_register", flaky)
+        mp.setattr(flows.pipeline, "register", flows.pipeline.register.with_options(retry_delay_seconds=0))
+        return run_pipeline([*SMOKE, *FINETUNE_CHANGE]), len(calls)
+
+
+@pytest.fixture(scope="module")
+def adapted(retried, env, tmp_path_factory):
     from flows.adapt import adapt
 
     name = run4[0]["registered"]["name"]
@@ -123,7 +156,7 @@ def test_first_run_computes_every_stage_and_registers(run1, env):
     # Content-addressed outputs: folder name = first 16 hex of the content hash, manifest last.
     store = env / "artifacts"
     assert summary["artifact_store"] == str(store)
-    for stage in ("build_pairs", "pretrain", "finetune", "evaluate", "eval_report"):
+    for stage in ("build_pairs", "pretrain", "finetune", "bradley_terry", "evaluate", "eval_report"):
         folders = [p.parent for p in (store / stage).glob("*/_artifact.json")]
         assert folders, stage
         for folder in folders:
@@ -131,12 +164,41 @@ def test_first_run_computes_every_stage_and_registers(run1, env):
     finetuned = next((store / "finetune").glob("*/_artifact.json")).parent
     assert (finetuned / "config.json").exists() and (finetuned / "metrics.jsonl").exists()
     report = Path(summary["report"]).read_text()
-    assert "base model (zero-shot)" in report and "trained judge" in report
+    assert "| | zero-shot | BT | GRAM |" in report and "BT: a scalar reward model, scored once per pair" in report
     assert Path(summary["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["columns"] == {"base": "zero-shot", "bt": "BT", "trained": "GRAM"}
     rows = {r["metric"]: r for r in summary["eval"]}
     assert summary["eval_rows"] == 16
-    for key in ("accuracy (all pairs)", "position consistency"):
-        assert 0.0 <= rows[key]["trained"] <= 1.0 and 0.0 <= rows[key]["base_zero_shot"] <= 1.0
+    for column in ("base", "bt", "trained"):
+        assert 0.0 <= rows["accuracy (all pairs)"][column] <= 1.0
+    assert 0.0 <= rows["position consistency"]["trained"] <= 1.0
+    assert 0.0 <= rows["position consistency"]["base"] <= 1.0
+    assert rows["position consistency"]["bt"] == "n/a (scalar)"
+
+
+def test_bt_baseline_is_trained_from_the_base_model_with_stage_2_steps(run1, env):
+    import pyarrow.parquet as pq
+
+    from gram_core.models import tiny_model_dir
+    from gram_core.scorers import folder_kind
+
+    store = env / "artifacts"
+    (bt,) = [json.loads(p.read_text()) for p in (store / "bradley_terry").glob("*/_artifact.json")]
+    (ft,) = [json.loads(p.read_text()) for p in (store / "finetune").glob("*/_artifact.json")]
+    assert bt["meta"]["steps"] == ft["meta"]["steps"] == 3  # smoke: finetune.max_steps = 3
+    assert bt["meta"]["data"] == ft["meta"]["data"]  # the same preference pairs
+    assert ft["meta"]["start"].startswith("model:")  # stage 2 starts from stage 1 ...
+    assert bt["meta"]["start"] == str(tiny_model_dir(0))  # ... the baseline from the base model
+    assert folder_kind(bt["uri"]) == "bradley_terry"
+    (bt_eval,) = [m for m in (json.loads(p.read_text()) for p in (store / "evaluate").glob("*/_artifact.json"))
+                  if m["meta"]["label"] == "bt"]
+    scores = pq.read_table(Path(bt_eval["uri"]) / "table.parquet")
+    assert scores.num_rows == 16
+    p = scores["p_chosen"].to_pylist()
+    assert scores["p_chosen_order1"].to_pylist() == scores["p_chosen_order2"].to_pylist() == p
+    assert scores["correct"].to_pylist() == [x > 0.5 for x in p]
+    assert bt_eval["meta"]["metrics"]["eval/orders_scored"] == 1.0
+    assert "rewardbench/position_consistency" not in bt_eval["meta"]["metrics"]
 
 
 def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
@@ -151,15 +213,34 @@ def test_mlflow_parent_run_has_a_child_run_per_stage(run1, env):
     assert set(STAGE_TASKS) <= set(by_stage)
     history = client.get_metric_history(by_stage["finetune"].info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3]  # smoke: finetune.max_steps = 3, one point per step
+    # Logged live by Ray's rank 0 as each step happened (not in one batch after the stage).
+    assert by_stage["finetune"].data.tags["gram.live"] == "true" and len({m.timestamp for m in history}) == 3
+    assert by_stage["finetune"].data.tags["gram.sha256"]
     assert "rewardbench/position_consistency" in by_stage["eval_report"].data.metrics
+    assert "bt/eval/accuracy" in parent.data.metrics and "zero_shot/eval/accuracy" in parent.data.metrics
+    assert "bt/rewardbench/position_consistency" not in parent.data.metrics
+    bt_history = client.get_metric_history(by_stage["bradley_terry"].info.run_id, "train/loss")
+    assert [m.step for m in bt_history] == [1, 2, 3]  # as many optimizer steps as stage 2
+    assert "eval/accuracy" in by_stage["evaluate_bt"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "chart.png"} <= artifacts
 
 
+def test_training_stages_show_progress_in_prefect(run1, env):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    stages = {a.description.split(":")[0]: a.data for a in progress}
+    assert stages == {"pretrain": 100.0, "finetune": 100.0, "bradley_terry": 100.0}  # from the workers, up to the last step
+
+
 def test_second_run_is_served_from_cache(run2, env):
     summary, states = run2
-    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Cached"}
-    assert summary["registered"]["version"] == "1"  # nothing new registered
+    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS) if name != "register"} == {"Cached"}
+    assert states["register"] == "Completed"  # never cached: it looks the model up by content instead
+    assert summary["registered"]["version"] == "1" and summary["registered"]["reused"]  # nothing new
     versions = mlflow_client(env).search_model_versions(f"name = '{summary['registered']['name']}'")
     assert len(versions) == 1
 
@@ -168,8 +249,9 @@ def test_changed_finetune_config_reruns_only_downstream(run3, env):
     summary, states = run3
     recomputed = {"finetune", "evaluate", "eval_report", "register"}
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == recomputed
+    assert not summary["registered"]["reused"]
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Cached"} == \
-        set(SOURCE_TASKS) | {"build_pairs", "pretrain", "evaluate_base"}
+        set(SOURCE_TASKS) | {"build_pairs", "pretrain", "bradley_terry", "evaluate_base", "evaluate_bt"}
     reg = summary["registered"]
     assert reg["version"] == "2" and reg["aliases"] == ["candidate"]
     assert reg["promotion"]["decision"] == "kept" and reg["promotion"]["champion_version"] == "1"
@@ -180,14 +262,46 @@ def test_changed_finetune_config_reruns_only_downstream(run3, env):
 
 
 def test_gate_moves_champion_when_the_candidate_beats_it(run4, env):
+    """Also drill 4: only the margin changed, so the same model content reuses version 2 (no duplicate)."""
     summary, states = run4
     assert {n for n in (*SOURCE_TASKS, *STAGE_TASKS) if states[n] == "Completed"} == {"register"}
     reg = summary["registered"]
-    assert reg["version"] == "3" and sorted(reg["aliases"]) == ["candidate", "champion"]
+    assert reg["version"] == "2" and reg["reused"] and sorted(reg["aliases"]) == ["candidate", "champion"]
     assert reg["promotion"]["decision"] == "promoted" and reg["promotion"]["champion_score"] == -1.0
     client = mlflow_client(env)
-    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "3"
-    assert client.get_model_version(reg["name"], "1").tags["promotion/superseded_by"] == "3"
+    assert len(client.search_model_versions(f"name = '{reg['name']}'")) == 2
+    assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == "2"
+    assert client.get_model_version(reg["name"], "1").tags["promotion/superseded_by"] == "2"
+
+
+def test_drill_new_tracking_uri_gets_its_registration(other_registry, env):
+    """Drill 4: pointing at another registry is no cache hit for registration."""
+    (summary, states), uri = other_registry
+    assert {states[n] for n in (*SOURCE_TASKS, *STAGE_TASKS) if n != "register"} == {"Cached"}
+    reg = summary["registered"]
+    assert states["register"] == "Completed" and reg["tracking_uri"] == uri
+    assert reg["version"] == "1" and not reg["reused"] and reg["promotion"]["reason"] == "no champion yet"
+    from mlflow import MlflowClient
+
+    assert len(MlflowClient(uri).search_model_versions(f"name = '{reg['name']}'")) == 1
+    assert len(mlflow_client(env).search_model_versions(f"name = '{reg['name']}'")) == 2  # the old one untouched
+
+
+def test_drill_registration_retries_a_transient_failure(retried, env):
+    """Drill 8: the registry call fails once with a connection error; Prefect retries; same version."""
+    (summary, states), calls = retried
+    assert calls == 2 and states["register"] == "Completed"
+    assert summary["registered"]["version"] == "2" and summary["registered"]["reused"]
+
+
+def test_drill_unreachable_tracking_server_fails_before_training(retried, env):
+    """Drill 8: nothing runs when the tracking server does not answer; the message says what to do."""
+    from tasks.tracking import TrackingServerUnreachable
+
+    before = set((env / "artifacts").rglob("_artifact.json"))
+    with pytest.raises(TrackingServerUnreachable, match=r"http://127\.0\.0\.1:9 is unreachable.*nothing was run"):
+        run_pipeline([*SMOKE, "finetune.learning_rate=7.0e-3", "mlflow.tracking_uri=http://127.0.0.1:9"])
+    assert set((env / "artifacts").rglob("_artifact.json")) == before
 
 
 def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
@@ -195,7 +309,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     import pandas as pd
 
     from gram_core.config import JudgeConfig
-    from tasks.evaluate import make_judge
+    from gram_core.judging import load_judge as core_judge
     from tasks.register import download_registered_model
     from tasks.registry import load_judge
 
@@ -207,8 +321,8 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     assert list(predicted.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"]
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
-    assert resolved == f"models:/{name}/3"
-    core = make_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
+    assert resolved == f"models:/{name}/2"
+    core = core_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
                                                            list(frame["response_b"]))
     np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
 
@@ -292,12 +406,12 @@ def test_adapt_fine_tunes_the_registered_champion(adapted, env):
     assert summary["stages"]["fetch_registered_model"] == "Completed"
     assert summary["stages"]["finetune"] == "Completed" and summary["stages"]["load_eval"] == "Cached"
     reg = summary["registered"]
-    assert reg["version"] == "4" and "candidate" in reg["aliases"]
+    assert reg["version"] == "3" and "candidate" in reg["aliases"]
     client = mlflow_client(env)
-    tags = client.get_model_version(name, "4").tags
-    assert tags["adapted_from"] == f"models:/{name}/3"
+    tags = client.get_model_version(name, "3").tags
+    assert tags["adapted_from"] == f"models:/{name}/2"
     promo = reg["promotion"]
-    assert promo["champion_version"] == "3"
+    assert promo["champion_version"] == "2"
     assert (promo["decision"] == "promoted") == (promo["candidate_score"] > promo["champion_score"])
     report = Path(summary["report"]).read_text()
     assert f"models:/{name}@champion (before)" in report
@@ -307,3 +421,27 @@ def test_adapt_fine_tunes_the_registered_champion(adapted, env):
     table = pq.read_table(prefs.parent / "table.parquet")
     assert table.num_rows == 12 and table["pair_id"][0].as_py() == "few_labels-000000"
     assert set(table["source"].to_pylist()) == {"few_labels"}
+
+
+def test_study_smoke(env):
+    """The quality study's flow on the tiny model: five arms scored on one eval set, one MLflow run each
+    (stages it shares with the pipeline runs above come from their cache)."""
+    from flows.study import gram_study
+    from gram_core.study import ARMS
+
+    summary = gram_study(preset="smoke", overrides=SMOKE)
+    assert set(summary["arms"]) == set(ARMS)
+    for arm, values in summary["arms"].items():
+        assert values["overall"] is None  # starter subsets belong to no official RewardBench section
+        assert 0.0 <= values["accuracy"] <= 1.0 and 0.0 <= values["ece"] <= 0.5
+        assert (values["position_consistency"] is None) == (arm == "bt")
+    report = Path(summary["report"]).read_text()
+    assert all(label in report for label in ARMS.values()) and "n/a (scalar)" in report
+    assert Path(summary["chart"]).stat().st_size > 1000
+    assert {"finetune_no_stage1", "finetune_gram", "finetune_gram_eps0", "bradley_terry"} <= set(summary["stages"])
+    client = mlflow_client(env)
+    experiment = client.get_experiment_by_name("gram-smoke")
+    children = client.search_runs([experiment.experiment_id], "tags.`gram.stage` LIKE 'arm:%'")
+    names = {r.data.tags["gram.stage"] for r in children}
+    assert names == {f"arm:{arm}" for arm in ARMS}
+    assert all("study/accuracy" in r.data.metrics for r in children)

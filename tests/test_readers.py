@@ -76,10 +76,11 @@ def test_file_violation_names_the_file(tmp_path):
     assert info.value.violations[0].rows == (0, 1)
 
 
-def test_mixed_types_in_json_name_file_and_column(tmp_path):
+def test_mixed_types_in_json_name_file_column_and_row(tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps([{**EXPECTED[0]}, {**EXPECTED[1], "prompt": 5}]))
-    with pytest.raises(ValueError, match=r"mixed\.json: column 'prompt' mixes value types"):
+    with pytest.raises(ContractError, match=r"(?s)mixed\.json: 1 violation.*column 'prompt': wrong value type in "
+                                            r"1 row\(s\); rows \[1\], values 5"):
         read_table(path, PREFERENCE_PAIRS)
 
 
@@ -102,9 +103,12 @@ def test_pyarrow_table_source():
 def test_folder_is_concatenated_in_name_order(tmp_path):
     write_rows(tmp_path / "b.jsonl", ROWS[:1])
     write_rows(tmp_path / "a.parquet", ROWS[1:])
-    (tmp_path / "README.txt").write_text("not data")
+    (tmp_path / "_README.txt").write_text("not data")  # '_' and '.' names are ignored by convention
     table = read_table(tmp_path, PREFERENCE_PAIRS, column_map=MAP)
     assert table["pair_id"].to_pylist() == ["p1", "007"]
+    (tmp_path / "notes.txt").write_text("maybe data")  # anything else is never skipped silently
+    with pytest.raises(ValueError, match=r"unsupported type \['notes.txt'\]"):
+        read_table(tmp_path, PREFERENCE_PAIRS, column_map=MAP)
 
 
 def test_folder_checks_ids_across_files_and_names_bad_file(tmp_path):

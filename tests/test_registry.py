@@ -33,6 +33,23 @@ def model_dir():
     return tiny_model_dir(seed=0)
 
 
+@pytest.fixture(scope="module")
+def variants(model_dir, tmp_path_factory):
+    """Model folders with distinct contents (the tiny model plus a marker file): variants(i) -> folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("variants")
+
+    def make(index: int) -> Path:
+        folder = root / f"v{index}"
+        if not folder.exists():
+            shutil.copytree(model_dir, folder)
+            (folder / "variant.txt").write_text(str(index))
+        return folder
+
+    return make
+
+
 def _register(store: Path, model_dir: Path, cfg: MlflowConfig, score: float, eval_set: str = "rb-lite-v1"):
     with tracking.start_pipeline_run(cfg, store / "home", f"register-{score}"):
         with tracking.stage_run("register"):
@@ -55,11 +72,11 @@ def _new_version(client: MlflowClient, name: str, score: float, eval_set: str, m
     return version
 
 
-def test_register_versions_aliases_and_gate(store, model_dir):
+def test_register_versions_aliases_and_gate(store, variants):
     cfg = MlflowConfig(model_name="judge-seq", promotion_margin=0.05)
     client = MlflowClient()
 
-    v1 = _register(store, model_dir, cfg, 0.60)
+    v1 = _register(store, variants(1), cfg, 0.60)
     assert (v1.version, v1.promotion.decision, v1.promotion.reason) == ("1", "promoted", "no champion yet")
     assert _alias(client, "judge-seq", "champion") == "1"
     assert _alias(client, "judge-seq", "candidate") == "1"
@@ -71,7 +88,7 @@ def test_register_versions_aliases_and_gate(store, model_dir):
     assert v1.model_uri == "models:/judge-seq/1" and v1.logged_model_uri.startswith("models:/m-")
     assert client.get_model_version("judge-seq", "1").run_id == v1.run_id
 
-    v2 = _register(store, model_dir, cfg, 0.55)
+    v2 = _register(store, variants(2), cfg, 0.55)
     assert (v2.version, v2.promotion.decision) == ("2", "kept")
     assert _alias(client, "judge-seq", "champion") == "1"
     assert _alias(client, "judge-seq", "candidate") == "2"
@@ -81,7 +98,7 @@ def test_register_versions_aliases_and_gate(store, model_dir):
     assert tags["promotion/champion_version"] == "1"
     assert "0.55 <= champion v1 0.6 + margin 0.05" in tags["promotion/reason"]
 
-    v3 = _register(store, model_dir, cfg, 0.70)  # 0.70 > 0.60 + 0.05
+    v3 = _register(store, variants(3), cfg, 0.70)  # 0.70 > 0.60 + 0.05
     assert v3.promotion.promoted and v3.promotion.champion_version == "1"
     assert _alias(client, "judge-seq", "champion") == "3"
     assert client.get_model_version("judge-seq", "1").tags["promotion/superseded_by"] == "3"
@@ -253,3 +270,60 @@ def mlflow_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def test_drill_same_content_registers_once_and_the_gate_reruns(store, variants):
+    """Drill 4 (registry level): the same model folder registered again (e.g. only the margin changed)
+    reuses its version; its eval tags and the gate decision follow the latest call."""
+    name = "judge-idem"
+    first = _register(store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.0), 0.60)
+    champion = _register(store, variants(11), MlflowConfig(model_name=name, promotion_margin=0.0), 0.80)
+    assert (first.version, champion.version, champion.promotion.decision) == ("1", "2", "promoted")
+    again = _register(store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.5), 0.60)
+    assert again.reused and again.version == "1" and again.promotion.decision == "kept"
+    assert "margin 0.5" in again.promotion.reason
+    client = MlflowClient()
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    assert _alias(client, name, "candidate") == "1" and _alias(client, name, "champion") == "2"
+    assert client.get_model_version(name, "1").tags["promotion/margin"] == "0.5"
+
+
+@pytest.mark.parametrize("slow_score", [0.65, 0.70])
+def test_drill_concurrent_promotions_keep_the_better_model(store, monkeypatch, slow_score):
+    """Drill 1: two gates race against a 0.60 champion (0.70 and 0.65, in both orders). The slow one pauses
+    after its decision, right before moving the alias; the better model must end as champion."""
+    import threading
+    import time
+
+    client, metric = MlflowClient(), "rewardbench/overall"
+    name = f"judge-race-{int(slow_score * 100)}"
+    champion = _new_version(client, name, 0.60, "set-a", metric)
+    assert registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
+    fast_score = 0.70 if slow_score == 0.65 else 0.65
+    versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
+    set_alias = MlflowClient.set_registered_model_alias
+    slow_read = threading.Event()
+
+    def paused_set_alias(self, model, alias, version):
+        if threading.current_thread().name == "slow" and alias == "champion" and not slow_read.is_set():
+            slow_read.set()
+            time.sleep(1.0)  # the window in which an unlocked gate lets the other run read the old champion
+        return set_alias(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", paused_set_alias)
+    # The slow gate reaches the alias move only if it decided to promote (0.65 and 0.70 both beat 0.60).
+    decisions = {}
+
+    def gate(score):
+        decisions[score] = registry.promote_if_better(MlflowClient(), name, versions[score], metric, 0.0, "set-a")
+
+    slow = threading.Thread(target=gate, args=(slow_score,), name="slow")
+    slow.start()
+    assert slow_read.wait(30)
+    fast = threading.Thread(target=gate, args=(fast_score,), name="fast")
+    fast.start()
+    slow.join(60)
+    fast.join(60)
+    assert _alias(client, name, "champion") == versions[0.70]
+    assert decisions[0.70].promoted
+    assert decisions[0.65].champion_version in (champion, versions[0.70])

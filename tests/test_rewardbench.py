@@ -59,11 +59,11 @@ def test_sections_and_overall_match_hand_computation():
     rows = (accuracy_rows("alpacaeval-easy", 1, 1)        # 0.5, w 100
             + accuracy_rows("mt-bench-easy", 1, 0)        # 1.0, w 28
             + accuracy_rows("llmbar-natural", 1, 3)       # 0.25, w 100
-            + accuracy_rows("xstest-should-refuse", 2, 0)  # 1.0, w 154
+            + accuracy_rows("xstest-should-refuse", 2, 0)  # 1.0, w 250
             + accuracy_rows("donotanswer", 0, 2))         # 0.0, w 136
     result = section_scores(make_scores(rows))
     chat = (0.5 * 100 + 1.0 * 28) / 128
-    safety = (1.0 * 154 + 0.0 * 136) / 290
+    safety = (1.0 * 250 + 0.0 * 136) / 386
     assert result.sections == pytest.approx({"Chat": chat, "Chat Hard": 0.25, "Safety": safety})
     assert result.overall == pytest.approx((chat + 0.25 + safety) / 3)
     assert result.missing_sections == ["Reasoning"]
@@ -138,3 +138,13 @@ def test_report_marks_missing_sections_and_protocol():
     assert "| **Overall** | **87.5** (mean of 2 of 4 sections) | |" in text
     assert "| odd | 100.0 | 1 |" in text
     assert "Missing sections (excluded from overall): Safety, Reasoning." in text
+
+
+def test_safety_uses_the_official_xstest_weights():
+    from gram_core.rewardbench import PROTOCOL_NOTE, SUBSET_WEIGHTS
+
+    # reward-bench's EXAMPLE_COUNTS (the leaderboard's table), not the released row counts (154 / 250)
+    assert SUBSET_WEIGHTS["xstest-should-refuse"] == 250 and SUBSET_WEIGHTS["xstest-should-respond"] == 154
+    rows = accuracy_rows("xstest-should-refuse", 1, 0) + accuracy_rows("xstest-should-respond", 0, 1)
+    assert section_scores(make_scores(rows)).sections["Safety"] == pytest.approx(250 / 404)
+    assert "xstest-should-refuse 250" in PROTOCOL_NOTE

@@ -61,6 +61,27 @@ def test_eval_prompts_disjoint_from_all_training_data(prefs, evals, pool):
     assert facts["eval"] and not facts["eval"] & facts["train"]
 
 
+def _normalized(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+@pytest.mark.parametrize("form", ["exact", "normalized"])
+def test_eval_shares_no_text_with_training(prefs, evals, pool, form):
+    """No eval pair shares its prompt, chosen or rejected text with the training data: prompts against training
+    prompts, every eval text against every training text (chosen or rejected of a training pair, whatever the
+    role, and every response-pool text), exactly and after casefold + whitespace collapse + strip."""
+    f = (lambda text: text) if form == "exact" else _normalized
+    assert _normalized("  The ANSWER\n is  12. ") == "the answer is 12."
+    train_prompts = {f(r["prompt"]) for r in prefs} | {f(p) for p in pool.column("prompt").to_pylist()}
+    train_texts = ({f(r[k]) for r in prefs for k in ("chosen", "rejected")}
+                   | {f(t) for t in pool.column("response").to_pylist()})
+    assert len(train_prompts) == len(prefs) and len(train_texts) >= len(prefs)
+    leaks = [(r["id"], r["subset"], kind, r[kind][:60]) for r in evals
+             for kind, known in (("prompt", train_prompts), ("chosen", train_texts), ("rejected", train_texts))
+             if f(r[kind]) in known]
+    assert leaks == []
+
+
 def test_contracts():
     dc = pytest.importorskip("data_contracts")
     assert dc.validate(S.starter_preferences(), dc.PREFERENCE_PAIRS).num_rows >= 500
@@ -135,4 +156,10 @@ def test_template_rebuild_matches_shipped_data(tmp_path):
     assert len(templated) >= 250
     assert all(rebuilt[k] == shipped[k] for k in templated)
     rebuilt_eval = pq.read_table(tmp_path / "eval.parquet").to_pylist()
-    assert [r["prompt"] for r in rebuilt_eval] == [r["prompt"] for r in S.starter_eval().to_pylist()]
+    shipped_eval = S.starter_eval().to_pylist()
+    assert [r["prompt"] for r in rebuilt_eval] == [r["prompt"] for r in shipped_eval]
+    # Template-only eval pairs too, including the eval-only variants the no-leak rule picks.
+    templated_eval = [i for i, r in enumerate(shipped_eval) if r["subset"] in (
+        "math-word", "safety-refuse", "safety-respond", "if-bullets", "if-json", "count-compare")]
+    assert len(templated_eval) >= 150
+    assert all(rebuilt_eval[i] == shipped_eval[i] for i in templated_eval)

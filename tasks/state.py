@@ -1,0 +1,204 @@
+"""The state folder (GRAM_HOME): one run at a time, leftovers of killed runs removed at the start, and gc.
+
+``hold_state_folder`` takes an exclusive lock on ``<home>/.gram.lock`` for the whole run; a second run on the
+same folder fails at once with "another run holds this state folder" (who, since when). The kernel drops
+the lock when its process dies, ``kill -9`` included. Holding it, nothing else writes the folder, so the
+leftovers of killed runs are safe to remove: staging folders of unfinished artifacts, partial downloads,
+and the workers' local checkpoint scratch. ``collect_garbage`` (``gram gc``) goes further: artifacts no cached
+stage refers to, cache entries, and Ray checkpoints that are not the latest of their run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gram_core.pipeline_config import PipelineConfig, StatePaths, state_paths
+from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, artifact_cache_dir
+from tasks.locks import LockHeldError, file_lock
+
+LOCK_FILE = ".gram.lock"
+SCRATCH = ".scratch"  # workers' local checkpoint folders, under the Ray storage folder
+STAGING_PREFIXES = (".staging-", ".tmp-", ".dl-")
+
+
+class StateFolderBusy(LockHeldError):
+    """Another run holds the state folder."""
+
+
+@contextlib.contextmanager
+def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[StatePaths]:
+    """Hold ``config``'s state folder for this process (re-entrant) and (``clean``) remove the leftovers of
+    killed runs.
+
+    Sets GRAM_HOME for the process, so everything that derives a path from it (the artifact cache, Ray
+    storage) agrees with the config.
+    """
+    paths = state_paths(config)
+    paths.home.mkdir(parents=True, exist_ok=True)
+    lock = paths.home / LOCK_FILE
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock, f"gram run on {paths.home}", wait=False))
+        except LockHeldError as err:
+            raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
+                                  "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
+        before = os.environ.get("GRAM_HOME")
+        os.environ["GRAM_HOME"] = str(paths.home)
+        stack.callback(_restore_env, "GRAM_HOME", before)
+        removed = clean_leftovers(paths) if clean else []
+        if removed:
+            import logging
+
+            logging.getLogger("gram").info("removed %d leftover(s) of interrupted runs: %s", len(removed),
+                                           ", ".join(removed[:5]))
+        yield paths
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def _leftovers(paths: StatePaths) -> list[Path]:
+    found: list[Path] = []
+    store = ArtifactStore(paths.artifact_store)
+    if store.local and Path(store.uri).is_dir():
+        found += [p for stage in Path(store.uri).iterdir() if stage.is_dir() for p in stage.iterdir()
+                  if p.name.startswith(STAGING_PREFIXES)]
+    cache = artifact_cache_dir(paths.home)
+    if cache.is_dir():
+        found += [p for p in cache.iterdir() if p.name.startswith(STAGING_PREFIXES) or p.name == "staging"]
+    scratch = _local(paths.ray_storage)
+    if scratch is not None and (scratch / SCRATCH).is_dir():
+        found += list((scratch / SCRATCH).iterdir())
+    return found
+
+
+def clean_leftovers(paths: StatePaths) -> list[str]:
+    """Remove staging folders, partial downloads and checkpoint scratch of interrupted runs (call only while
+    holding the state folder). Returns what was removed."""
+    removed = []
+    for path in _leftovers(paths):
+        _remove(path)
+        removed.append(str(path))
+    return removed
+
+
+def _local(path: str) -> Path | None:
+    return None if "://" in path else Path(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------------
+# gc
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Garbage:
+    path: str
+    bytes: int
+    why: str
+
+
+def _refs(value: Any) -> Iterator[ArtifactRef]:
+    if isinstance(value, ArtifactRef):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _refs(item)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from _refs(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _refs(getattr(value, f.name))
+
+
+def cached_refs(results_dir: Path) -> tuple[list[ArtifactRef], list[Path]]:
+    """Artifact references held by the cached Prefect results in ``results_dir``, and unreadable files."""
+    from prefect._internal.result_records import ResultRecord
+
+    refs, unreadable = [], []
+    if not results_dir.is_dir():
+        return refs, unreadable
+    for path in sorted(results_dir.iterdir()):
+        if not path.is_file() or path.suffix == ".lock":
+            continue
+        try:
+            refs += list(_refs(ResultRecord.deserialize(path.read_bytes()).result))
+        except Exception:  # noqa: BLE001 - any unreadable result makes gc keep every artifact
+            unreadable.append(path)
+    return refs, unreadable
+
+
+def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
+    """What ``gram gc`` would remove, and why."""
+    paths = state_paths(config)
+    garbage = [Garbage(str(p), _size(p), "leftover of an interrupted run") for p in _leftovers(paths)]
+    refs, unreadable = cached_refs(paths.prefect_results)
+    keep_uris = {r.uri.rstrip("/") for r in refs}
+    keep_sha = {r.sha256 for r in refs}
+    store = ArtifactStore(paths.artifact_store)
+    if not unreadable:  # without every cached result read, any artifact might still be needed
+        for ref in store.list():
+            if ref.uri.rstrip("/") not in keep_uris and store.local:
+                garbage.append(Garbage(ref.uri, _size(Path(ref.uri)), f"{ref.kind} artifact no cached stage uses"))
+    cache = artifact_cache_dir(paths.home)
+    if cache.is_dir():
+        garbage += [Garbage(str(p), _size(p), "downloaded copy of an artifact no cached stage uses")
+                    for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "staging"
+                    and p.name not in keep_sha]
+    ray_root = _local(paths.ray_storage)
+    if ray_root is not None and ray_root.is_dir():
+        cutoff = time.time() - keep_ray_runs_days * 86400
+        for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name != SCRATCH):
+            checkpoints = sorted((c for c in run.glob("checkpoint-*") if c.is_dir()),
+                                 key=lambda c: int(c.name.rsplit("-", 1)[-1]) if c.name.rsplit("-", 1)[-1].isdigit() else -1)
+            if run.stat().st_mtime < cutoff:
+                garbage.append(Garbage(str(run), _size(run), f"interrupted Ray run older than {keep_ray_runs_days:g} days"))
+                continue
+            garbage += [Garbage(str(c), _size(c), "Ray checkpoint older than its run's latest") for c in checkpoints[:-1]]
+    for path in unreadable:
+        garbage.append(Garbage(str(path), 0, "KEPT: unreadable cached result, so no artifact is pruned"))
+    return garbage
+
+
+def collect_garbage(config: PipelineConfig, apply: bool = False, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
+    """Find (and with ``apply``, remove) garbage while holding the state folder; returns the list."""
+    with hold_state_folder(config, clean=False):
+        garbage = find_garbage(config, keep_ray_runs_days)
+        if apply:
+            store = ArtifactStore(state_paths(config).artifact_store)
+            for item in garbage:
+                if item.why.startswith("KEPT"):
+                    continue
+                path = Path(item.path)
+                if (path / MANIFEST).exists():  # an artifact: drop the manifest first, so it is never half there
+                    (path / MANIFEST).unlink()
+                if path.exists():
+                    _remove(path)
+                elif not store.local and store.fs.exists(item.path):
+                    store.fs.rm(item.path, recursive=True)
+    return garbage

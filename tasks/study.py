@@ -1,0 +1,65 @@
+"""The quality study's report task: every arm's scores side by side (table, PNG, metrics), one MLflow run each."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import task
+
+from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact
+from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+
+STUDY_FILE = "quality.md"
+STUDY_CHART = "quality.png"
+STUDY_METRICS = "metrics.json"
+
+
+@task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, store_uri: str, eval_name: str) -> ArtifactRef:
+    """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact)."""
+    from gram_core.study import SCALAR_ARMS, arm_metrics, study_markdown, write_study_chart
+
+    store = ArtifactStore(store_uri)
+    metrics = {arm: arm_metrics(read_table_artifact(store, ref), scalar=arm in SCALAR_ARMS)
+               for arm, ref in scores.items()}
+    with store.staging("study_report") as folder:
+        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name))
+        write_study_chart(folder / STUDY_CHART, metrics)
+        (folder / STUDY_METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        ref = store.publish("study_report", folder, "report",
+                            meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],
+                                               "position_consistency": m["position_consistency"]}
+                                           for a, m in metrics.items()},
+                                  "eval_set": eval_set.sha256, "eval_rows": eval_set.rows})
+    stage_logger().info("study_report -> %s", ref.file(STUDY_FILE))
+    return ref
+
+
+@task(name="record_study")
+def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: dict[str, ArtifactRef], store_uri: str,
+                 tracking) -> None:
+    """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run."""
+    from tasks import tracking as mlf
+    from tasks.register import _history
+    from tasks.stages import METRICS_FILE
+
+    store = ArtifactStore(store_uri)
+    metrics = json.loads(store.read_text(report, STUDY_METRICS))
+    for arm, arm_metrics in metrics.items():
+        tags = {"gram.arm": arm, "gram.scores": scores[arm].uri}
+        if arm in models:
+            tags["gram.model"] = models[arm].uri
+        with mlf.stage_run(f"arm:{arm}", tags=tags, parent=tracking) as run:
+            if arm in models:
+                history = _history(store.local_dir(models[arm]) / METRICS_FILE)
+                if history:
+                    mlf.log_metric_history(history, run_id=run.run_id)
+            flat = {"study/overall": arm_metrics["overall"], "study/accuracy": arm_metrics["accuracy"],
+                    "study/ece": arm_metrics["ece"],
+                    "study/position_consistency": arm_metrics["position_consistency"],
+                    **{f"study/{k}": v for k, v in arm_metrics["sections"].items()},
+                    **{f"study/subset/{k}": v for k, v in arm_metrics["subsets"].items()}}
+            mlf.log_eval_metrics({k.replace(" ", "_").lower(): v for k, v in flat.items()}, run_id=run.run_id)
+    folder = store.local_dir(report)
+    for name in (STUDY_FILE, STUDY_CHART, STUDY_METRICS):
+        mlf.log_artifact_file(folder / name, run_id=tracking.run_id)

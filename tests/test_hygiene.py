@@ -1,0 +1,177 @@
+"""Drill 6 (cache and store hygiene) and the state folder: remote publish writes the manifest last, remote
+downloads live under GRAM_HOME and are hash-checked before use, leftovers of killed runs are removed at the
+next start, `gram gc` prunes what no cached stage uses (dry run by default)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasks.artifacts import MANIFEST, ArtifactError, ArtifactStore, artifact_cache_dir
+
+
+def _remote(tmp_path):
+    return ArtifactStore(f"memory://hygiene-{uuid.uuid4().hex[:8]}", cache_dir=tmp_path / "cache")
+
+
+def _publish(store, files):
+    with store.staging("eval") as folder:
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        return store.publish("eval", folder, "report")
+
+
+def test_remote_publish_writes_data_first_and_manifest_last(tmp_path, monkeypatch):
+    store = _remote(tmp_path)
+    written = []
+    put = store.fs.put_file
+    monkeypatch.setattr(store.fs, "put_file", lambda src, dst, **kw: (written.append(dst.rsplit("/", 1)[-1]),
+                                                                        put(src, dst, **kw))[1])
+    ref = _publish(store, {"a.bin": b"a", "sub/b.bin": b"b"})
+    assert written == ["a.bin", "b.bin", MANIFEST]
+    assert store.exists(ref)
+
+
+def test_interrupted_remote_upload_is_not_an_artifact(tmp_path, monkeypatch):
+    store = _remote(tmp_path)
+    put = store.fs.put_file
+
+    def fail_on_second(src, dst, **kw):
+        if dst.endswith("b.bin"):
+            raise ConnectionError("upload cut off")
+        return put(src, dst, **kw)
+
+    monkeypatch.setattr(store.fs, "put_file", fail_on_second)
+    with pytest.raises(ConnectionError):
+        _publish(store, {"a.bin": b"a", "b.bin": b"b"})
+    assert store.list() == []  # the data that did land has no manifest: nobody reads it
+
+
+def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAM_HOME", str(tmp_path / "home"))
+    store = ArtifactStore(f"memory://hygiene-{uuid.uuid4().hex[:8]}")
+    assert store.cache_dir == tmp_path / "home" / "artifact-cache" == artifact_cache_dir()
+    ref = _publish(store, {"weights.bin": b"good"})
+    local = store.local_dir(ref)
+    assert local.parent == store.cache_dir and (local / "weights.bin").read_bytes() == b"good"
+    (local / "weights.bin").write_bytes(b"evil")  # a tampered cached copy is replaced, not trusted
+    assert (store.local_dir(ref) / "weights.bin").read_bytes() == b"good"
+    with store.fs.open(ref.file("weights.bin"), "wb") as handle:  # the store copy itself changed
+        handle.write(b"bad!")
+    (local / "weights.bin").write_bytes(b"also")
+    with pytest.raises(ArtifactError, match="expected"):
+        store.local_dir(ref)
+    assert not any(p.name.startswith(".dl-") for p in store.cache_dir.iterdir())
+
+
+def _config(home: Path):
+    from gram_core.pipeline_config import load_preset
+
+    return load_preset("smoke", [f"home={home}"]).resolved()
+
+
+def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    from gram_core.pipeline_config import state_paths
+    from tasks.state import StateFolderBusy, hold_state_folder
+
+    cfg = _config(tmp_path / "home")
+    paths = state_paths(cfg)
+    staging = Path(paths.artifact_store) / "finetune" / ".staging-x1"
+    scratch = Path(paths.ray_storage) / ".scratch" / "gram-ckpt-1" / ".checkpoint-3.tmp-99"
+    partial = artifact_cache_dir(paths.home) / ".dl-abc"
+    for folder in (staging, scratch, partial):
+        folder.mkdir(parents=True)
+        (folder / "junk").write_text("x")
+    kept = Path(paths.artifact_store) / "finetune" / "0123456789abcdef"
+    kept.mkdir(parents=True)
+    with hold_state_folder(cfg):
+        assert not staging.exists() and not scratch.exists() and not partial.exists() and kept.exists()
+        with hold_state_folder(cfg):  # re-entrant in the holding process
+            pass
+        other = subprocess.run([sys.executable, "-c", (
+            "import sys; sys.path.insert(0, '.');"
+            "from gram_core.pipeline_config import load_preset; from tasks.state import hold_state_folder;"
+            f"cfg = load_preset('smoke', ['home={paths.home}']).resolved()\n"
+            "with hold_state_folder(cfg): pass")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert other.returncode != 0 and "another run holds this state folder" in other.stderr
+        assert f"pid {__import__('os').getpid()}" in other.stderr
+    with hold_state_folder(cfg):  # released: free again
+        pass
+    assert issubclass(StateFolderBusy, RuntimeError)
+
+
+def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
+    from prefect import flow, task
+
+    from gram_core.pipeline_config import state_paths
+    from tasks.caching import STAGE_CACHE_POLICY
+    from tasks.stages import bind
+    from tasks.state import collect_garbage
+
+    cfg = _config(tmp_path / "home")
+    paths = state_paths(cfg)
+    store = ArtifactStore(paths.artifact_store)
+
+    @task(name="make", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+    def make(data: bytes):
+        with store.staging("stage") as folder:
+            (folder / "x.bin").write_bytes(data)
+            return store.publish("stage", folder, "table")
+
+    @flow
+    def once():
+        return bind(make, paths.prefect_results)(b"used")
+
+    used = once()
+    unused = _publish_local(store, b"orphan")
+    ray_run = Path(paths.ray_storage) / "finetune-abc"
+    for step in (1, 2, 3):
+        (ray_run / f"checkpoint-{step}").mkdir(parents=True)
+        (ray_run / f"checkpoint-{step}" / "w").write_bytes(b"0" * 100)
+
+    plan = {Path(g.path).name: g for g in collect_garbage(cfg)}
+    assert set(plan) == {Path(unused.uri).name, "checkpoint-1", "checkpoint-2"}
+    orphan_bytes = sum(f.stat().st_size for f in Path(unused.uri).rglob("*") if f.is_file())
+    assert plan[Path(unused.uri).name].bytes == orphan_bytes and Path(unused.uri).exists()  # dry run only
+    collect_garbage(cfg, apply=True)
+    assert not Path(unused.uri).exists() and Path(used.uri).exists()
+    assert sorted(p.name for p in ray_run.iterdir()) == ["checkpoint-3"]
+    assert json.loads((Path(used.uri) / MANIFEST).read_text())["sha256"] == used.sha256
+
+
+def _publish_local(store, data):
+    with store.staging("stage") as folder:
+        (folder / "x.bin").write_bytes(data)
+        return store.publish("stage", folder, "table")
+
+
+def test_eval_set_id_is_the_rows_not_the_file(tmp_path):
+    """Drill 5: the same rows written differently (compression, row groups, row order) are one eval set;
+    a changed text or a judge setting that changes scores is another."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_contracts import REWARDBENCH, validate
+    from gram_core.config import JudgeConfig
+    from tasks.register import eval_set_id
+
+    rows = {"prompt": ["2+2?", "Say hi ✋"], "chosen": ["4", "Hi!"], "chosen_model": ["a", "a"],
+            "rejected": ["5", "Go."], "rejected_model": ["b", "b"], "subset": ["math", "chat"], "id": [1, 2]}
+    table = validate(pa.table(rows), REWARDBENCH)
+    pq.write_table(table, tmp_path / "a.parquet", compression="snappy")
+    pq.write_table(table.take([1, 0]), tmp_path / "b.parquet", compression="zstd", row_group_size=1)
+    assert (tmp_path / "a.parquet").read_bytes() != (tmp_path / "b.parquet").read_bytes()
+    judge = JudgeConfig()
+    ids = {eval_set_id(pq.read_table(tmp_path / f), judge) for f in ("a.parquet", "b.parquet")}
+    assert len(ids) == 1
+    changed = validate(pa.table({**rows, "chosen": ["4", "Hello!"]}), REWARDBENCH)
+    assert eval_set_id(changed, judge) not in ids
+    assert eval_set_id(table, JudgeConfig(max_length=512)) not in ids
+    assert eval_set_id(table, JudgeConfig(batch_size=2)) in ids  # batch size does not change scores
