@@ -243,14 +243,13 @@ def test_judge_and_rank_use_the_bt_rewards(bt_folder, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_config", "missing"])
-def test_a_model_folder_of_no_known_kind_is_a_one_line_error(case, tmp_path):
+def test_a_model_folder_of_no_known_kind_is_a_one_line_error(case, tmp_path, capsys):
     folder = tmp_path / "not-a-model"
     if case == "no_config":
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"\0")
-    with pytest.raises(SystemExit) as err:
-        cli.main(["judge", "--model", str(folder), "--preset", "smoke", "--prompt", "p", "--a", "x", "--b", "y"])
-    message = str(err.value.code)
+    message = _one_line_error(capsys, ["judge", "--model", str(folder), "--preset", "smoke", "--prompt", "p",
+                                       "--a", "x", "--b", "y"])
     assert message.startswith(f"gram judge: --model {folder}: ") and "\n" not in message
     expected = "neither a GRAM judge, a Bradley-Terry reward model nor a Hugging Face model folder" \
         if case == "no_config" else "is not a folder or .gguf file"

@@ -31,7 +31,7 @@ def _paths(view, prefix=""):
 def test_schema_is_the_config_with_its_help_texts():
     schema = gram_pipeline.parameters.model_dump()
     assert schema["properties"]["preset"]["default"] == "demo"
-    assert set(schema["properties"]["preset"]["examples"]) == {"demo", "smoke", "paper"}
+    assert set(schema["properties"]["preset"]["examples"]) == {"demo", "smoke", "paper", "study", "study-gpu"}
     train = schema["definitions"]["TrainConfigOverrides"]["properties"]
     assert train["learning_rate"]["description"] == "Peak AdamW learning rate."
     assert {"type": "number"} in train["learning_rate"]["anyOf"]
@@ -43,7 +43,7 @@ def test_schema_is_the_config_with_its_help_texts():
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"preset": "nope"}, "unknown preset 'nope'; known presets: ['demo', 'paper', 'smoke']"),
+    ({"preset": "nope"}, "unknown preset 'nope'; known presets: ['demo', 'paper', 'smoke', 'study', 'study-gpu']"),
     ({"overrides": {"finetune": {"learning_rate": "fast"}}}, "overrides.finetune.learning_rate: Input should be"),
     ({"overrides": {"finetune": {"learnin_rate": 1e-4}}}, "overrides.finetune.learnin_rate: Extra inputs"),
     ({"overrides": {"data": {"response_pools": [{"path": "a", "hub": "b"}]}}},
