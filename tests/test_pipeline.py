@@ -135,7 +135,7 @@ def retried(other_registry, env):
 
 
 @pytest.fixture(scope="module")
-def adapted(retried, env, tmp_path_factory):
+def adapted(retried, run4, env, tmp_path_factory):
     from flows.adapt import adapt
 
     name = run4[0]["registered"]["name"]
