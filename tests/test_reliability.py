@@ -66,6 +66,18 @@ def _checkpoints(home: Path) -> list[Path]:
     return sorted((home / "ray_storage").glob("finetune-*/checkpoint-*"))
 
 
+def _committed_checkpoint(home: Path) -> bool:
+    """Ray Train has recorded a stage-2 checkpoint in its run snapshot (what a restarted run resumes from);
+    a checkpoint folder alone may still be uploading when a kill lands."""
+    for snapshot in (home / "ray_storage").glob("finetune-*/checkpoint_manager_snapshot.json"):
+        try:
+            if '"checkpoint-' in snapshot.read_text():
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def _finetune_artifacts(home: Path) -> list[Path]:
     return [p.parent for p in (home / "artifacts" / "finetune").glob("*/_artifact.json")]
 
@@ -99,12 +111,12 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
     procs = [first]
     try:
         deadline = time.monotonic() + 3600  # a guard against a hang, not a speed test
-        while not _checkpoints(home):
+        while not _committed_checkpoint(home):
             assert first.proc.poll() is None, f"the first run ended before a checkpoint:\n{first.log()}"
             assert time.monotonic() < deadline, f"no stage-2 checkpoint after an hour:\n{first.log()}"
             time.sleep(0.2)
 
-        # Drill 3: kill -9 the first run mid stage 2 (right after a checkpoint, before the stage ends).
+        # Drill 3: kill -9 the first run mid stage 2 (right after a committed checkpoint, before the stage ends).
         first.proc.send_signal(signal.SIGKILL)
         first.wait(60)
         assert _checkpoints(home) and not _finetune_artifacts(home), "the kill must land inside stage 2"
