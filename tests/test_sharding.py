@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from gram_core.baseline import BTScorer, train_bradley_terry
 from gram_core.config import ConfigError, EncodeConfig, ModelConfig, TrainConfig, from_dict
 from gram_core.models import apply_trainable, build_tiny_model, build_tiny_tokenizer, save_model
+from gram_core.pipeline_config import load_preset
 from gram_core.sharding import full_state_dict
 from gram_core.training import judge_step_fn, train_judge, train_pretrain
 
@@ -198,3 +199,5 @@ def test_bad_sharding_values_are_config_errors():
         from_dict(TrainConfig, {"sharding": "zero3"})
     with pytest.raises(ConfigError, match="train.activation_checkpointing.*expected bool"):
         from_dict(TrainConfig, {"activation_checkpointing": "yes"}, where="train")
+    with pytest.raises(ConfigError, match="finetune.sharding: 'fsdp' does not support LoRA"):
+        load_preset("smoke", ["finetune.sharding=fsdp", "model.lora_r=4"])
