@@ -82,10 +82,7 @@ def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dic
         restore(folder / WEIGHTS_FILE, extra["optimizer"])
     else:
         weights = load_file(str(folder / WEIGHTS_FILE))
-        names = {name for name, _ in named}
-        if set(weights) != names:
-            raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
-                             f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
+        check_names(folder, set(weights), {name for name, _ in named})
         with torch.no_grad():
             for name, p in named:
                 p.copy_(weights[name].to(p.device, p.dtype))
@@ -98,3 +95,10 @@ def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dic
     kind, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     return int(state["step"]), list(state["history"])
+
+
+def check_names(folder: Path, stored: set[str], names: set[str]) -> None:
+    """Raise unless a checkpoint's trainable parameter names (``stored``) are the model's (``names``)."""
+    if stored != names:
+        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
+                         f"{sorted(names - stored)[:5]}, unexpected {sorted(stored - names)[:5]}")

@@ -5,9 +5,11 @@ step function, so each rank keeps 1/world of the fp32 master weights, gradients 
 weights are all-gathered just before it runs (cast to bf16 under precision bf16) and freed after; gradients
 are summed over ranks by reduce-scatter in fp32 during backward. The root holds the rest (embeddings, final
 norm, LM head, a reward head), unsharded for the whole step, so step functions may call the model's parts
-directly. Parameter names do not change: ``full_state_dict``, ``full_optimizer_state`` and
-``load_full_state`` move the same full tensors an unsharded run checkpoints (gathered to rank 0 /
-broadcast from rank 0; every rank must take part).
+directly. Parameter names do not change: ``full_state_dict``, ``full_training_state`` and ``load_full_state``
+move the same full tensors an unsharded run checkpoints (gathered to rank 0 / broadcast from rank 0; every
+rank must take part).
+
+Activation checkpointing: ``set_activation_checkpointing`` (through transformers, any number of ranks).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
+
+from gram_core.checkpoints import check_names
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0's CPU, {} elsewhere
 
@@ -119,10 +123,7 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, na
     """Load a checkpoint's full trainable weights and ``optimizer.state_dict()`` into the sharded ``model`` and
     ``optimizer``: rank 0 reads them and broadcasts, each rank keeps its shard. Collective."""
     with safe_open(str(weights_file), "pt") as handle:  # every rank checks the names (errors must not hang)
-        stored = set(handle.keys())
-    if stored != set(names):
-        raise ValueError(f"checkpoint {weights_file.parent} trainable parameters differ from the model's: missing "
-                         f"{sorted(set(names) - stored)[:5]}, unexpected {sorted(stored - set(names))[:5]}")
+        check_names(weights_file.parent, set(handle.keys()), set(names))
     first = dist.get_rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, load_file(str(weights_file)) if first else {}, options=options)

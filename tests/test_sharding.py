@@ -59,6 +59,9 @@ def two_rank_worker(rank, folder):
                 state = full_state_dict(model)
                 if rank == 0:
                     save_model(model, tokenizer, f"{folder}/saved-fsdp", state_dict=state)
+        model = build_tiny_model(tokenizer, seed=0)  # bf16 compute over fp32 shards
+        config = judge_config(sharding="fsdp", precision="bf16", max_steps=2, checkpoint_every_steps=0)
+        out["judge-fsdp-bf16"] = (losses(train_judge(model, tokenizer, rows, config, ENCODE)), full_weights(model))
         model = build_tiny_model(tokenizer, seed=0)  # resume the fsdp run from its step-2 checkpoint
         result = train_judge(model, tokenizer, rows, judge_config(sharding="fsdp"), ENCODE,
                              output_dir=f"{folder}/judge-resumed", resume_from=f"{folder}/judge-fsdp/checkpoint-2")
@@ -102,6 +105,15 @@ def test_fsdp_matches_unsharded_training(two_ranks):
     assert_same_weights(fsdp_weights, plain_weights)
     start = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
     assert all(not torch.equal(start[k], plain_weights[k]) for k in start)  # training moved every tensor
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_master_weights(two_ranks):
+    _, out = two_ranks
+    (plain, _), (bf16, bf16_weights) = out["judge-none"], out["judge-fsdp-bf16"]
+    assert bf16 != plain[:2] and np.allclose(bf16, plain[:2], rtol=0, atol=1e-3)  # bf16 rounding, no more
+    assert all(w.dtype == torch.float32 for w in bf16_weights.values())
+    start = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
+    assert all(not torch.equal(start[k], bf16_weights[k]) for k in start)
 
 
 def test_fsdp_resumes_from_its_checkpoint_and_saves_the_full_model(two_ranks):
