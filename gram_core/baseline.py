@@ -79,7 +79,8 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [B] of right-padded sequences."""
-        hidden = self._inner().get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self._inner().get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(h.float()).squeeze(-1)  # head in fp32 even under bf16 weights
@@ -200,11 +201,17 @@ class BTScorer:
                                      "p_chosen_order1": p, "p_chosen_order2": p, "p_chosen": p,
                                      "correct": p > 0.5}, schema=SCORES_SCHEMA)
 
-    def save(self, folder: str | Path) -> Path:
-        """A plain HF folder of the base model (LoRA merged — in place) plus the head weights beside it."""
-        folder = save_model(self.model.base, self.tokenizer, Path(folder))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
-                  str(folder / HEAD_FILE))
+    def save(self, folder: str | Path, state_dict: dict | None = None) -> Path:
+        """A plain HF folder of the base model (LoRA merged — in place) plus the head weights beside it.
+
+        ``state_dict``: the reward model's full weights to write instead of its own (a sharded model's)."""
+        base = head = None
+        if state_dict is not None:
+            base = {k.removeprefix("base."): v for k, v in state_dict.items() if k.startswith("base.")}
+            head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+        folder = save_model(self.model.base, self.tokenizer, Path(folder), state_dict=base)
+        head = head if head is not None else self.model.head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(folder / HEAD_FILE))
         (folder / HEAD_META).write_text(json.dumps({"kind": "bradley_terry", "max_length": self.encoder.max_length,
                                                     "hidden_size": self.model.head.in_features,
                                                     "system_prompt": self.system_prompt}))

@@ -23,16 +23,22 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict) -> str:
-    """Write a resumable checkpoint to a temp folder beside ``target`` and rename it into place."""
+def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
+    """Write a resumable checkpoint to a temp folder beside ``target`` and rename it into place.
+
+    ``weights`` (by name) and ``optimizer_state`` replace ``named``'s tensors and ``optimizer.state_dict()``
+    (a sharded run passes the full ones it gathered)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({name: p.detach().cpu().contiguous() for name, p in named}, str(tmp / WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+    if weights is None:
+        weights = {name: p.detach() for name, p in named}
+    save_file({name: t.cpu().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS_FILE))
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / OPTIMIZER_FILE)
     np_state = np.random.get_state()
@@ -57,8 +63,12 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dict) -> tuple[int, list[dict]]:
-    """Restore weights, optimizer, scheduler and RNG from ``folder``; return (step, history)."""
+def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dict,
+                    restore=None) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; return (step, history).
+
+    ``restore(weights_file, optimizer_state)`` replaces copying the weights and optimizer state in place (a
+    sharded run loads them on rank 0 and broadcasts; other ranks leave the optimizer state memory-mapped)."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume_from={folder} is not a training checkpoint (no {STATE_FILE})")
@@ -67,16 +77,16 @@ def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dic
         if state.get(key) != value:
             raise ValueError(f"checkpoint {folder} was written with {key}={state.get(key)}, but this run has "
                              f"{key}={value}; resume needs the same data, batch sizes, workers and steps")
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    names = {name for name, _ in named}
-    if set(weights) != names:
-        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
-                         f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(weights[name].to(p.device, p.dtype))
-    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    extra = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=restore is not None)
+    if restore is not None:
+        restore(folder / WEIGHTS_FILE, extra["optimizer"])
+    else:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        check_names(folder, set(weights), {name for name, _ in named})
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(weights[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
     if extra["cuda_rng"] and torch.cuda.is_available():
@@ -85,3 +95,10 @@ def load_checkpoint(folder: str | Path, named, optimizer, scheduler, layout: dic
     kind, keys, *rest = state["rng"]["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     return int(state["step"]), list(state["history"])
+
+
+def check_names(folder: Path, stored: set[str], names: set[str]) -> None:
+    """Raise unless a checkpoint's trainable parameter names (``stored``) are the model's (``names``)."""
+    if stored != names:
+        raise ValueError(f"checkpoint {folder} trainable parameters differ from the model's: missing "
+                         f"{sorted(names - stored)[:5]}, unexpected {sorted(stored - names)[:5]}")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+SHARDINGS = ("none", "fsdp")  # TrainConfig.sharding
 
 
 def field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -192,7 +193,18 @@ class TrainConfig:
                                         "from the last one); 0 = end only.")
     log_every_steps: int = field(1, "Report metrics every N optimizer steps.")
     reuse_prefix: bool = field(True, "Stage 2: compute the shared judge-instruction prefix once per step "
-                               "and reuse its KV cache for every pair in the batch.")
+                               "and reuse its KV cache for every pair in the batch. Off (full sequences, with a "
+                               "warning) under sharding fsdp or activation_checkpointing: FSDP frees a layer's "
+                               "gathered weights after the suffixes' backward, before the prefix's backward "
+                               "needs them, and checkpointed layers run without the KV cache.")
+    sharding: str = field("none", "How data-parallel workers hold the model: 'none' (each keeps all trainable "
+                          "weights, gradients and AdamW state; gradients summed by all-reduce) or 'fsdp' (PyTorch "
+                          "FSDP2 over each decoder layer, then the rest: each worker keeps 1/N of the fp32 master "
+                          "weights, gradients and AdamW state and gathers a layer's weights, in bf16 under "
+                          "precision bf16, just before it runs). A no-op with one worker; not with LoRA.")
+    activation_checkpointing: bool = field(False, "Recompute each decoder layer's activations in backward instead "
+                                           "of keeping them: activation memory of one layer plus each layer's "
+                                           "input, for about a third more compute.")
     seed: int = field(0, "Seed for shuffling, dropout and slot placement.")
     allow_low_precision_params: bool = field(False, "Let AdamW step bf16/fp16 parameters directly (updates below "
                                              "half an ulp round away). Off: training refuses them; load the "
@@ -208,6 +220,12 @@ class TrainConfig:
               f"must be in [0, 1), got {self.label_smoothing}")
         check(self.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {self.precision!r}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        check(self.sharding in SHARDINGS, "train.sharding", f"expected one of {list(SHARDINGS)}, got {self.sharding!r}")
+
+    @property
+    def prefix_reuse(self) -> bool:
+        """Whether stage 2 reuses the prefix's KV cache (see reuse_prefix)."""
+        return self.reuse_prefix and self.sharding == "none" and not self.activation_checkpointing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,14 +241,17 @@ def apply_trainable(model, config: ModelConfig):
     return model
 
 
-def save_model(model, tokenizer, folder: Path) -> Path:
-    """Save a plain HF folder (LoRA adapters merged) so downstream stages load it like any base model."""
+def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> Path:
+    """Save a plain HF folder (LoRA adapters merged) so downstream stages load it like any base model.
+
+    ``state_dict``: the full weights to write instead of the model's own (a sharded model's, gathered with
+    gram_core.sharding.full_state_dict)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # dequantized weights; the flag only blocks saving
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder

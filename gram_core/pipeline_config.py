@@ -180,6 +180,12 @@ class PipelineConfig:
     ray: RayConfig = field(RayConfig(), "Ray runtime for the training stages.")
     mlflow: MlflowConfig = field(MlflowConfig(), "MLflow tracking and model registry.")
 
+    def __post_init__(self) -> None:
+        for stage, train in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            check(train.sharding == "none" or not self.model.lora_r, f"{stage}.sharding",
+                  f"{train.sharding!r} does not support LoRA (model.lora_r={self.model.lora_r}); use sharding none "
+                  "with LoRA (its trainable state is small) or model.lora_r 0")
+
     def resolved(self) -> PipelineConfig:
         """This config with `home` and `artifact_store` made absolute (env vars applied once, here)."""
         home = Path(self.home or os.environ.get("GRAM_HOME") or ".gram").expanduser().resolve()

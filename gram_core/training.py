@@ -8,12 +8,17 @@ function of (seed, step), so a resumed run sees the same batches as an uninterru
 
 Distributed (torch.distributed initialized): every global batch is split into disjoint per-rank shards and
 gradients are all-reduced by hand before clipping. There is no DDP wrapper because the judge forward calls
-the model twice per step (shared prefix, then the suffixes), which DDP's hooks do not support.
+the model twice per step (shared prefix, then the suffixes), which DDP's hooks do not support. With
+``sharding`` 'fsdp' the model is sharded instead (gram_core.sharding): FSDP reduce-scatters gradients in
+backward, every rank runs the same number of micro-batches (padding ones weigh 0), and checkpoints gather the
+same full tensors to rank 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import sys
 import time
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -48,6 +54,9 @@ from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_
 from gram_core.forward import answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
 from gram_core.precision import autocast, check_master_weights
+from gram_core.sharding import full_training_state, load_full_state, set_activation_checkpointing, shard_model
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -95,6 +104,8 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     if not examples:
         raise ValueError("train: no training examples")
     rank, world = dist_info()
+    sharded = config.sharding == "fsdp" and world > 1  # one rank: nothing to shard across
+    run = shard_model(model, step_fn, config.precision) if sharded else functools.partial(step_fn, model)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("train: the model has no trainable parameters (everything frozen?)")
@@ -109,21 +120,26 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
     layout = {"num_examples": len(examples), "global_batch": order.global_batch, "total_steps": steps}
+    names = {id(p): name for name, p in named}
+    optimizer_names = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
     step, history, checkpoint = 0, [], None
     if resume_from is not None:
-        step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout)
+        restore = functools.partial(load_full_state, model, optimizer, optimizer_names) if sharded else None
+        step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout, restore=restore)
         checkpoint = str(resume_from)
     bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
     was_training = model.training
     model.train()
+    if config.activation_checkpointing:
+        set_activation_checkpointing(model, True)
     try:
         while step < steps:
             step += 1
             indices = order.batch(step - 1)
             torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
-            metrics = _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer,
-                                      scheduler, named, device, rank, world)
+            metrics = _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named,
+                                      device, rank, world, sharded)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
             metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
@@ -134,15 +150,21 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             every = config.checkpoint_every_steps
             if output_dir is not None and ((every and step % every == 0) or step == steps):
                 path = None
+                # Sharded, every rank takes part in gathering the full tensors to rank 0.
+                weights, optimizer_state = full_training_state(model, optimizer, optimizer_names) if sharded \
+                    else (None, None)
                 if rank == 0:
                     path = save_checkpoint(Path(output_dir) / f"checkpoint-{step}", model, named, optimizer,
-                                           scheduler, {**layout, "step": step, "history": history})
+                                           scheduler, {**layout, "step": step, "history": history},
+                                           weights=weights, optimizer_state=optimizer_state)
                 checkpoint = path or checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(path, metrics)
     finally:
         bar.close()
         model.train(was_training)
+        if config.activation_checkpointing:
+            set_activation_checkpointing(model, False)
     return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
                        checkpoint=checkpoint)
 
@@ -151,28 +173,40 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _optimizer_step(model, examples, indices, step, step_fn, collate, config, optimizer, scheduler, named,
-                    device, rank, world) -> dict:
-    """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics."""
+def _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named, device, rank,
+                    world, sharded) -> dict:
+    """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics.
+
+    ``run(batch) -> (loss, metrics)``. Sharded, every rank runs as many micro-batches as the largest shard
+    needs (FSDP's collectives run in forward and backward): padding ones repeat an example with weight 0.
+    """
     start = time.perf_counter()
     mine = shard(indices, rank, world)
     micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     batches = [collate([examples[i] for i in m]) for m in micro]
     weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
+    if sharded:
+        most = math.ceil(math.ceil(len(indices) / world) / config.batch_size)
+        for _ in range(most - len(micro)):
+            padding = collate([examples[indices[0]]])
+            padding.pop("weight", None)
+            micro, batches, weights = micro + [[]], batches + [padding], weights + [0.0]
     total_weight = _all_sum(sum(weights), world, device)
     sums: dict[str, float] = {}
     bad: list[str] = []
     for ids, batch, weight in zip(micro, batches, weights, strict=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, config.precision):
-            loss, metrics = step_fn(model, batch)
-        if not bool(torch.isfinite(loss.detach())):
+            loss, metrics = run(batch)
+        finite = bool(torch.isfinite(loss.detach()))
+        if not finite and ids:
             bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")
-            continue
-        # Each micro-batch's mean loss, scaled by its share of the global batch: the sum is the global mean.
-        (loss * (weight / total_weight)).backward()
-        for key, value in {"loss": loss, **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
+        if finite or sharded:  # sharded, a skipped backward would leave the other ranks waiting
+            # Each micro-batch's mean loss, scaled by its share of the global batch: the sum is the global mean.
+            (loss * (weight / total_weight)).backward()
+        if finite and ids:
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (sums, bad))
@@ -182,9 +216,11 @@ def _optimizer_step(model, examples, indices, step, step_fn, collate, config, op
     if bad:
         raise NonFiniteLossError(f"non-finite loss at step {step}: {'; '.join(bad)}")
     params = [p for _, p in named]
-    if world > 1:
+    if world > 1 and not sharded:
         _all_reduce_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)  # global norm, sharded too
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if not bool(torch.isfinite(norm)):
         ids = [_example_id(examples[i], i) for i in indices]
         raise NonFiniteLossError(f"non-finite gradient norm at step {step} (batch example ids {ids})")
@@ -290,8 +326,8 @@ def pretrain_step_fn() -> StepFn:
 
     def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA is injected in place
-        hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])
@@ -315,7 +351,10 @@ def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, 
     # Every pair in both orders (2i: chosen in A, 2i + 1: in B); `order` decides how an epoch uses them.
     examples, stats = encode_preference_pairs(encoder, rows, order="both")
     groups = preference_groups(len(examples) // 2, encode_cfg.order)
-    prefix, reuse = encoder.prefix_ids, train_cfg.reuse_prefix
+    prefix, reuse = encoder.prefix_ids, train_cfg.prefix_reuse
+    if train_cfg.reuse_prefix and not reuse:
+        log.warning("train_judge: reuse_prefix is off under sharding %s / activation_checkpointing %s (full "
+                    "sequences; see TrainConfig.reuse_prefix)", train_cfg.sharding, train_cfg.activation_checkpointing)
     step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
     collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]

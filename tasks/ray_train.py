@@ -6,7 +6,8 @@ storage or an fsspec URI), and the training loop shards every global batch acros
 report to Ray only at checkpoints (each report costs seconds); Ray persists the checkpoints under
 ``storage_path/run_name`` (the newest ``ray.checkpoints_to_keep``), so calling ``fit`` again with the same
 ``run_name`` after an interruption continues from the last one. The trained model comes back the same way:
-rank 0 reports a final checkpoint holding the HF model folder (LoRA merged) and ``metrics.jsonl``; the
+rank 0 reports a final checkpoint holding the HF model folder (LoRA merged; under ``train.sharding`` fsdp the
+full weights are gathered from every rank first) and ``metrics.jsonl``; the
 driver checks the result (error, completeness) and copies that checkpoint into ``output_dir``. Workers never
 touch the driver's disk.
 
@@ -266,6 +267,7 @@ def train_loop(config: dict) -> None:
     from gram_core.baseline import BTScorer, train_bradley_terry
     from gram_core.models import load_model, save_model
     from gram_core.scorers import judge_settings, write_judge_settings
+    from gram_core.sharding import full_state_dict
     from gram_core.training import train_judge, train_pretrain
 
     torch.set_num_threads(int(config["threads"]))
@@ -313,18 +315,20 @@ def train_loop(config: dict) -> None:
             out = trainers[config["stage"]](model, tokenizer, rows, train_cfg, encode_cfg, output_dir=local,
                                             resume_from=resume_from, on_metrics=on_metrics,
                                             on_checkpoint=on_checkpoint)
+        trained, result = out if config["stage"] == "bradley_terry" else (model, out)
+        state = full_state_dict(trained)  # sharded: every rank takes part in gathering the weights to rank 0
         if config["stage"] == "bradley_terry":
-            reward_model, result = out
-            scorer = BTScorer(reward_model, tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
-            save = scorer.save
-        elif config["stage"] == "finetune":  # a judge records the settings it must be read out with
-            result = out
+            scorer = BTScorer(trained, tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
 
             def save(folder):
-                save_model(model, tokenizer, folder)
+                scorer.save(folder, state_dict=state)
+        elif config["stage"] == "finetune":  # a judge records the settings it must be read out with
+
+            def save(folder):
+                save_model(model, tokenizer, folder, state_dict=state)
                 write_judge_settings(folder, judge_settings(encode_cfg, tokenizer))
         else:
-            result, save = out, lambda folder: save_model(model, tokenizer, folder)  # noqa: E731
+            save = lambda folder: save_model(model, tokenizer, folder, state_dict=state)  # noqa: E731
         final = Path(local) / "final"
         if rank == 0:
             write_final_checkpoint(final, save, result.history, config["stage"])
