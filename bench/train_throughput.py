@@ -6,8 +6,9 @@ no optimizer update, so every round sees the same weights). Both sides compute t
 if they differ by more than 1e-4.
   naive  full sequences (instruction prefix included), padded batches in data order, the LM head's
          full-vocabulary logits at every position, then the answer position's A/B columns
-  ours   gram_core.training: length-grouped batches, the shared prefix run once per micro-batch and its KV
-         reused, the decoder's last hidden state times the A/B rows of the LM head only
+  ours   gram_core.training: length-grouped batches, the shared prefix run once per step (forward and
+         backward) and its KV reused by every micro-batch, the decoder's last hidden state times the A/B rows
+         of the LM head only
 Throughput counts every real token of every full sequence (prefix included) for both, so tokens/s compare
 directly. Rounds alternate naive/ours; each keeps its fastest round (robust to load on a shared machine).
 
@@ -49,13 +50,16 @@ def naive_step(model, examples, prefix, label_ids, pad_id, batch_size, smoothing
 
 
 def our_step(model, examples, step_fn, collate, batch_size) -> float:
-    """The training loop's micro-batches: length-grouped, prefix reused, answer-only logits."""
+    """The training loop's micro-batches: length-grouped, the prefix run once per step with its KV reused by
+    every micro-batch (as ``training.train`` does), answer-only logits."""
     lengths = [len(ex["suffix_ids"]) for ex in examples]
     total, n = 0.0, len(examples)
+    step_fn.step_prefix.begin(model)
     for batch in length_grouped_batches(lengths, batch_size, seed=0, shuffle=False):
         loss, _ = step_fn(model, collate([examples[i] for i in batch]))
         (loss * len(batch) / n).backward()
         total += float(loss.detach()) * len(batch)
+    step_fn.step_prefix.finish()
     return total / n
 
 

@@ -78,6 +78,47 @@ def build_prefix_cache(model, prefix_ids: Sequence[int]) -> PrefixCache:
     return PrefixCache(prefix_ids=tuple(int(i) for i in prefix_ids), layers=layers)
 
 
+class StepPrefix:
+    """The shared prefix run once per optimizer step (with grad) for every micro-batch of the step.
+
+    ``begin(model)`` runs the prefix and keeps detached copies of its keys/values; each micro-batch uses
+    ``cache()`` and its backward stops there, summing into the copies' ``.grad``; ``finish()`` sends that sum
+    through the prefix once. The gradient is the one of running the prefix in every micro-batch (backward
+    is linear), at the cost of one prefix forward and backward per step instead of one per micro-batch.
+    """
+
+    def __init__(self, prefix_ids: Sequence[int]):
+        self.prefix_ids = tuple(int(i) for i in prefix_ids)
+        self._layers: tuple | None = None
+        self._leaves: tuple | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._leaves is not None
+
+    def begin(self, model) -> None:
+        decoder, _, _ = model_parts(model)
+        self._layers = _prefix_layers(decoder, self.prefix_ids, decoder.get_input_embeddings().weight.device)
+        self._leaves = tuple(tuple(t.detach().requires_grad_(t.requires_grad) for t in kv) for kv in self._layers)
+
+    def cache(self) -> PrefixCache:
+        if self._leaves is None:
+            raise RuntimeError("StepPrefix.cache() outside begin()/finish()")
+        return PrefixCache(prefix_ids=self.prefix_ids, layers=self._leaves)
+
+    def finish(self) -> None:
+        """Backward through the prefix with the gradient the step's micro-batches left at its keys/values."""
+        outputs, grads = [], []
+        for kv, leaves in zip(self._layers or (), self._leaves or (), strict=True):
+            for tensor, leaf in zip(kv, leaves, strict=True):
+                if leaf.grad is not None:
+                    outputs.append(tensor)
+                    grads.append(leaf.grad)
+        self._layers = self._leaves = None
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+
+
 def _check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
     """Real-token counts per row; raises unless every row is ones then zeros with at least one token."""
     lengths = attention_mask.long().sum(dim=1)

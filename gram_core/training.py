@@ -51,7 +51,7 @@ from gram_core.checkpoints import (  # noqa: F401  re-exported: callers import c
 )
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
-from gram_core.forward import answer_logits
+from gram_core.forward import StepPrefix, answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
 from gram_core.precision import autocast, check_master_weights
 from gram_core.sharding import full_training_state, load_full_state, set_activation_checkpointing, shard_model
@@ -106,6 +106,8 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     rank, world = dist_info()
     sharded = config.sharding == "fsdp" and world > 1  # one rank: nothing to shard across
     run = shard_model(model, step_fn, config.precision) if sharded else functools.partial(step_fn, model)
+    # A step function's shared prefix (stage 2) runs once per step, not per micro-batch (not under FSDP).
+    prefix = None if sharded else getattr(step_fn, "step_prefix", None)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("train: the model has no trainable parameters (everything frozen?)")
@@ -139,7 +141,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             indices = order.batch(step - 1)
             torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
             metrics = _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named,
-                                      device, rank, world, sharded)
+                                      device, rank, world, sharded, prefix=(model, prefix) if prefix else None)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
             metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
@@ -174,8 +176,10 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named, device, rank,
-                    world, sharded) -> dict:
+                    world, sharded, prefix: tuple[torch.nn.Module, StepPrefix] | None = None) -> dict:
     """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics.
+
+    ``prefix`` (model, StepPrefix): run the shared prefix once before the micro-batches, backward it after.
 
     ``run(batch) -> (loss, metrics)``. Sharded, every rank runs as many micro-batches as the largest shard
     needs (FSDP's collectives run in forward and backward): padding ones repeat an example with weight 0.
@@ -194,6 +198,9 @@ def _optimizer_step(run, examples, indices, step, collate, config, optimizer, sc
     total_weight = _all_sum(sum(weights), world, device)
     sums: dict[str, float] = {}
     bad: list[str] = []
+    if prefix is not None and micro:
+        with autocast(device, config.precision):
+            prefix[1].begin(prefix[0])
     for ids, batch, weight in zip(micro, batches, weights, strict=True):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(device, config.precision):
@@ -207,6 +214,8 @@ def _optimizer_step(run, examples, indices, step, collate, config, optimizer, sc
         if finite and ids:
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
+    if prefix is not None and prefix[1].active:
+        prefix[1].finish()
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (sums, bad))
@@ -288,14 +297,17 @@ def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing
                   reuse_prefix: bool = True) -> StepFn:
     """Stage 2: answer-position logits of (A, B) -> smoothed two-way CE; metrics accuracy and mean margin.
 
-    With ``reuse_prefix`` the batch holds suffixes and the shared prefix is run once per call (with grad);
-    without it the batch holds full ids (see ``collate_judge(pad_id, prefix_ids)``).
+    With ``reuse_prefix`` the batch holds suffixes and the shared prefix runs with grad once per optimizer
+    step inside ``train`` (the step function's ``step_prefix``, a ``StepPrefix``), or once per call when the
+    step function is called on its own; without it the batch holds full ids (see ``collate_judge(pad_id,
+    prefix_ids)``).
     """
     label_ids, prefix = list(label_ids), list(prefix_ids)
+    shared = StepPrefix(prefix) if reuse_prefix else None
 
     def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], label_ids,
-                               prefix=prefix if reuse_prefix else None)
+        reused = (shared.cache() if shared.active else prefix) if shared is not None else None
+        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], label_ids, prefix=reused)
         labels = batch["labels"]
         loss = judge_loss(logits, labels, smoothing)
         with torch.no_grad():
@@ -304,6 +316,7 @@ def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing
             margin = (logits[:, 0] - logits[:, 1]).float() * sign
         return loss, {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
+    step.step_prefix = shared
     return step
 
 

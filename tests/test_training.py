@@ -253,6 +253,31 @@ def test_judge_step_with_and_without_prefix_reuse_agree(tiny_model, tiny_tokeniz
     torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
 
 
+def test_prefix_once_per_step_trains_like_full_sequences(tiny_tokenizer):
+    """Three micro-batches per step share one prefix forward/backward: same losses and weights as full ids."""
+    from gram_core.encoding import JudgeEncoder, encode_preference_pairs
+
+    encoder = JudgeEncoder(tiny_tokenizer, 512)
+    examples, _ = encode_preference_pairs(encoder, toy_pairs(12, seed=4), seed=0)
+    config = TrainConfig(learning_rate=3e-3, batch_size=2, grad_accum_steps=3, max_steps=3, warmup_ratio=0.0)
+    runs = []
+    for reuse in (True, False):
+        model = build_tiny_model(tiny_tokenizer, seed=0)
+        step_fn = judge_step_fn(encoder.label_ids, encoder.prefix_ids, 0.1, reuse_prefix=reuse)
+        collate = collate_judge(tiny_tokenizer.pad_token_id, None if reuse else encoder.prefix_ids)
+        calls = []
+        if reuse:
+            begin = step_fn.step_prefix.begin
+            step_fn.step_prefix.begin = lambda m: (calls.append(1), begin(m))
+        result = train(model, examples, step_fn, config, collate=collate,
+                       lengths=[len(e["suffix_ids"]) for e in examples])
+        runs.append(([row["train/loss"] for row in result.history], snapshot(model), calls))
+    assert runs[0][2] == [1, 1, 1]  # one prefix forward per optimizer step, not per micro-batch
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for name, weight in runs[0][1].items():  # Adam turns float-rounding noise in near-zero gradients into ~1e-5
+        torch.testing.assert_close(weight, runs[1][1][name], atol=1e-4, rtol=1e-4)
+
+
 def test_pretrain_on_pairs_lowers_held_out_lm_loss(tiny_model, tiny_tokenizer):
     from gram_core.encoding import PretrainEncoder, encode_unlabeled_pairs
     from gram_core.training import as_unlabeled
