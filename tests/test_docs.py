@@ -136,7 +136,8 @@ def test_docs_run_as_written(tmp_path):
     # the triggered smoke run: every stage, training progress with ETA in the run's logs, its artifacts
     assert "Finished in state Completed()" in ops, ops[-6000:]
     assert re.search(r"finetune: step 3 \(100%\), [0-9]+ s elapsed, ~0 s left", ops), ops[-6000:]
-    assert "gram-eval" in ops and "gram-report" in ops
+    assert '"key": "gram-report"' in ops and "## GRAM pipeline run" in ops  # the inspected report artifact
+    assert "gram-eval" in ops and "accuracy" in ops
     assert "PreemptionWatcher" not in ops and "CloudPickle" not in ops and "input_example" not in ops
     # served and judged by the documented model name
     assert re.search(r'\{"predictions": \[\{"p_a_better": [0-9.]+', ops), ops[-4000:]
