@@ -108,8 +108,9 @@ def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, st
     assert 0 < changed_fraction(tmp_path / "lm", start_model) < 1.0  # merged LoRA moves only adapted matrices
 
 
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
 def test_two_workers_finetune_and_return_the_model_through_storage_with_live_metrics(ray_cluster, start_model,
-                                                                                      tmp_path, mlflow_root):
+                                                                                      tmp_path, mlflow_root, sharding):
     from gram_core.pipeline_config import MlflowConfig
     from tasks import tracking
     from tasks.ray_train import fit
@@ -131,7 +132,8 @@ def test_two_workers_finetune_and_return_the_model_through_storage_with_live_met
     with tracking.start_pipeline_run(MlflowConfig(experiment="live"), mlflow_root, "parent") as parent, \
             tracking.stage_run("finetune", parent=parent) as stage:
         result = fit("finetune", model_source=start_model, model_cfg=ModelConfig(source="tiny"),  # global batch 2x2
-                     train_cfg=TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=4, checkpoint_every_steps=2),
+                     train_cfg=TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=4, checkpoint_every_steps=2,
+                                           sharding=sharding),
                      encode_cfg=EncodeConfig(max_length=512), data_path=data.as_uri(),
                      output_dir=str(driver / "judge"), ray_cfg=RayConfig(num_workers=2, checkpoints_to_keep=1),
                      storage_path=str(tmp_path / "storage"), run_name="judge-guarded", tracking=stage,
