@@ -5,6 +5,8 @@
    dense bf16 peak), and checks every parameter stayed fp32 and moved.
 2. Judge throughput in bf16 (cached prefix, answer-only logits) on real RewardBench-format pairs: pairs/s.
 3. bf16-vs-fp32 agreement of the judge's P(chosen) on the same pairs (max |dP|, decisions that flip).
+4. FSDP2 on one GPU (a 1-process group): gram_core.sharding.shard_model over the stage-2 step with bf16
+   mixed precision, a few optimizer steps against the same steps unsharded (losses, peak memory, s/step).
 
     HF_HUB_OFFLINE=1 python bench/gpu_check.py [--source smollm2] [--pairs 64] [--steps 20]
 
@@ -14,7 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -108,6 +112,60 @@ def judge_check(args, device: torch.device) -> dict:
             "bf16_vs_fp32_mean_abs_dp": float(gap.mean()), "bf16_vs_fp32_decision_flips": flips}
 
 
+def fsdp_check(args, device: torch.device) -> dict:
+    """The same stage-2 steps unsharded and under FSDP2 on this one device (full sequences: FSDP runs without
+    prefix reuse); bf16 compute over fp32 master weights on a GPU, fp32 on a CPU."""
+    import torch.distributed as dist
+
+    from gram_core.encoding import encode_preference_pairs
+    from gram_core.precision import autocast
+    from gram_core.sharding import shard_model
+    from gram_core.training import collate_judge, judge_step_fn
+
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    out: dict = {}
+    try:
+        for mode in ("plain", "fsdp"):
+            model, tokenizer = load_model(ModelConfig(source=args.source, dtype="float32"))
+            model.to(device).train()
+            encoder = JudgeEncoder(tokenizer, args.max_length)
+            rows = pairs(args.train_data, args.fsdp_steps * args.batch_size, preference=True)
+            examples, _ = encode_preference_pairs(encoder, rows, seed=0)
+            step_fn = judge_step_fn(encoder.label_ids, encoder.prefix_ids, 0.1, reuse_prefix=False)
+            collate = collate_judge(tokenizer.pad_token_id, encoder.prefix_ids)
+            run = shard_model(model, step_fn, precision) if mode == "fsdp" else functools.partial(step_fn, model)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses, times = [], []
+            for step in range(args.fsdp_steps):
+                batch = collate(examples[step * args.batch_size:(step + 1) * args.batch_size])
+                batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                sync(device)
+                start = time.perf_counter()
+                with autocast(device, precision):
+                    loss, _ = run(batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sync(device)
+                times.append(time.perf_counter() - start)
+                losses.append(float(loss.detach()))
+            out[f"{mode}_losses"] = losses
+            out[f"{mode}_s_per_step"] = float(np.median(times[1:] or times))
+            if device.type == "cuda":
+                out[f"{mode}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            del model, optimizer, run
+    finally:
+        dist.destroy_process_group()
+    gap = max(abs(a - b) for a, b in zip(out["plain_losses"], out["fsdp_losses"], strict=True))
+    return {**{f"fsdp_check_{k}": v for k, v in out.items()}, "fsdp_vs_plain_max_abs_dloss": gap}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="smollm2")
@@ -117,6 +175,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--pairs", type=int, default=128, help="eval pairs for the judge checks")
     parser.add_argument("--judge-batch-size", type=int, default=32)
+    parser.add_argument("--fsdp-steps", type=int, default=4, help="optimizer steps of the FSDP check")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak of the GPU (auto for H100/H200)")
     parser.add_argument("--train-data", type=Path, default=DATA / "preferences_train.parquet")
     parser.add_argument("--eval-data", type=Path, default=DATA / "rewardbench_lite.parquet")
@@ -134,6 +193,7 @@ def main() -> None:
     figures = {**info, **train_check(args, device)}
     print(json.dumps({k: v for k, v in figures.items() if k.startswith("train") or k.startswith("params")}))
     figures.update(judge_check(args, device))
+    figures.update(fsdp_check(args, device))
     print(json.dumps(figures, indent=1))
     if args.output:
         args.output.write_text(json.dumps(figures, indent=1))
@@ -141,6 +201,8 @@ def main() -> None:
     moved, total = map(int, figures["params_moved"].split("/"))
     failed += [] if moved == total else [f"only {moved}/{total} parameters moved"]
     failed += [] if figures["bf16_vs_fp32_max_abs_dp"] < 0.05 else ["bf16 scores drift > 0.05 from fp32"]
+    # Same first weights and batches: the losses differ only by rounding (bf16 compute on a GPU).
+    failed += [] if figures["fsdp_vs_plain_max_abs_dloss"] < 0.05 else ["FSDP losses drift > 0.05 from unsharded"]
     if failed:
         raise SystemExit("GPU check failed: " + "; ".join(failed))
 
