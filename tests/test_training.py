@@ -268,7 +268,7 @@ def test_prefix_once_per_step_trains_like_full_sequences(tiny_tokenizer):
         calls = []
         if reuse:
             begin = step_fn.step_prefix.begin
-            step_fn.step_prefix.begin = lambda m: (calls.append(1), begin(m))
+            step_fn.step_prefix.begin = lambda m, calls=calls, begin=begin: (calls.append(1), begin(m))
         result = train(model, examples, step_fn, config, collate=collate,
                        lengths=[len(e["suffix_ids"]) for e in examples])
         runs.append(([row["train/loss"] for row in result.history], snapshot(model), calls))
