@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -153,6 +154,27 @@ def cached_refs(results_dir: Path) -> tuple[list[ArtifactRef], list[Path]]:
     return refs, unreadable
 
 
+def _registered_cache_garbage(cache: Path) -> list[Garbage]:
+    """In the registered-model cache (``registry.registered_model_dir``): interrupted downloads, and model
+    folders no cached version points at any more."""
+    if not cache.is_dir():
+        return []
+    index = cache / "by-version"
+    used = set()
+    for entry in index.glob("*/*.json") if index.is_dir() else ():
+        try:
+            used.add(json.loads(entry.read_text())["folder"])
+        except (OSError, ValueError, KeyError):
+            return []  # an unreadable index entry: keep everything
+    found = []
+    for path in sorted(cache.iterdir()):
+        if path.name.startswith(".download-"):
+            found.append(Garbage(str(path), _size(path), "leftover of an interrupted model download"))
+        elif path.is_dir() and path.name != "by-version" and path.name not in used:
+            found.append(Garbage(str(path), _size(path), "registered-model copy no cached version points at"))
+    return found
+
+
 def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
     """What ``gram gc`` would remove, and why."""
     paths = state_paths(config)
@@ -170,6 +192,7 @@ def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> lis
         garbage += [Garbage(str(p), _size(p), "downloaded copy of an artifact no cached stage uses")
                     for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "staging"
                     and p.name not in keep_sha]
+    garbage += _registered_cache_garbage(Path(str(paths.home)) / "registered")
     ray_root = _local(paths.ray_storage)
     if ray_root is not None and ray_root.is_dir():
         cutoff = time.time() - keep_ray_runs_days * 86400

@@ -136,13 +136,20 @@ def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
         (ray_run / f"checkpoint-{step}").mkdir(parents=True)
         (ray_run / f"checkpoint-{step}" / "w").write_bytes(b"0" * 100)
 
+    registered = Path(str(paths.home)) / "registered"  # the CLI's registered-model cache
+    for folder in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", ".download-x1"):
+        (registered / folder).mkdir(parents=True)
+    (registered / "by-version" / "judge").mkdir(parents=True)
+    (registered / "by-version" / "judge" / "3.json").write_text(json.dumps({"folder": "aaaaaaaaaaaaaaaa"}))
+
     plan = {Path(g.path).name: g for g in collect_garbage(cfg)}
-    assert set(plan) == {Path(unused.uri).name, "checkpoint-1", "checkpoint-2"}
+    assert set(plan) == {Path(unused.uri).name, "checkpoint-1", "checkpoint-2", "bbbbbbbbbbbbbbbb", ".download-x1"}
     orphan_bytes = sum(f.stat().st_size for f in Path(unused.uri).rglob("*") if f.is_file())
     assert plan[Path(unused.uri).name].bytes == orphan_bytes and Path(unused.uri).exists()  # dry run only
     collect_garbage(cfg, apply=True)
     assert not Path(unused.uri).exists() and Path(used.uri).exists()
     assert sorted(p.name for p in ray_run.iterdir()) == ["checkpoint-3"]
+    assert sorted(p.name for p in registered.iterdir()) == ["aaaaaaaaaaaaaaaa", "by-version"]
     assert json.loads((Path(used.uri) / MANIFEST).read_text())["sha256"] == used.sha256
 
 
