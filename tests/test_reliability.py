@@ -24,8 +24,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 64  # the tiny model trains ~20 steps/s: enough steps that the kill lands mid stage, not after it
 OVERRIDES = ["pretrain.enabled=false", "eval.compare_base_zero_shot=false", "eval.limit=8",
-             "finetune.max_steps=16", "finetune.checkpoint_every_steps=2"]
+             f"finetune.max_steps={STEPS}", "finetune.checkpoint_every_steps=4"]
 
 
 class Gram:
@@ -66,16 +67,19 @@ def _checkpoints(home: Path) -> list[Path]:
     return sorted((home / "ray_storage").glob("finetune-*/checkpoint-*"))
 
 
-def _committed_checkpoint(home: Path) -> bool:
-    """Ray Train has recorded a stage-2 checkpoint in its run snapshot (what a restarted run resumes from);
-    a checkpoint folder alone may still be uploading when a kill lands."""
+def _snapshot(home: Path) -> str:
+    """Ray Train's run snapshot of stage 2: the checkpoints a restarted run can resume from."""
     for snapshot in (home / "ray_storage").glob("finetune-*/checkpoint_manager_snapshot.json"):
         try:
-            if '"checkpoint-' in snapshot.read_text():
-                return True
+            return snapshot.read_text()
         except OSError:
             pass
-    return False
+    return ""
+
+
+def _committed_checkpoint(home: Path) -> bool:
+    """A stage-2 checkpoint is in the run snapshot (a checkpoint folder alone may still be uploading)."""
+    return '"checkpoint-' in _snapshot(home)
 
 
 def _finetune_artifacts(home: Path) -> list[Path]:
@@ -120,6 +124,7 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
         first.proc.send_signal(signal.SIGKILL)
         first.wait(60)
         assert _checkpoints(home) and not _finetune_artifacts(home), "the kill must land inside stage 2"
+        assert '"model-' not in _snapshot(home), "the kill landed after training had ended: raise STEPS"
         staging = list((home / "artifacts" / "finetune").glob(".staging-*"))
         assert staging, "a killed stage leaves its staging folder behind (cleaned by the next start)"
         first.kill_group()  # Ray processes the killed driver left behind would keep training
@@ -145,8 +150,8 @@ def test_drill_kill_9_during_stage_2_resumes_and_a_second_run_is_refused(tmp_pat
     assert summary["stages"]["finetune"] == "Completed" and summary["registered"]["version"] == "1"
     (artifact,) = _finetune_artifacts(home)
     meta = json.loads((artifact / "_artifact.json").read_text())["meta"]
-    assert meta["steps"] == 16 and meta["resumed_from_step"] >= 2
+    assert meta["steps"] == STEPS and meta["resumed_from_step"] >= 4
     history = [json.loads(line) for line in (artifact / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in history] == list(range(1, 17))
+    assert [row["step"] for row in history] == list(range(1, STEPS + 1))
     assert [row["train/loss"] for row in history] == pytest.approx(_reference_losses(home), rel=1e-5, abs=1e-6)
     assert not list((home / "ray_storage").glob("finetune-*")), "a published stage keeps no Ray checkpoints"
