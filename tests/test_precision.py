@@ -3,25 +3,15 @@ preset's learning rates; bf16 parameters are refused unless opted into (and then
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
+from toy_data import better_pairs as toy_pairs
 
 from gram_core.config import EncodeConfig
 from gram_core.models import build_tiny_model
 from gram_core.pipeline_config import load_preset
 from gram_core.precision import LowPrecisionParamsError, check_master_weights, inference_dtype
 from gram_core.training import train_judge, train_pretrain
-
-
-def toy_pairs(n, seed):
-    rng = np.random.default_rng(seed)
-
-    def filler():
-        return " ".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), size=int(rng.integers(3, 7))))
-
-    return [{"pair_id": f"p{i}", "prompt": filler(), "chosen": "better " + filler(), "rejected": filler()}
-            for i in range(n)]
 
 
 def paper_stage(stage, **overrides):

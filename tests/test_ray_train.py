@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from toy_data import better_pairs
 from transformers import AutoModelForCausalLM
 
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
@@ -17,17 +18,10 @@ from gram_core.pipeline_config import RayConfig
 
 ray = pytest.importorskip("ray")
 
-LETTERS = "bcdfghjklmnpqrstvwxz"
 
 
 def toy_rows(n, seed):
-    rng = np.random.default_rng(seed)
-
-    def filler():
-        return " ".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 7))))
-
-    return [{"pair_id": f"p{i}", "prompt": filler(), "chosen": "better " + filler(), "rejected": filler(),
-             "source": "toy"} for i in range(n)]
+    return better_pairs(n, seed, source="toy")
 
 
 DRIVER_ONLY = "driver-only"  # Ray workers of this module may not write under a folder of this name
@@ -168,7 +162,7 @@ def test_an_incomplete_result_is_refused():
 def test_distributed_judging_gives_the_single_process_scores(ray_cluster, start_model):
     from gram_core.config import JudgeConfig
     from gram_core.judging import load_judge, score_pairs
-    from tasks.ray_train import score_pairs_distributed
+    from tasks.ray_judge import score_pairs_distributed
 
     rows = toy_rows(11, seed=4)  # odd: the two actors get blocks of 6 and 5 pairs
     table = pa.Table.from_pylist([{"id": r["pair_id"], "subset": f"s{i % 3}", "prompt": r["prompt"],

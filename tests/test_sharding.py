@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from toy_data import better_pairs as toy_pairs
 
 from gram_core.baseline import BTScorer, train_bradley_terry
 from gram_core.config import ConfigError, EncodeConfig, ModelConfig, TrainConfig, from_dict
@@ -15,16 +16,6 @@ from gram_core.sharding import full_state_dict
 from gram_core.training import judge_step_fn, train_judge, train_pretrain
 
 ENCODE = EncodeConfig(max_length=512, order="random_half")
-
-
-def toy_pairs(n, seed):
-    rng = np.random.default_rng(seed)
-
-    def filler():
-        return " ".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), size=int(rng.integers(3, 7))))
-
-    return [{"pair_id": f"p{i}", "prompt": filler(), "chosen": "better " + filler(), "rejected": filler()}
-            for i in range(n)]
 
 
 def judge_config(**overrides):
