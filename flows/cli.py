@@ -337,56 +337,12 @@ COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_
             "study": cmd_study, "presets": cmd_presets, "gc": cmd_gc}
 
 
-# Failures a user can fix (bad config, a missing model, file, column or alias): one line, exit code 2.
-# Matched by class name through the MRO, so classifying an error imports nothing (e.g. not MLflow).
-EXPECTED_ERRORS = {"ConfigError", "ContractError", "ModelSourceError", "ModelNotFoundError", "ArtifactError",
-                   "JudgeInputError", "ChatTemplateError", "NonFiniteLossError", "OSError"}
-
-
-def is_expected(err: BaseException) -> bool:
-    return any(cls.__name__ in EXPECTED_ERRORS for cls in type(err).__mro__)
-
-
-def error_line(command: str, err: BaseException) -> str:
-    """The one line `gram` prints for a failure (without --debug)."""
-    if isinstance(err, OSError) and err.filename:
-        text = f"{err.strerror or type(err).__name__}: {err.filename}"
-    else:
-        text = str(err).strip()
-    if type(err).__name__ == "ConfigError":
-        return f"gram {command}: configuration error: {text}"
-    if is_expected(err):
-        return f"gram {command}: {text}"
-    return (f"gram {command}: unexpected error {type(err).__name__}: {text or '(no message)'} "
-            "(run again with --debug for the traceback)")
-
-
-def quiet_prefect_tracebacks() -> None:
-    """Prefect logs a failing task's traceback on the console too; keep it in the run's logs (UI) only."""
-    import logging
-
-    from prefect.logging.configuration import ensure_logging_setup
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    ensure_logging_setup()
-
-    class NoTraceback(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            # The API handler (UI logs) already took the record: Prefect's run loggers hand it to that handler
-            # before it propagates to the console handler.
-            record.exc_info, record.exc_text = None, None
-            return True
-
-    for logger in (logging.getLogger(), logging.getLogger("prefect")):
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(NoTraceback())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
+
     debug = getattr(args, "debug", False)
     from tasks.locks import LockHeldError
     from tasks.tracking import TrackingServerUnreachable

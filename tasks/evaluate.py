@@ -34,7 +34,7 @@ def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: Ra
 
     bt_here = Path(str(folder)).is_dir() and scorers.folder_kind(folder) == "bradley_terry"
     if actors and not bt_here:
-        from tasks.ray_train import score_pairs_distributed
+        from tasks.ray_judge import score_pairs_distributed
 
         return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig()), False
     scorer = scorers.load_scorer(folder, judge)

@@ -66,19 +66,19 @@ def fit(stage: str, *, model_source: str, model_cfg: ModelConfig, train_cfg: Tra
 
     if stage not in STAGES:
         raise ValueError(f"fit: unknown stage {stage!r}; expected one of {list(STAGES)}")
-    data_uri = _reachable_uri(data_path)
+    data_uri = reachable_uri(data_path)
     if not _exists(data_uri):
         raise FileNotFoundError(f"fit: data file {data_path} does not exist")
     ray_cfg = ray_cfg or RayConfig()
     storage = _storage_path(storage_path or ray_cfg.storage_path)
-    loop_config = {"stage": stage, "model_source": _reachable_uri(str(model_source)),
+    loop_config = {"stage": stage, "model_source": reachable_uri(str(model_source)),
                    "model_cfg": to_dict(model_cfg), "train_cfg": to_dict(train_cfg),
                    "encode_cfg": to_dict(encode_cfg), "data_uri": data_uri, "stop_at_step": stop_at_step,
                    "threads": ray_cfg.cpus_per_worker, "tracking": tracking,
                    # Checkpoint scratch under a local storage folder, so the next start can remove a killed run's.
                    "scratch_dir": None if "://" in storage else str(Path(storage) / SCRATCH)}
     with ray_runtime(ray_cfg):
-        use_gpu = _use_gpu(ray_cfg.use_gpu)
+        use_gpu = wants_gpu(ray_cfg.use_gpu)
         resources = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         progress = _ProgressRelay(on_progress, train_cfg) if on_progress else None
         loop_config["progress"] = progress.queue if progress else None
@@ -146,7 +146,7 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 
-def _reachable_uri(path: str) -> str:
+def reachable_uri(path: str) -> str:
     """A URI (absolute path) any process can open: fsspec URIs and hub ids pass through unchanged."""
     if "://" in path and not path.startswith("file://"):
         return path
@@ -245,7 +245,7 @@ def _storage_path(path: str | None) -> str:
     return str(Path(path or home / "ray_storage").expanduser().resolve())
 
 
-def _use_gpu(setting: str) -> bool:
+def wants_gpu(setting: str) -> bool:
     import ray
 
     if setting == "auto":  # asking for a GPU the cluster lacks would wait forever
@@ -281,7 +281,7 @@ def train_loop(config: dict) -> None:
             if _final_marker(folder) is not None:
                 return  # the run already finished: its final checkpoint is the result
     local = _scratch_folder(config.get("scratch_dir"))
-    with _local_copy(config["model_source"], local) as source:
+    with local_copy(config["model_source"], local) as source:
         model, tokenizer = load_model(model_cfg, source=source)
     if torch.cuda.is_available() and ray.train.torch.get_device().type == "cuda":
         model.to(ray.train.torch.get_device())
@@ -362,7 +362,7 @@ def _scratch_folder(parent: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _local_copy(source: str, scratch: str) -> Iterator[str]:
+def local_copy(source: str, scratch: str) -> Iterator[str]:
     """A model source every worker can load: remote fsspec folders are downloaded to scratch first."""
     if "://" not in source or source.startswith("file://"):
         yield source.removeprefix("file://")
@@ -395,56 +395,6 @@ def _live_metrics(tracking: Any, progress: Any) -> Callable[[int, dict], None] |
             progress.put((step, float(metrics.get("epoch", 0.0))))
 
     return live
-
-
-ROW_COLUMN = "__gram_row"
-
-
-class _JudgeActor:
-    """One judge per Ray Data actor (on its GPU when it has one): scores a block of eval rows."""
-
-    def __init__(self, folder: str, judge: dict, threads: int) -> None:
-        import torch
-
-        from gram_core.config import JudgeConfig
-        from gram_core.judging import load_judge
-
-        torch.set_num_threads(threads)
-        with _local_copy(folder, tempfile.mkdtemp(prefix="gram-judge-")) as local:
-            self.judge = load_judge(local, from_dict(JudgeConfig, judge))
-
-    def __call__(self, batch):
-        from gram_core.judging import score_pairs
-
-        return score_pairs(self.judge, batch).append_column(ROW_COLUMN, batch[ROW_COLUMN])
-
-
-def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg: RayConfig | None = None):
-    """``gram_core.judging.score_pairs`` fanned out over ``actors`` Ray Data actors (``map_batches`` with an
-    actor pool), returned in the input's row order. Each pair's two orders are scored by the same actor and
-    every sequence's logits do not depend on its batch-mates (right padding, masked), so the scores are the
-    single-process ones up to float rounding in differently shaped batches. ``folder`` (a path or fsspec
-    URI) must be reachable from every node."""
-    import pyarrow as pa
-    import ray.data
-
-    from gram_core.judging import SCORES_SCHEMA
-
-    ray_cfg = ray_cfg or RayConfig()
-    if table.num_rows == 0:
-        return SCORES_SCHEMA.empty_table()
-    rows = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
-    with ray_runtime(ray_cfg):
-        gpus = 1 if _use_gpu(ray_cfg.use_gpu) else 0
-        per_actor = -(-table.num_rows // actors)  # ceil: one block, one batch per actor
-        blocks = [rows.slice(start, per_actor) for start in range(0, table.num_rows, per_actor)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
-            _JudgeActor, fn_constructor_args=(_reachable_uri(folder), to_dict(judge), ray_cfg.cpus_per_worker),
-            batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=ray_cfg.cpus_per_worker, num_gpus=gpus)
-        scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
-    scored = scored.sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])
-    return scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
 
 
 def read_rows(uri: str) -> list[dict]:

@@ -1,0 +1,60 @@
+"""Distributed judging: ``gram_core.judging.score_pairs`` fanned out over a Ray cluster with Ray Data
+(``map_batches`` with an actor pool, one judge per actor)."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from gram_core.config import from_dict, to_dict
+from gram_core.pipeline_config import RayConfig
+from tasks.ray_train import local_copy, ray_runtime, reachable_uri, wants_gpu
+
+ROW_COLUMN = "__gram_row"
+
+
+class _JudgeActor:
+    """One judge per Ray Data actor (on its GPU when it has one): scores a block of eval rows."""
+
+    def __init__(self, folder: str, judge: dict, threads: int) -> None:
+        import torch
+
+        from gram_core.config import JudgeConfig
+        from gram_core.judging import load_judge
+
+        torch.set_num_threads(threads)
+        with local_copy(folder, tempfile.mkdtemp(prefix="gram-judge-")) as local:
+            self.judge = load_judge(local, from_dict(JudgeConfig, judge))
+
+    def __call__(self, batch):
+        from gram_core.judging import score_pairs
+
+        return score_pairs(self.judge, batch).append_column(ROW_COLUMN, batch[ROW_COLUMN])
+
+
+def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg: RayConfig | None = None):
+    """``gram_core.judging.score_pairs`` fanned out over ``actors`` Ray Data actors (``map_batches`` with an
+    actor pool), returned in the input's row order. Each pair's two orders are scored by the same actor and
+    every sequence's logits do not depend on its batch-mates (right padding, masked), so the scores are the
+    single-process ones up to float rounding in differently shaped batches. ``folder`` (a path or fsspec
+    URI) must be reachable from every node."""
+    import pyarrow as pa
+    import ray.data
+
+    from gram_core.judging import SCORES_SCHEMA
+
+    ray_cfg = ray_cfg or RayConfig()
+    if table.num_rows == 0:
+        return SCORES_SCHEMA.empty_table()
+    rows = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
+    with ray_runtime(ray_cfg):
+        gpus = 1 if wants_gpu(ray_cfg.use_gpu) else 0
+        per_actor = -(-table.num_rows // actors)  # ceil: one block, one batch per actor
+        blocks = [rows.slice(start, per_actor) for start in range(0, table.num_rows, per_actor)]
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            _JudgeActor, fn_constructor_args=(reachable_uri(folder), to_dict(judge), ray_cfg.cpus_per_worker),
+            batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=ray_cfg.cpus_per_worker, num_gpus=gpus)
+        scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    scored = scored.sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])
+    return scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
