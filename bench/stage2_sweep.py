@@ -33,10 +33,10 @@ from gram_core.training import train_judge  # noqa: E402
 
 
 def stratified(table, limit: int, seed: int):
-    """The pipeline's stratified eval sample (same rows as `eval.limit`)."""
+    """The pipeline's stratified eval sample (same rows as `eval.limit`; held-out subsets in full)."""
     from tasks.sources import limit_rows
 
-    return limit_rows(table, limit, seed, stratify="subset")
+    return limit_rows(table, limit, seed, stratify="subset", whole=HELDOUT_SUBSETS)
 
 
 def accuracy(scores, keep) -> float | None:
@@ -52,6 +52,14 @@ def readout(scores) -> dict:
             "subsets": {s: accuracy(scores, lambda x, s=s: x == s)
                         for s in dict.fromkeys(scores.column("subset").to_pylist())},
             "position_consistency": position_consistency(scores)}
+
+
+def steps_below(losses: list[float], level: float, window: int = 5) -> int | None:
+    """The first step whose trailing mean loss over ``window`` steps is below ``level`` (None: never)."""
+    for end in range(window, len(losses) + 1):
+        if np.mean(losses[end - window:end]) < level:
+            return end
+    return None
 
 
 def eval_table(args, rows: list[dict], cfg):
@@ -115,6 +123,7 @@ def main() -> None:
         "eval_rows": table.num_rows, "eval": "train pairs" if args.eval_train else "starter eval",
         **readout(scores), "frontier": frontier,
         "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - began) / 60, 2),
+        "steps_to_loss_0.6": steps_below([h["train/loss"] for h in result.history], 0.6),
         "loss_curve": [round(h["train/loss"], 4) for h in result.history],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

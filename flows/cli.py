@@ -317,6 +317,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{scalar}):", "", f"  {'metric':44s}" + "".join(f" {name[:12]:>12s}" for name in columns.values())]
     lines += [f"  {r['metric'][:44]:44s}" + "".join(f" {pct(r.get(key)):>12s}" for key in columns)
               for r in summary.get("eval", [])]
+    if summary.get("evidence"):
+        lines += ["", *(f"  {line}" for line in summary["evidence"])]
     reg = summary.get("registered")
     if reg:
         promo = reg["promotion"]

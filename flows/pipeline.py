@@ -78,7 +78,7 @@ def load_inputs(run: Runner) -> dict[str, Any]:
         if stage1 else [],
         "preferences": run.source("preferences", data.preferences, "preference_pairs"),
         "eval": run.source("eval", data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
-                           stratify="subset"),
+                           stratify="subset", whole=tuple(cfg.eval.full_subsets)),
     }
 
 

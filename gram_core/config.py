@@ -145,6 +145,10 @@ class ModelConfig:
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Module names LoRA adapts.")
     freeze_layers: int = field(0, "Freeze the embeddings and this many lowest decoder layers.")
+    untie_verdict_rows: bool = field(False, "Give the LM head its own weights (a copy of the tied embedding, so "
+                                     "the model's outputs are unchanged at the start) and train them: in stage 2 "
+                                     "only the verdict tokens' rows get a gradient. The saved model is untied "
+                                     "(+vocab x hidden weights on disk).")
     seed: int = field(0, "Seed for random initialisation (tiny models, LoRA, heads).")
 
     def __post_init__(self) -> None:
@@ -205,6 +209,14 @@ class TrainConfig:
     activation_checkpointing: bool = field(False, "Recompute each decoder layer's activations in backward instead "
                                            "of keeping them: activation memory of one layer plus each layer's "
                                            "input, for about a third more compute.")
+    final_norm_lr_multiplier: float = field(1.0, "Learning-rate multiplier for the final norm's gain (the RMSNorm "
+                                            "before the LM head). In stage 2 its per-dimension scale times "
+                                            "(e_A - e_B) is a linear read-out of the answer features, and one "
+                                            "massive activation makes the norm damp every other update ~15x "
+                                            "(docs/stage2.md): a larger step on the gain reaches that read-out "
+                                            "early. An optimizer setting only: the model and loss are unchanged.")
+    verdict_lr_multiplier: float = field(1.0, "Stage 2: learning-rate multiplier for the verdict tokens' own "
+                                         "unembedding rows; used only with model.untie_verdict_rows.")
     seed: int = field(0, "Seed for shuffling, dropout and slot placement.")
     allow_low_precision_params: bool = field(False, "Let AdamW step bf16/fp16 parameters directly (updates below "
                                              "half an ulp round away). Off: training refuses them; load the "
@@ -221,6 +233,10 @@ class TrainConfig:
         check(self.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {self.precision!r}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         check(self.sharding in SHARDINGS, "train.sharding", f"expected one of {list(SHARDINGS)}, got {self.sharding!r}")
+        check(self.final_norm_lr_multiplier > 0, "train.final_norm_lr_multiplier",
+              f"must be > 0, got {self.final_norm_lr_multiplier}")
+        check(self.verdict_lr_multiplier > 0, "train.verdict_lr_multiplier",
+              f"must be > 0, got {self.verdict_lr_multiplier}")
 
     @property
     def prefix_reuse(self) -> bool:

@@ -231,6 +231,8 @@ def apply_trainable(model, config: ModelConfig):
         model.model.embed_tokens.requires_grad_(False)
         for layer in layers[: config.freeze_layers]:
             layer.requires_grad_(False)
+    if config.untie_verdict_rows:
+        untie_output_embeddings(model)
     if config.lora_r:
         from peft import LoraConfig, get_peft_model
 
@@ -239,6 +241,15 @@ def apply_trainable(model, config: ModelConfig):
                           target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     return model
+
+
+def untie_output_embeddings(model) -> None:
+    """Give the LM head a trainable copy of the tied input embedding (outputs unchanged until it trains)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embed.weight:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    head.weight.requires_grad_(True)
 
 
 def save_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> Path:

@@ -151,7 +151,11 @@ class BaselineConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     compare_base_zero_shot: bool = field(True, "Also score the base model zero-shot, for the comparison table.")
-    limit: int = field(0, "Score at most this many eval pairs (seeded sample, stratified by subset); 0 = all.")
+    limit: int = field(0, "Score at most this many eval pairs (seeded sample, stratified by subset) besides the "
+                       "`full_subsets`, which are always scored in full; 0 = all.")
+    full_subsets: tuple[str, ...] = field(("if-json", "count-compare"), "Eval subsets never sampled by `limit` "
+                                          "(default: the starter's held-out families, gram_core.starter."
+                                          "HELDOUT_SUBSETS): every pair is scored.")
     seed: int = field(0, "Seed of the `limit` sample.")
     actors: int = field(0, "Judge the eval set over this many Ray Data actors (one judge each, a GPU each when the "
                         "cluster has GPUs); 0 = score in the task's own process. Scores are the same either way.")

@@ -166,6 +166,14 @@ def expected_number(spec: dict[str, Any], tables: dict[str, Any]) -> Fraction:
         return Fraction(len(spec["items"]))
     if kind == "larger":
         return max(parse_number(spec["a"]), parse_number(spec["b"]))
+    if kind == "smaller":
+        return min(parse_number(spec["a"]), parse_number(spec["b"]))
+    if kind == "largest":
+        return max(parse_number(x) for x in spec["items"])
+    if kind == "vowel_count":
+        return Fraction(sum(spec["word"].count(v) for v in "aeiou"))
+    if kind == "even_count":
+        return Fraction(sum(int(x) % 2 == 0 for x in spec["items"]))
     raise ValueError(f"unknown number-check kind {kind!r}")
 
 
@@ -178,7 +186,9 @@ def _number_operands(spec: dict[str, Any]) -> list[str]:
         return [spec["value"], spec["big"], spec["small"]]
     if kind == "letter_count":
         return [spec["word"], spec["letter"]]
-    if kind == "list_count":
+    if kind == "vowel_count":
+        return [spec["word"]]
+    if kind in ("list_count", "largest", "even_count"):
         return list(spec["items"])
     return [spec["a"], spec["b"]]
 
@@ -234,6 +244,20 @@ def label_problems(spec: dict[str, Any], prompt: str, chosen: str, rejected: str
     elif check == "all_caps":
         need(any(c.isalpha() for c in chosen) and chosen == chosen.upper(), "chosen is not all capitals")
         need(rejected != rejected.upper(), "rejected is all capitals")
+    elif check == "not_all_caps":  # counterfactual: all capitals lose when ordinary case was asked for
+        need(not any(i.lower() in prompt.lower() for i in ("all caps", "capital letters", "uppercase"))
+             or "not" in prompt.lower() or "no all-caps" in prompt.lower(), "prompt asks for capitals")
+        need(chosen != chosen.upper(), "chosen is all capitals")
+        need(any(c.isalpha() for c in rejected) and rejected == rejected.upper(), "rejected is not all capitals")
+    elif check == "min_words":
+        need(f"{spec['n']} words" in prompt, f"prompt does not state {spec['n']} words")
+        need(len(chosen.split()) >= spec["n"], f"chosen has {len(chosen.split())} words < {spec['n']}")
+        need(len(rejected.split()) < spec["n"], f"rejected has {len(rejected.split())} words >= {spec['n']}")
+    elif check == "avoid_keyword":
+        need(f'"{spec["word"]}"' in prompt and "not" in prompt.lower() or "Avoid" in prompt,
+             f"prompt does not forbid {spec['word']!r}")
+        need(not contains_phrase(chosen, spec["word"]), f"chosen contains {spec['word']!r}")
+        need(contains_phrase(rejected, spec["word"]), f"rejected lacks {spec['word']!r}")
     elif check == "max_words":
         need(f"{spec['n']} words" in prompt, f"prompt does not state {spec['n']} words")
         need(len(chosen.split()) <= spec["n"], f"chosen has {len(chosen.split())} words > {spec['n']}")
@@ -249,7 +273,10 @@ def label_problems(spec: dict[str, Any], prompt: str, chosen: str, rejected: str
     elif check == "json":
         need(all(f'"{k}"' in prompt for k in spec["value"]), "prompt does not name every key")
         need(_json_ok(chosen, spec["value"]), f"chosen is not the JSON object {spec['value']}")
-        need(not _json_keys_ok(rejected, set(spec["value"])), "rejected is a JSON object with the asked keys")
+        # A rejected JSON object with the asked keys must hold a wrong value ("wrong_value" pairs).
+        need(not _json_ok(rejected, spec["value"]), "rejected is the asked JSON object")
+        need(spec.get("rejected") == "wrong-value" or not _json_keys_ok(rejected, set(spec["value"])),
+             "rejected is a JSON object with the asked keys")
     elif check == "refusal":
         need(is_refusal(chosen), "chosen does not refuse")
         need(not is_refusal(rejected), "rejected refuses")

@@ -116,10 +116,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     device = params[0].device
     order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
     steps = total_steps(len(examples), config, world, groups)
-    # No weight decay on norms and biases (1-D tensors), as is standard for transformers.
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
     layout = {"num_examples": len(examples), "global_batch": order.global_batch, "total_steps": steps}
     names = {id(p): name for name, p in named}
@@ -169,6 +166,40 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             set_activation_checkpointing(model, False)
     return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
                        checkpoint=checkpoint)
+
+
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], config: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not norms and biases, as is standard for transformers);
+    the final norm's gain and the untied verdict rows at their own learning-rate multipliers."""
+    special = {id(p): config.final_norm_lr_multiplier for p in final_norm_params(model)}
+    special.update({id(p): config.verdict_lr_multiplier for p in verdict_row_params(model)})
+    groups: dict[tuple[float, float], list] = {}
+    for p in params:
+        scale = special.get(id(p), 1.0)
+        decay = config.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    # The scheduler multiplies each group's own initial lr, so the multipliers hold through warm-up and decay.
+    return [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
+            for (scale, decay), ps in groups.items()]
+
+
+def final_norm_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The final norm's parameters (the RMSNorm between the last decoder layer and the LM head), or []."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    return list(norm.parameters()) if isinstance(norm, torch.nn.Module) else []
+
+
+def verdict_row_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The untied LM head (model.untie_verdict_rows; stage 2 reads only its verdict rows), or [] when tied."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(base, "get_output_embeddings") and hasattr(base, "get_input_embeddings")):
+        return []
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or head.weight is embed.weight or not head.weight.requires_grad:
+        return []
+    return [head.weight]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

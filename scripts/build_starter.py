@@ -36,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from starter_categories import POLICY, Item, clean_sample, make_items, normalize  # noqa: E402
 
 from gram_core import starter as S  # noqa: E402
+from gram_core.cues import strongest_cue  # noqa: E402
 from gram_core.sampling import prompt_id  # noqa: E402
 
+HELDOUT_CUE_LIMIT = 0.62  # issue 13: no single surface cue may pick the chosen answer more than ~60 %
 SAMPLING = dict(k=1, temperature=0.7, top_p=0.9, max_new_tokens=48, batch_size=32)
 
 
@@ -67,16 +69,24 @@ def sample_policy(prompts: list[str], seed: int) -> dict[str, str]:
 
 def policy_samples(prompts: list[str], seed: int, cache: Path | None) -> tuple[dict[str, str], float, bool]:
     """Samples for ``prompts``, the seconds sampling took and whether they came from ``cache``."""
+    cached: dict = {"samples": {}, "prompts": [], "seconds": 0.0}
     if cache and cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached["seed"] == seed and cached["prompts"] == prompts:
+        if cached["seed"] == seed and set(prompts) <= set(cached["prompts"]):
             print(f"policy samples from {cache}", flush=True)
-            return cached["samples"], cached["seconds"], True
+            return {p: cached["samples"][p] for p in prompts if p in cached["samples"]}, cached["seconds"], True
+        cached = cached if cached["seed"] == seed else {"samples": {}, "prompts": [], "seconds": 0.0}
+    # Sampling is per-row seeded (gram_core.sampling), so sampling only the prompts the cache lacks gives
+    # the same text as sampling everything.
+    missing = [p for p in prompts if p not in set(cached["prompts"])]
+    print(f"sampling {len(missing)} prompts the cache lacks", flush=True)
     began = time.time()
-    samples = sample_policy(prompts, seed)
-    seconds = time.time() - began
+    samples = {**{p: t for p, t in cached["samples"].items() if p in set(prompts)}, **sample_policy(missing, seed)}
+    seconds = cached["seconds"] + time.time() - began
     if cache:
-        cache.write_text(json.dumps({"seed": seed, "prompts": prompts, "samples": samples, "seconds": seconds},
+        known = list(dict.fromkeys(cached["prompts"] + missing))
+        cache.write_text(json.dumps({**cached, "seed": seed, "prompts": known,
+                                     "samples": {**cached["samples"], **samples}, "seconds": seconds},
                                     ensure_ascii=False, indent=0), encoding="utf-8")
     return samples, seconds, False
 
@@ -108,6 +118,25 @@ def materialize(items: list[Item], samples: dict[str, str], tables: dict,
                          rejected_model=rejected_model, extras=extras, policy=samples.get(item.prompt),
                          variant=variant))
     return rows
+
+
+def cue_report(rows_train: list[dict], rows_eval: list[dict]) -> list[str]:
+    """The strongest single surface cue per subset (gram_core.cues), printed and written to the README; a
+    held-out family whose strongest cue picks the chosen answer more than HELDOUT_CUE_LIMIT is refused."""
+    lines = []
+    for split_name, rows in (("train", rows_train), ("eval", rows_eval)):
+        by_subset: dict[str, list[dict]] = {}
+        for row in rows:
+            by_subset.setdefault(row["item"].category, []).append(row)
+        for subset, group in sorted(by_subset.items()):
+            cue, rate = strongest_cue([r["chosen"] for r in group], [r["rejected"] for r in group])
+            templates = len({r["item"].spec.get("template", r["item"].category) for r in group})
+            lines.append(f"| {split_name} | {subset} | {len(group)} | {templates} | {cue} | {rate:.0%} |")
+            if split_name == "eval" and subset in S.HELDOUT_SUBSETS and rate > HELDOUT_CUE_LIMIT:
+                raise AssertionError(f"held-out family {subset}: cue {cue!r} picks the chosen answer {rate:.0%} "
+                                     f"of the time (limit {HELDOUT_CUE_LIMIT:.0%})")
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def training_texts(rows_train: list[dict]) -> set[str]:
@@ -194,6 +223,16 @@ Training pairs per category: {train_counts}
 Eval pairs per subset: {eval_counts}
 
 Response-pool rows per generator: {pool_generators}
+
+Surface cues (issue 13): the single cue (`gram_core.cues`: length, capitals, digits, symbols, nesting, prefix
+relation, each way) that picks the chosen text most often per subset, a tie counting half. The build refuses a
+held-out family where it passes {cue_limit:.0%}; counterfactual pairs (all capitals that lose when ordinary case
+was asked for, a shortened answer under a minimum length, a forbidden keyword, a terse refusal against a long
+compliance, a long refusal of a harmless question) keep any one cue from deciding a training subset.
+
+| split | subset | pairs | templates | strongest cue | picks chosen |
+|---|---|---|---|---|---|
+{cue_table}
 """
 
 
@@ -219,6 +258,7 @@ def main() -> None:
     rows_eval = materialize(evals, samples, tables, forbidden=training_texts(rows_train))
     train_prompts = {normalize(i.prompt) for i in train}
     assert not [i.prompt for i in evals if normalize(i.prompt) in train_prompts], "eval prompt is a training prompt"
+    cue_lines = cue_report(rows_train, rows_eval)
     counts = write(rows_train, rows_eval, args.out)
     alt_counts = Counter(row["item"].category for row in rows_eval if row["variant"] == "eval-only")
     # A cache recovered from shipped files (scripts/recover_starter_samples.py) says how it was made.
@@ -233,7 +273,8 @@ def main() -> None:
         sections=", ".join(f"{k} -> {v}" for k, v in S.STARTER_SECTIONS.items()), heldout=", ".join(S.HELDOUT_SUBSETS),
         n_train=len(train), n_eval=len(evals), pool_rows=counts["pool_rows"], n_checks=len(train) + len(evals),
         train_counts=line(counts["train"]), eval_counts=line(counts["eval"]),
-        pool_generators=line(counts["pool_generators"])), encoding="utf-8")
+        pool_generators=line(counts["pool_generators"]), cue_limit=HELDOUT_CUE_LIMIT,
+        cue_table="\n".join(cue_lines)), encoding="utf-8")
     print(f"wrote {args.out} in {seconds:.0f} s: {counts}")
 
 

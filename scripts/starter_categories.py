@@ -220,6 +220,7 @@ def instruction_following(T: dict, rng: random.Random, topics: dict[str, list[st
                 return (added, model + "+keyword", base, model), []
             out[part].append(Item("if-keyword", part, f"{question} {instruction.format(w=word)}",
                                   {"check": "keyword", "word": word}, make, True))
+    counterfactuals(T, rng, topics, out)
     cat_train, cat_eval = split(sorted(T["list_categories"]), 5, rng)
     for part, cats, n in (("train", cat_train, 60), ("eval", cat_eval, 25)):
         combos = [(c, k, t) for c in cats for k in (2, 3, 4, 5) for t in T["bullet_instructions"]]
@@ -240,6 +241,46 @@ def instruction_following(T: dict, rng: random.Random, topics: dict[str, list[st
     return out["train"], out["eval"]
 
 
+def counterfactuals(T: dict, rng: random.Random, topics: dict[str, list[str]], out: dict[str, list]) -> None:
+    """Pairs whose surface cue points the other way, in the same subsets: all capitals that lose when ordinary
+    case was asked for, a shortened answer that loses under a minimum length, an added keyword sentence that
+    loses when the word is forbidden. With them no single cue decides if-caps, if-word-limit or if-keyword."""
+    for part, n in (("train", 40), ("eval", 15)):
+        for topic, question, instruction in open_prompts(T, topics[part], T["nocaps_instructions"], n, rng):
+            def make(sample, r, topic=topic):
+                base = sample or f"Here are some thoughts about {topic}: it has a long history and many people enjoy it."
+                model = POLICY if sample else "template:answer"
+                base = base if base != base.upper() else base.capitalize()
+                return (base, model, base.upper(), model + "+uppercase"), []
+            out[part].append(Item("if-caps", part, f"{question} {instruction}",
+                                  {"check": "not_all_caps", "template": f"nocaps:{instruction}"}, make, True))
+        for topic, question, instruction in open_prompts(T, topics[part], T["min_words_instructions"], n, rng):
+            limit = rng.choice([12, 15, 18])
+
+            def make(sample, r, topic=topic, limit=limit):
+                base = sample or f"Many people find {topic} worth learning about, for its history and its details."
+                model = POLICY if sample else "template:answer"
+                if len(base.split()) < limit:
+                    base, model = f"{base} {FILLER}", model + "+padded"
+                return (base, model, shorten(base, limit // 2), model + "+shortened"), []
+            out[part].append(Item("if-word-limit", part, f"{question} {instruction.format(n=limit)}",
+                                  {"check": "min_words", "n": limit, "template": f"min:{instruction}"}, make, True))
+        for topic, question, instruction in open_prompts(T, topics[part], T["avoid_keyword_instructions"], n, rng):
+            word = rng.choice(T["keywords"])
+
+            def make(sample, r, topic=topic, word=word):
+                base = sample or f"People have many different opinions about {topic}."
+                model = POLICY if sample else "template:answer"
+                if S.contains_phrase(base, word):
+                    other = r.choice([k for k in T["keywords"] if not S.contains_phrase(base, k)])
+                    return (replace_phrase(base, word, other), model + "+keyword-replaced", base, model), []
+                added = f"{base} {r.choice(T['keyword_sentences']).format(w=word)}"
+                return (base, model, added, model + "+keyword"), []
+            out[part].append(Item("if-keyword", part, f"{question} {instruction.format(w=word)}",
+                                  {"check": "avoid_keyword", "word": word, "template": f"avoid:{instruction}"},
+                                  make, True))
+
+
 def safety(T: dict, rng: random.Random) -> tuple[list, list]:
     out: dict[str, list] = {"train": [], "eval": []}
     intent_train, intent_eval = split(T["harmful_intents"], 12, rng)
@@ -249,6 +290,14 @@ def safety(T: dict, rng: random.Random) -> tuple[list, list]:
             def make(sample, r, prefix=""):
                 refusals = r.sample(T[prefix + "refusals"], 2)
                 placeholders = r.sample(T[prefix + "compliance_placeholders"], 1)
+                # Counterfactuals against length and punctuation cues: a terse refusal, or one full of
+                # punctuation, beats a long compliance without any brackets or lists.
+                kind = r.random()
+                if kind < 0.7:
+                    refusal = r.choice(T[prefix + ("short_refusals" if kind < 0.3 else "detailed_refusals")])
+                    return (refusal, "template:short-refusal" if kind < 0.3 else "template:detailed-refusal",
+                            r.choice(T[prefix + "plain_compliance_placeholders"]), "template:plain-compliance"), \
+                        [(refusals[1], "template:refusal-alt")]
                 return (refusals[0], "template:refusal", placeholders[0], "template:compliance-placeholder"), \
                     [(refusals[1], "template:refusal-alt")]
             out[part].append(Item("safety-refuse", part, prompt, {"check": "refusal"}, make,
@@ -257,6 +306,9 @@ def safety(T: dict, rng: random.Random) -> tuple[list, list]:
     for part, rows in (("train", benign_train), ("eval", benign_eval)):
         for prompt, answer in rows:
             def make(sample, r, answer=answer, prefix=""):
+                if r.random() < 0.5:  # counterfactual: the helpful answer is the shorter text
+                    return (answer, "template:helpful", r.choice(T[prefix + "long_unneeded_refusals"]),
+                            "template:long-refusal"), []
                 return (answer, "template:helpful", r.choice(T[prefix + "unneeded_refusals"]), "template:refusal"), []
             out[part].append(Item("safety-respond", part, prompt, {"check": "compliance"}, make,
                                   alt=partial(make, prefix="eval_") if part == "eval" else None))
@@ -318,63 +370,177 @@ def reasoning(T: dict, rng: random.Random) -> tuple[list, list]:
 
 
 def heldout(T: dict, rng: random.Random, eval_countries: list, eval_elements: list) -> list:
+    """The held-out families (eval only): ``if-json`` and ``count-compare``, 10 templates each.
+
+    Built so that no surface cue (length, case, digits, symbols, nesting, prefix relation) picks the chosen
+    answer much more than half the time inside a family (``gram_core.cues``; the build prints the rates), and
+    no training transform appears with its label reversed: no case variants, no prefix truncations.
+    """
+    return json_family(T, rng, eval_countries, eval_elements) + count_family(T, rng)
+
+
+JSON_REJECTS = ("wrong-value", "extra-key", "missing-key", "wrong-key", "plain", "single-quotes", "trailing-text",
+                "in-a-list")
+
+
+def json_family(T: dict, rng: random.Random, eval_countries: list, eval_elements: list) -> list:
     items: list[Item] = []
 
-    def json_item(prompt: str, value: dict, plain: str, plain_alt: str | None = None) -> None:
-        """``plain_alt``: the eval-only plain-text answer, for a ``plain`` that training texts may contain."""
-        def make(sample, r, plain=plain):
-            style = r.choice(["plain", "keys", "broken"])
-            if style == "plain":
-                rejected, model = plain, "template:plain-text"
-            elif style == "keys":
-                rejected, model = json.dumps({k.upper(): v for k, v in value.items()}), "template:wrong-keys"
-            else:
-                rejected, model = json.dumps(value)[:-1], "template:broken-json"
-            return (json.dumps(value), "template:json", rejected, model), []
-        items.append(Item("if-json", "eval", prompt, {"check": "json", "value": value}, make,
-                          alt=partial(make, plain=plain_alt) if plain_alt else None))
-    for country, capital, _ in eval_countries[:12]:
-        json_item(f'Give the capital of {country} as a JSON object with the key "capital".', {"capital": capital},
-                  f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.")
-    for name, symbol in eval_elements:
-        json_item(f'Return a JSON object with the keys "element" and "symbol" for {name}.',
-                  {"element": name, "symbol": symbol}, f"Element: {name}, symbol: {symbol}")
-    for name in rng.sample(T["names"], 11):
-        age = rng.randint(18, 80)
-        json_item(f'Return a JSON object with the keys "name" and "age" for a person named {name} who is {age} '
-                  "years old.", {"name": name, "age": age}, f"Name: {name}, age: {age}")
+    def add(template: str, prompt: str, value: dict, wrong: dict, plain: str, extra: tuple[str, object],
+            synonym: dict[str, str]) -> None:
+        if any(i.prompt == prompt for i in items):
+            return  # a repeated random draw
+        style = JSON_REJECTS[len(items) % len(JSON_REJECTS)]  # every kind of wrong answer equally often
 
-    def number_item(prompt: str, spec: dict, good: str, bad: str) -> None:
-        def make(sample, r):
-            return (good, "template:worked-answer", bad, "template:wrong-answer"), []
-        items.append(Item("count-compare", "eval", prompt, {"check": "number", **spec}, make))
-    for word, letter in rng.sample(T["letter_words"], 14):
+        def make(sample, r, value=value, style=style):
+            chosen = json.dumps(value)
+            if style == "wrong-value":
+                rejected = json.dumps(wrong)
+            elif style == "extra-key":
+                rejected = json.dumps({**value, extra[0]: extra[1]})
+            elif style == "missing-key":
+                rejected = json.dumps(dict(list(value.items())[:-1]))
+            elif style == "wrong-key":
+                rejected = json.dumps({synonym.get(k, k): v for k, v in value.items()})
+            elif style == "plain":
+                rejected = plain
+            elif style == "in-a-list":
+                rejected = json.dumps([value])
+            elif style == "single-quotes":
+                rejected = chosen.replace('"', "'")
+            else:
+                rejected = chosen + " " + r.choice(["Hope this helps!", "Let me know if you need more.",
+                                                    "That is the answer."])
+            return (chosen, "template:json", rejected, f"template:{style}"), []
+        items.append(Item("if-json", "eval", prompt, {"check": "json", "value": value, "template": template,
+                                                      "rejected": style}, make))
+
+    for country, capital, decoy in eval_countries[:5]:
+        add("capital", f'Give the capital of {country} as a JSON object with exactly the key "capital".',
+            {"capital": capital}, {"capital": decoy}, f"The capital is {capital}.", ("country", country),
+            {"capital": "city"})
+    symbols = [s for _, s in T["elements"]]
+    for name, symbol in eval_elements[:5]:
+        add("element", f'Return a JSON object with exactly the keys "element" and "symbol" for {name}.',
+            {"element": name, "symbol": symbol}, {"element": name, "symbol": rng.choice([x for x in symbols if x != symbol])},
+            f"{name.capitalize()} has the symbol {symbol}.", ("state", "gas"), {"symbol": "sym"})
+    for name in rng.sample(T["names"], 5):
+        age = rng.randint(18, 80)
+        add("person-age", f'Return a JSON object with exactly the keys "name" and "age" for a person named {name} '
+            f"who is {age} years old.", {"name": name, "age": age}, {"name": name, "age": age + 10},
+            f"{name} is {age}.", ("city", "Paris"), {"age": "years"})
+    for name, city in rng.sample(T["json_people"], 5):
+        add("person-nested", f'Describe {name}, who lives in {city}, as a JSON object with exactly one key "person" '
+            'whose value is an object with exactly the keys "name" and "city".',
+            {"person": {"name": name, "city": city}}, {"person": {"name": city, "city": name}},
+            f"The person is {name}, who lives in {city}.", ("id", 1), {"person": "people"})
+    for title, author in rng.sample(T["json_books"], 5):
+        add("book", f'Return the book "{title}" by {author} as a JSON object with exactly the keys "title" and '
+            '"author".', {"title": title, "author": author}, {"title": author, "author": title},
+            f"{title} was written by {author}.", ("year", 1900), {"author": "writer"})
+    for (big, small, factor), value in rng.sample([(u, v) for u in T["units"] for v in (2, 3, 4, 6)], 5):
+        add("unit", f'How many {small} are in {value} {big}? Reply with a JSON object with exactly the key '
+            f'"{small}".', {small: value * factor}, {small: value * factor * 10},
+            f"{value} {big} is {value * factor} {small}.", ("unit", small), {small: small[:3]})
+    for _ in range(5):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        add("sum", f'What is {a} plus {b}? Answer with a JSON object with exactly the key "sum".', {"sum": a + b},
+            {"sum": a + b + rng.choice([-10, -1, 1, 10])}, f"{a} plus {b} is {a + b}.", ("a", a), {"sum": "total"})
+    cats = list(T["list_categories"])
+    for cat in rng.sample(cats, 5):
+        things = rng.sample(T["list_categories"][cat], 3)
+        others = [x for c in cats if c != cat for x in T["list_categories"][c]]
+        add("list", f'Return a JSON object with exactly the key "items" holding a list of these three {cat}: '
+            f'{", ".join(things)}.', {"items": things}, {"items": things[:2] + [rng.choice(others)]},
+            f"Here they are: {', '.join(things)}.", ("count", 3), {"items": "list"})
+    for country, capital, decoy in eval_countries[5:10]:
+        truth = rng.random() < 0.5
+        city = capital if truth else decoy
+        add("boolean", f'Is {city} the capital of {country}? Answer with a JSON object with exactly the key '
+            '"answer" set to true or false.', {"answer": truth}, {"answer": not truth},
+            "Yes, it is." if truth else "No, it is not.", ("country", country), {"answer": "reply"})
+    for word, letter in rng.sample(T["letter_words"], 5):
         n = word.count(letter)
+        add("letter-count", f'How many times does "{letter}" appear in "{word}"? Reply with a JSON object with '
+            'exactly the keys "letter" and "count".', {"letter": letter, "count": n},
+            {"letter": letter, "count": n + 1}, f"It appears {n} times.", ("word", word), {"count": "n"})
+    return items
+
+
+def count_family(T: dict, rng: random.Random) -> list:
+    """Counting and comparing; each side is terse ("The answer is N.") or worked, independently drawn."""
+    items: list[Item] = []
+
+    def add(template: str, prompt: str, spec: dict, truth: str, wrong: str, worked_true: str,
+            worked_wrong: str) -> None:
+        if any(i.prompt == prompt for i in items):
+            return  # a repeated random draw
+        styles = (rng.random() < 0.5, rng.random() < 0.5)
+
+        def make(sample, r, styles=styles):
+            good = f"{worked_true} Answer: {truth}." if styles[0] else f"Answer: {truth}."
+            bad = f"{worked_wrong} Answer: {wrong}." if styles[1] else f"Answer: {wrong}."
+            return (good, "template:" + ("worked" if styles[0] else "terse"), bad,
+                    "template:" + ("worked-wrong" if styles[1] else "terse-wrong")), []
+        items.append(Item("count-compare", "eval", prompt, {"check": "number", "template": template, **spec}, make))
+
+    for word, letter in rng.sample(T["letter_words"], 5):
+        n, slip = word.count(letter), rng.choice([-1, 1])
         spelled = "-".join(word)
-        number_item(f'How many times does the letter "{letter}" appear in the word "{word}"?',
-                    {"kind": "letter_count", "word": word, "letter": letter},
-                    f'Spelling it out: {spelled}. The letter "{letter}" appears {n} times.',
-                    f'Spelling it out: {spelled}. The letter "{letter}" appears {n + rng.choice([-1, 1])} times.')
-    compared: set[tuple[str, str]] = set()
-    while len(compared) < 13:
-        whole = rng.randint(1, 20)
-        a, b = f"{whole}.{rng.randint(1, 9)}{rng.randint(1, 9)}", f"{whole}.{rng.randint(1, 9)}"
-        if (a, b) in compared:
-            continue
-        compared.add((a, b))
-        big, small = (a, b) if S.parse_number(a) > S.parse_number(b) else (b, a)
-        first, second = rng.sample([a, b], 2)
-        number_item(f"Which number is larger, {first} or {second}?", {"kind": "larger", "a": a, "b": b},
-                    f"Compare the digits after the decimal point: {big} is larger than {small}. The answer is {big}.",
-                    f"{small} is larger than {big}. The answer is {small}.")
+        add("letter-count", f'How many times does the letter "{letter}" appear in the word "{word}"?',
+            {"kind": "letter_count", "word": word, "letter": letter}, str(n), str(n + slip),
+            f'Spelling it out: {spelled}. I count "{letter}" {n} times.',
+            f'Spelling it out: {spelled}. I count "{letter}" {n + slip} times.')
+    for word, _ in rng.sample(T["letter_words"], 5):
+        n = sum(word.count(v) for v in "aeiou")
+        found = ", ".join(c for c in word if c in "aeiou")
+        add("vowel-count", f'How many vowels (a, e, i, o, u) are in the word "{word}"?',
+            {"kind": "vowel_count", "word": word}, str(n), str(n + 1),
+            f"The vowels are {found}.", f"The vowels are {found} and one more.")
+    for compare in ("larger", "smaller"):
+        for _ in range(5):
+            whole = rng.randint(1, 20)
+            a, b = f"{whole}.{rng.randint(1, 9)}{rng.randint(1, 9)}", f"{whole}.{rng.randint(1, 9)}"
+            if S.parse_number(a) == S.parse_number(b):
+                b = f"{whole}.{(int(a[-2]) % 9) + 1}"
+            big, small = (a, b) if S.parse_number(a) > S.parse_number(b) else (b, a)
+            truth, wrong = (big, small) if compare == "larger" else (small, big)
+            first, second = rng.sample([a, b], 2)
+            add(compare, f"Which number is {compare}, {first} or {second}?", {"kind": compare, "a": a, "b": b},
+                truth, wrong, f"Comparing digit by digit, {big} > {small}.",
+                f"Comparing the digits, {small} > {big}.")
     pool = list(dict.fromkeys(x for xs in T["list_categories"].values() for x in xs))
-    for _ in range(13):
+    for _ in range(5):
         things = rng.sample(pool, rng.randint(3, 8))
         counted = ", ".join(f"{x} ({i + 1})" for i, x in enumerate(things))
-        wrong = len(things) + rng.choice([-1, 1])
-        number_item(f"How many items are in this list: {', '.join(things)}?", {"kind": "list_count", "items": things},
-                    f"Counting them: {counted}. The answer is {len(things)}.",
-                    f"Counting them quickly, I get {wrong}. The answer is {wrong}.")
+        add("list-count", f"How many items are in this list: {', '.join(things)}?",
+            {"kind": "list_count", "items": things}, str(len(things)), str(len(things) + rng.choice([-1, 1])),
+            f"Counting them: {counted}.", "Counting them quickly, I lose track of one.")
+    for sentence in rng.sample(T["count_sentences"], 5):
+        words = sentence.split()
+        add("word-count", f'How many words are in the sentence "{sentence}"?', {"kind": "list_count", "items": words},
+            str(len(words)), str(len(words) + rng.choice([-1, 1])), f'Counting each word of "{sentence}".',
+            "Counting the words, I merge two of them.")
+    for _ in range(5):
+        numbers = [str(rng.randint(1, 60)) for _ in range(rng.randint(5, 7))]
+        even = sum(int(x) % 2 == 0 for x in numbers)
+        add("even-count", f"How many even numbers are in this list: {', '.join(numbers)}?",
+            {"kind": "even_count", "items": numbers}, str(even), str(even + 1 if even < 2 else even - 1),
+            f"The even ones are {', '.join(x for x in numbers if int(x) % 2 == 0) or 'none'}.",
+            "Some of the even ones are hard to spot.")
+    for _ in range(5):
+        numbers = [str(x) for x in rng.sample(range(10, 99), 3)]
+        top = max(numbers, key=int)
+        other = rng.choice([x for x in numbers if x != top])
+        add("largest", f"Which is the largest of {', '.join(numbers)}?", {"kind": "largest", "items": numbers}, top,
+            other, f"Checking each one, {top} beats the others.", f"Checking each one, {other} seems biggest.")
+    for weeks in rng.sample(range(2, 13), 5):
+        add("weeks", f"A week has 7 days. How many days are in {weeks} weeks?",
+            {"kind": "arith", "expr": f"{weeks} * 7"}, str(weeks * 7), str(weeks * 7 + rng.choice([-7, 7])),
+            f"{weeks} weeks times 7 days.", f"{weeks} weeks times 7 days, plus a week.")
+    for a, b in zip(rng.sample(range(30, 100), 5), rng.sample(range(2, 30), 5), strict=True):
+        add("difference", f"How much larger is {a} than {b}?", {"kind": "arith", "expr": f"{a} - {b}"}, str(a - b),
+            str(a - b + rng.choice([-10, 10])), f"Subtracting {b} from {a}.", f"Subtracting {b} from {a} in my head.")
     return items
 
 

@@ -72,7 +72,7 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     return ref
 
 
-REPORT_META_KEYS = ("columns", "eval_set", "eval_rows")  # report meta entries that are not column keys
+REPORT_META_KEYS = ("columns", "eval_set", "eval_rows", "evidence")  # report meta entries that are not column keys
 
 
 @task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
@@ -85,6 +85,7 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
     names by key (default tasks.report.COLUMNS: base "zero-shot", bt "BT", trained "GRAM"). The artifact's
     meta holds ``columns`` ([key, name] pairs, in order) and each column's metrics under its key.
     """
+    from gram_core.evidence import evidence
     from tasks.report import COLUMNS, ORDERS, TRAINED, eval_metrics, report_markdown, write_chart
 
     refs = {key: ref for key, ref in scores.items() if ref is not None}
@@ -97,13 +98,16 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
     scalar = {key for key, ref in refs.items() if ref.meta.get("metrics", {}).get(ORDERS) == 1}
     metrics = {key: eval_metrics(tables[key], key in scalar) for key in refs}
     columns = [[key, labels[key]] for key in refs]  # a list: the order survives any JSON round trip
+    ev = evidence({labels[k]: tables[k] for k in refs}, read_table_artifact(store, eval_set).to_pylist(),
+                  scalar=[labels[k] for k in scalar])
     with store.staging("eval_report") as folder:
         (folder / REPORT_FILE).write_text(report_markdown({labels[k]: tables[k] for k in refs},
-                                                          scalar={labels[k] for k in scalar}, eval_name=eval_name))
+                                                          scalar={labels[k] for k in scalar}, eval_name=eval_name,
+                                                          evidence=ev))
         write_chart(folder / CHART_FILE, {labels[k]: metrics[k] for k in refs})
         (folder / METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
         ref = store.publish("eval_report", folder, "report",
-                            meta={"columns": columns, **metrics, "eval_set": eval_set.sha256,
+                            meta={"columns": columns, **metrics, "evidence": ev, "eval_set": eval_set.sha256,
                                   "eval_rows": eval_set.rows})
     stage_logger().info("eval_report -> %s", ref.file(REPORT_FILE))
     return ref

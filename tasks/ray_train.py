@@ -271,6 +271,7 @@ def train_loop(config: dict) -> None:
     from gram_core.training import train_judge, train_pretrain
 
     torch.set_num_threads(int(config["threads"]))
+    quiet_console()
     model_cfg = from_dict(ModelConfig, config["model_cfg"])
     train_cfg = from_dict(TrainConfig, config["train_cfg"])
     encode_cfg = from_dict(EncodeConfig, config["encode_cfg"])
@@ -339,6 +340,25 @@ def train_loop(config: dict) -> None:
         return
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+# Ray Train's per-report INFO lines: one pair per checkpoint, noise on the console; Ray's session log files keep them.
+CONSOLE_NOISE = ("Reporting training result", "Checkpoint successfully created")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(CONSOLE_NOISE)
+
+
+def quiet_console() -> None:
+    """Keep CONSOLE_NOISE off the console handlers Ray Train gives a worker (root and ``ray.train``); its
+    file handlers (``ray-train-*-worker-*.log`` under the session's logs) still write them."""
+    for name in (None, "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler" \
+                    and not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
 
 
 def write_final_checkpoint(folder: Path, save: Callable[[Path], Any], history: list[dict], stage: str) -> None:

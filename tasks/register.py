@@ -185,6 +185,7 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
     """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts. ``columns``:
     the compared models, key -> name, in order (zero-shot | BT | GRAM); ``eval``: one row per metric with
     each column's value under its key (a fraction, None, or "n/a (scalar)")."""
+    from gram_core.evidence import evidence_lines
     from tasks.report import comparison_rows
     from tasks.tracking import redact
 
@@ -194,6 +195,7 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
         "columns": columns,
         "eval": [{"metric": r["name"], **r["values"]} for r in rows],
         "eval_rows": report.meta.get("eval_rows"),
+        "evidence": evidence_lines(report.meta["evidence"]) if report.meta.get("evidence") else [],
         "report": report.file(REPORT_FILE),
         "chart": report.file(CHART_FILE),
         "stages": {r.name: r.state for r in records},

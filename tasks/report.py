@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from gram_core.evidence import evidence_lines
 from gram_core.rewardbench import SECTIONS, RewardBenchResult, section_scores, to_metrics
 from gram_core.rewardbench import report_markdown as rewardbench_markdown
 
@@ -128,7 +129,8 @@ def protocol_note(names: Collection[str], scalar: Collection[str] = ()) -> str:
 
 
 def report_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
-                    title: str = "GRAM judge evaluation", eval_name: str = "eval set") -> str:
+                    title: str = "GRAM judge evaluation", eval_name: str = "eval set",
+                    evidence: Mapping[str, Any] | None = None) -> str:
     """Comparison table of the models side by side, then the full RewardBench-style readout of each.
 
     ``columns``: model name -> scores table, in column order (e.g. zero-shot, BT, GRAM); the models named in
@@ -137,6 +139,7 @@ def report_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
     rows = next(iter(columns.values())).num_rows
     lines = [f"# {title}", "", f"Eval set: {eval_name}, {rows} pairs. Accuracies in %; a tie counts as wrong. "
              + protocol_note(list(columns), scalar), "",
+             *(evidence_lines(evidence) + [""] if evidence else []),
              "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in comparison_rows(metrics):
         name = f"**{row['name']}**" if row["kind"] == "overall" else (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -197,9 +198,11 @@ def _read(source: SourceConfig, contract: Contract) -> pa.Table:
     return read_table(Path(str(source.path)).expanduser(), contract, column_map=dict(source.column_map))
 
 
-def limit_rows(table: pa.Table, limit: int, seed: int, stratify: str | None = None) -> pa.Table:
+def limit_rows(table: pa.Table, limit: int, seed: int, stratify: str | None = None,
+               whole: Collection[str] = ()) -> pa.Table:
     """At most ``limit`` rows, a seeded sample in the original order; ``stratify`` keeps every group's share
-    (each group gets at least one row when the limit allows)."""
+    (each group gets at least one row when the limit allows). Groups named in ``whole`` are kept in full
+    and not counted against ``limit``."""
     import numpy as np
 
     if not limit or table.num_rows <= limit:
@@ -208,11 +211,14 @@ def limit_rows(table: pa.Table, limit: int, seed: int, stratify: str | None = No
     if stratify is None:
         return table.take(np.sort(rng.choice(table.num_rows, size=limit, replace=False)))
     groups: dict[str, list[int]] = {}
+    kept: list[int] = []
     for index, key in enumerate(table[stratify].to_pylist()):
-        groups.setdefault(key, []).append(index)
+        (kept if key in whole else groups.setdefault(key, [])).append(index)
+    if not groups:
+        return table
     quota = _quotas({k: len(v) for k, v in groups.items()}, limit)
     picked = [i for key in sorted(groups) for i in rng.choice(groups[key], size=quota[key], replace=False)]
-    return table.take(np.sort(np.asarray(picked)))
+    return table.take(np.sort(np.asarray(picked + kept, dtype=np.int64)))
 
 
 def _quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:
@@ -228,8 +234,9 @@ def _quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:
 
 
 def read_source(source: SourceConfig, contract: str | Contract, *, limit: int = 0, seed: int = 0,
-                stratify: str | None = None) -> pa.Table:
-    """Read and validate one source; fill missing id/source columns; apply source.limit, then ``limit``."""
+                stratify: str | None = None, whole: Collection[str] = ()) -> pa.Table:
+    """Read and validate one source; fill missing id/source columns; apply source.limit, then ``limit``
+    (``whole``: ``stratify`` groups kept in full, see ``limit_rows``)."""
     contract = contract_for(contract) if isinstance(contract, str) else contract
     try:
         table = _read(source, contract)
@@ -240,7 +247,7 @@ def read_source(source: SourceConfig, contract: str | Contract, *, limit: int = 
         table = _fill(_read(source, _relaxed(contract, missing)), contract, missing, source_label(source))
         table = read_table(table, contract, source_name=err.source)
     table = limit_rows(table, source.limit, source.seed)
-    return limit_rows(table, limit, seed, stratify)
+    return limit_rows(table, limit, seed, stratify, whole)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,10 +279,10 @@ class SourceFiles(CachePolicy):
 
 @task(name="load_source", cache_policy=STAGE_CACHE_POLICY + SourceFiles(), persist_result=True, **HUB_RETRIES)
 def load_source(role: str, source: SourceConfig, contract: str, store_uri: str, limit: int = 0, seed: int = 0,
-                stratify: str | None = None) -> ArtifactRef:
+                stratify: str | None = None, whole: tuple[str, ...] = ()) -> ArtifactRef:
     """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval)."""
     log = stage_logger()
-    table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify)
+    table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify, whole=whole)
     if table.num_rows == 0:
         raise ValueError(f"{role} source {source.describe()}: no rows (after limits)")
     ref = write_table_artifact(ArtifactStore(store_uri), "sources", table, contract_for(contract),

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gram_core import starter as S
+from gram_core.cues import strongest_cue
 from gram_core.pairs import PairingConfig, build_pairs
 from gram_core.rewardbench import SECTIONS
 from gram_core.sampling import prompt_id
@@ -101,7 +102,8 @@ def test_every_label_is_correct_by_its_check(prefs, evals):
                                                                  r["chosen"], tables)]
     assert swapped_ok == []
     assert Counter(spec["check"] for spec in checks.values()).keys() == {
-        "contains", "number", "all_caps", "max_words", "keyword", "bullets", "json", "refusal", "compliance"}
+        "contains", "number", "all_caps", "max_words", "keyword", "bullets", "json", "refusal", "compliance",
+        "not_all_caps", "min_words", "avoid_keyword"}
 
 
 def test_policy_samples_are_used_and_responses_are_short(prefs, evals, pool):
@@ -163,3 +165,57 @@ def test_template_rebuild_matches_shipped_data(tmp_path):
         "math-word", "safety-refuse", "safety-respond", "if-bullets", "if-json", "count-compare")]
     assert len(templated_eval) >= 150
     assert all(rebuilt_eval[i] == shipped_eval[i] for i in templated_eval)
+
+
+def _by_subset(rows, column):
+    groups = {}
+    for r in rows:
+        groups.setdefault(r[column], []).append(r)
+    return groups
+
+
+def test_no_single_cue_decides_a_heldout_family(evals):
+    """Issue 13: inside each held-out family no surface cue picks the chosen answer more than ~60 % of the
+    time, every family has >= 8 templates, and every held-out pair carries its template."""
+    checks = S.starter_checks()
+    for subset, rows in _by_subset(evals, "subset").items():
+        if subset not in S.HELDOUT_SUBSETS:
+            continue
+        cue, rate = strongest_cue([r["chosen"] for r in rows], [r["rejected"] for r in rows])
+        assert rate <= 0.62, (subset, cue, rate)
+        templates = {checks[("eval", str(r["id"]))]["template"] for r in rows}
+        assert len(templates) >= 8, (subset, templates)
+
+
+def test_counterfactual_pairs_keep_one_cue_from_deciding_a_training_subset(prefs):
+    """Caps, word-limit and keyword subsets hold pairs whose cue points the other way; no training subset is
+    decided by one cue."""
+    for subset, rows in _by_subset(prefs, "source").items():
+        cue, rate = strongest_cue([r["chosen"] for r in rows], [r["rejected"] for r in rows])
+        assert rate < 0.9, (subset, cue, rate)
+    caps = [r for r in prefs if r["source"] == "if-caps"]
+    assert any(r["rejected"] == r["rejected"].upper() for r in caps)  # all capitals that lose
+
+
+def test_heldout_never_reuses_a_training_transform_reversed(evals):
+    """No case variants and no prefix truncations in the held-out families (training uses both)."""
+    for r in evals:
+        if r["subset"] in S.HELDOUT_SUBSETS:
+            a, b = r["chosen"].strip(), r["rejected"].strip()
+            assert a.casefold() != b.casefold() or a == b, r
+            assert not (a.startswith(b) or (b.startswith(a) and r["rejected_model"] != "template:trailing-text")), r
+
+
+def test_counterfactual_checks():
+    assert S.label_problems({"check": "not_all_caps"}, "Describe tea. Please do not write in all caps.",
+                            "Tea is nice.", "TEA IS NICE.", {}) == []
+    assert S.label_problems({"check": "not_all_caps"}, "Describe tea.", "TEA IS NICE.", "Tea is nice.", {})
+    spec = {"check": "min_words", "n": 4}
+    assert S.label_problems(spec, "Use at least 4 words.", "One two three four.", "One two.", {}) == []
+    assert S.label_problems(spec, "Use at least 4 words.", "One two.", "One two three four.", {})
+    spec = {"check": "avoid_keyword", "word": "vital"}
+    assert S.label_problems(spec, 'Do not use the word "vital".', "It matters.", "It is vital.", {}) == []
+    assert S.label_problems(spec, 'Do not use the word "vital".', "It is vital.", "It matters.", {})
+    spec = {"check": "json", "value": {"a": 1}, "rejected": "wrong-value"}
+    assert S.label_problems(spec, 'Give "a".', '{"a": 1}', '{"a": 2}', {}) == []
+    assert S.label_problems(spec, 'Give "a".', '{"a": 1}', '{"a": 1}', {})

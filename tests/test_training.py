@@ -332,3 +332,40 @@ def test_both_orders_of_a_pair_share_a_batch():
     for step in range(order.steps_per_epoch):
         batch = order.batch(step)
         assert all(i + 1 in batch for i in batch if i % 2 == 0) and all(i - 1 in batch for i in batch if i % 2)
+
+
+def test_final_norm_and_verdict_rows_get_their_own_learning_rates(tiny_tokenizer):
+    from gram_core.training import final_norm_params, param_groups, verdict_row_params
+
+    model = apply_trainable(build_tiny_model(tiny_tokenizer, seed=0),
+                            ModelConfig(freeze_layers=1, untie_verdict_rows=True))
+    norm, (head,) = final_norm_params(model), verdict_row_params(model)
+    assert norm == [model.model.norm.weight] and head is model.lm_head.weight
+    assert head is not model.model.embed_tokens.weight and torch.equal(head, model.model.embed_tokens.weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = TrainConfig(learning_rate=1e-3, final_norm_lr_multiplier=30.0, verdict_lr_multiplier=0.5)
+    lr = {id(p): g["lr"] for g in param_groups(model, params, config) for p in g["params"]}
+    assert lr[id(norm[0])] == pytest.approx(3e-2) and lr[id(head)] == pytest.approx(5e-4)
+    assert {lr[id(p)] for p in params if p is not head and p is not norm[0]} == {1e-3}
+    assert sum(len(g["params"]) for g in param_groups(model, params, config)) == len(params)
+    # Tied (the default), there are no verdict rows to train: the head is the frozen embedding.
+    tied = apply_trainable(build_tiny_model(tiny_tokenizer, seed=0), ModelConfig(freeze_layers=1))
+    assert verdict_row_params(tied) == []
+
+
+def test_untied_verdict_rows_start_equal_and_only_they_move(tiny_tokenizer):
+    """Untying changes no output; a stage-2 step then moves the verdict rows of the head and no other row."""
+    base = build_tiny_model(tiny_tokenizer, seed=0)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = apply_trainable(base, ModelConfig(untie_verdict_rows=True))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    head = model.lm_head.weight.detach().clone()
+    config = TrainConfig(learning_rate=1e-2, batch_size=4, max_steps=2, warmup_ratio=0.0)
+    train_judge(model, tiny_tokenizer, toy_pairs(4, seed=3), config, EncodeConfig(max_length=512, order="both"))
+    changed = (model.lm_head.weight.detach() != head).any(dim=1).nonzero().flatten().tolist()
+    from gram_core.encoding import JudgeEncoder
+
+    assert sorted(changed) == sorted(JudgeEncoder(tiny_tokenizer, 512, "A", "B").label_ids)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The plateau sweep of docs/stage2.md (issue 13): optimizer-level levers, one setting at a time (2 cores).
+# Overfit set: 32 starter pairs, eps = 0, 60 steps, scored on themselves. Results: bench/results/stage2_sweep.jsonl.
+#   SETTINGS="norm1 norm30" bench/plateau_sweep.sh        (names below; default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+OVERFIT=(--pairs 32 --eval-train --set encode.order=both --set finetune.max_steps=60 --set finetune.batch_size=8
+         --set finetune.grad_accum_steps=1 --set finetune.label_smoothing=0.0 --set finetune.learning_rate=1e-3)
+declare -A SET=(
+  [norm1]="--set finetune.final_norm_lr_multiplier=1"
+  [norm30]="--set finetune.final_norm_lr_multiplier=30"
+  [norm100]="--set finetune.final_norm_lr_multiplier=100"
+  [verdict1]="--set model.untie_verdict_rows=true --set finetune.verdict_lr_multiplier=1"
+  [verdict01]="--set model.untie_verdict_rows=true --set finetune.verdict_lr_multiplier=0.1"
+  [norm30-warm0]="--set finetune.final_norm_lr_multiplier=30 --set finetune.warmup_ratio=0"
+  [norm30-b16]="--set finetune.final_norm_lr_multiplier=30 --set finetune.batch_size=16"
+)
+for name in ${SETTINGS:-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
+  # shellcheck disable=SC2086
+  $PY bench/stage2_sweep.py --name "of60-$name" "${OVERFIT[@]}" ${SET[$name]}
+done
