@@ -83,6 +83,8 @@ def policy_samples(prompts: list[str], seed: int, cache: Path | None) -> tuple[d
     began = time.time()
     samples = {**{p: t for p, t in cached["samples"].items() if p in set(prompts)}, **sample_policy(missing, seed)}
     seconds = cached["seconds"] + time.time() - began
+    if cached.get("note"):
+        cached["note"] += f" Then {len(missing)} new prompts were sampled ({time.time() - began:.0f} s)."
     if cache:
         known = list(dict.fromkeys(cached["prompts"] + missing))
         cache.write_text(json.dumps({**cached, "seed": seed, "prompts": known,
