@@ -110,7 +110,8 @@ def main() -> None:
     result = train_judge(model, tokenizer, rows, cfg.finetune, cfg.encode, on_metrics=show)
     train_minutes = (time.time() - began - paused[0]) / 60
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    scores = score_pairs(Judge(base, tokenizer, cfg.judge), table)
+    final = frontier[-1] if frontier and frontier[-1]["step"] == result.steps else None
+    scores = None if final else score_pairs(Judge(base, tokenizer, cfg.judge), table)
     last = result.history[-max(1, len(result.history) // 10):]  # the last 10 % of steps
     record = {
         "name": args.name, "overrides": args.set, "pairs": len(rows), "steps": result.steps,
@@ -121,7 +122,8 @@ def main() -> None:
                             + cfg.finetune.label_smoothing / 2 * optimal_margin(cfg.finetune.label_smoothing))
         if cfg.finetune.label_smoothing else 0.0,
         "eval_rows": table.num_rows, "eval": "train pairs" if args.eval_train else "starter eval",
-        **readout(scores), "frontier": frontier,
+        **({k: v for k, v in final.items() if k not in ("step", "train_minutes")} if final else readout(scores)),
+        "frontier": frontier,
         "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - began) / 60, 2),
         "steps_to_loss_0.6": steps_below([h["train/loss"] for h in result.history], 0.6),
         "loss_curve": [round(h["train/loss"], 4) for h in result.history],
