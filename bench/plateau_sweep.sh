@@ -14,8 +14,14 @@ declare -A SET=(
   [norm100]="--set finetune.final_norm_lr_multiplier=100"
   [verdict1]="--set model.untie_verdict_rows=true --set finetune.verdict_lr_multiplier=1"
   [verdict01]="--set model.untie_verdict_rows=true --set finetune.verdict_lr_multiplier=0.1"
+  [norm10-verdict1]="--set finetune.final_norm_lr_multiplier=10 --set model.untie_verdict_rows=true --set finetune.verdict_lr_multiplier=1"
   [norm30-warm0]="--set finetune.final_norm_lr_multiplier=30 --set finetune.warmup_ratio=0"
   [norm30-b16]="--set finetune.final_norm_lr_multiplier=30 --set finetune.batch_size=16"
+  [lr3e-4-norm100]="--set finetune.learning_rate=3e-4 --set finetune.final_norm_lr_multiplier=100"
+  [lr3e-4-norm300]="--set finetune.learning_rate=3e-4 --set finetune.final_norm_lr_multiplier=300"
+  [lr1e-4-norm300]="--set finetune.learning_rate=1e-4 --set finetune.final_norm_lr_multiplier=300"
+  [lr1e-4-norm1000]="--set finetune.learning_rate=1e-4 --set finetune.final_norm_lr_multiplier=1000"
+  [norm300]="--set finetune.final_norm_lr_multiplier=300"
 )
 for name in ${SETTINGS:-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086
