@@ -50,7 +50,7 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = 
                                tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
         preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
         eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
-                              stratify="subset")
+                              stratify="subset", whole=tuple(cfg.eval.full_subsets))
         start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
         judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
                     run.paths.ray_storage, tracking=tracking, params={"train": cfg.finetune, "start": model})

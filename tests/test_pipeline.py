@@ -146,6 +146,18 @@ def adapted(retried, run4, env, tmp_path_factory):
     return adapt(model=f"models:/{name}@champion", data=str(data), preset="smoke", overrides=SMOKE), name
 
 
+def heldout_rows(env: Path) -> int:
+    """Held-out rows in the loaded eval source (all of them are scored, whatever eval.limit says)."""
+    import pyarrow.parquet as pq
+
+    from gram_core.starter import HELDOUT_SUBSETS
+
+    (meta,) = [m for m in (json.loads(p.read_text()) for p in (env / "artifacts" / "sources").glob("*/_artifact.json"))
+               if m["meta"]["role"] == "eval" and m["meta"]["source"] == "starter (limit 24)"]
+    subsets = pq.read_table(Path(meta["uri"]) / "table.parquet", columns=["subset"])["subset"].to_pylist()
+    return sum(s in HELDOUT_SUBSETS for s in subsets)
+
+
 def test_first_run_computes_every_stage_and_registers(run1, env):
     summary, states = run1
     assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Completed"}
@@ -168,7 +180,8 @@ def test_first_run_computes_every_stage_and_registers(run1, env):
     assert Path(summary["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["columns"] == {"base": "zero-shot", "bt": "BT", "trained": "GRAM"}
     rows = {r["metric"]: r for r in summary["eval"]}
-    assert summary["eval_rows"] == 16
+    # eval.limit=16 samples the in-distribution subsets; the held-out ones are scored in full, beside them.
+    assert summary["eval_rows"] == 16 + heldout_rows(env)
     for column in ("base", "bt", "trained"):
         assert 0.0 <= rows["accuracy (all pairs)"][column] <= 1.0
     assert 0.0 <= rows["position consistency"]["trained"] <= 1.0
@@ -193,7 +206,7 @@ def test_bt_baseline_is_trained_from_the_base_model_with_stage_2_steps(run1, env
     (bt_eval,) = [m for m in (json.loads(p.read_text()) for p in (store / "evaluate").glob("*/_artifact.json"))
                   if m["meta"]["label"] == "bt"]
     scores = pq.read_table(Path(bt_eval["uri"]) / "table.parquet")
-    assert scores.num_rows == 16
+    assert scores.num_rows == 16 + heldout_rows(env)
     p = scores["p_chosen"].to_pylist()
     assert scores["p_chosen_order1"].to_pylist() == scores["p_chosen_order2"].to_pylist() == p
     assert scores["correct"].to_pylist() == [x > 0.5 for x in p]
