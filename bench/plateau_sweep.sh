@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The plateau sweep of docs/stage2.md (issue 13): optimizer-level levers, one setting at a time (2 cores).
 # Overfit set: 32 starter pairs, eps = 0, 60 steps, scored on themselves. Results: bench/results/stage2_sweep.jsonl.
-#   SETTINGS="norm1 norm30" bench/plateau_sweep.sh        (names below; default: all)
+#   SETTINGS="norm1 norm30" bench/plateau_sweep.sh   (names below; unset: the first sweep; SETTINGS= skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -22,8 +22,11 @@ declare -A SET=(
   [lr1e-4-norm300]="--set finetune.learning_rate=1e-4 --set finetune.final_norm_lr_multiplier=300"
   [lr1e-4-norm1000]="--set finetune.learning_rate=1e-4 --set finetune.final_norm_lr_multiplier=1000"
   [norm300]="--set finetune.final_norm_lr_multiplier=300"
+  [b95]="--set finetune.adam_beta2=0.95"
+  [norm300-b95]="--set finetune.final_norm_lr_multiplier=300 --set finetune.adam_beta2=0.95"
+  [norm30-b95]="--set finetune.final_norm_lr_multiplier=30 --set finetune.adam_beta2=0.95"
 )
-for name in ${SETTINGS:-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
+for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086
   $PY bench/stage2_sweep.py --name "of60-$name" "${OVERFIT[@]}" ${SET[$name]}
 done
@@ -32,7 +35,7 @@ done
 # (120 in-distribution pairs, stratified, plus every held-out pair) at steps 30 and 60.
 for name in ${FULL_SETTINGS:-}; do
   # shellcheck disable=SC2086
-  $PY bench/stage2_sweep.py --name "full60-$name" --eval-limit 120 --eval-every 30 --set encode.order=both \
+  $PY bench/stage2_sweep.py --name "full${FULL_STEPS:-60}-$name" --eval-limit 120 --eval-every 30 --set encode.order=both \
     --set finetune.max_steps=${FULL_STEPS:-60} --set finetune.batch_size=8 --set finetune.grad_accum_steps=1 \
     --set finetune.label_smoothing=0.1 --set finetune.learning_rate=1e-3 ${SET[$name]}
 done

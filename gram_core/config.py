@@ -189,6 +189,10 @@ class TrainConfig:
     grad_accum_steps: int = field(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = field(0.1, "Fraction of steps with linear warm-up before the cosine decay.")
     weight_decay: float = field(0.0, "AdamW weight decay.")
+    adam_beta2: float = field(0.999, "AdamW's second-moment decay. 0.999 remembers the squared gradients of "
+                              "~1000 steps: the large gradients of the first steps (the base model's slot prior) "
+                              "then keep every later step small. 0.95 (as in GPT-3 and most LLM recipes) forgets "
+                              "them within ~20 steps (docs/stage2.md).")
     max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
     label_smoothing: float = field(0.1, "Stage-2 label smoothing epsilon (0 <= eps < 1).")
     precision: str = field("fp32", "Compute precision: fp32, or bf16 autocast over fp32 master weights (bf16 only "
@@ -232,6 +236,7 @@ class TrainConfig:
               f"must be in [0, 1), got {self.label_smoothing}")
         check(self.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {self.precision!r}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        check(0 < self.adam_beta2 < 1, "train.adam_beta2", f"must be in (0, 1), got {self.adam_beta2}")
         check(self.sharding in SHARDINGS, "train.sharding", f"expected one of {list(SHARDINGS)}, got {self.sharding!r}")
         check(self.final_norm_lr_multiplier > 0, "train.final_norm_lr_multiplier",
               f"must be > 0, got {self.final_norm_lr_multiplier}")

@@ -116,7 +116,8 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     device = params[0].device
     order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
     steps = total_steps(len(examples), config, world, groups)
-    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config.learning_rate,
+                                  betas=(0.9, config.adam_beta2))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
     layout = {"num_examples": len(examples), "global_batch": order.global_batch, "total_steps": steps}
     names = {id(p): name for name, p in named}
