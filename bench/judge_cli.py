@@ -21,9 +21,9 @@ from pathlib import Path
 
 def register(source: str, home: Path) -> None:
     from gram_core.models import resolve_model_source
-    from gram_core.pipeline_config import MlflowConfig
     from tasks import registry, tracking
     from tasks.artifacts import folder_sha256
+    from tasks.settings import MlflowConfig
 
     folder = resolve_model_source(source)
     cfg = MlflowConfig()

@@ -13,7 +13,7 @@ from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from flows.pipeline import Runner
-from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, SourceConfig, load_preset
+from gram_core.sources import SourceConfig
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.register import (
@@ -24,6 +24,7 @@ from tasks.register import (
     summarize,
     version_tags,
 )
+from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
 from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 

@@ -182,7 +182,7 @@ def cmd_gc(args: argparse.Namespace) -> list[Any]:
 
 
 def _config(args: argparse.Namespace):
-    from gram_core.pipeline_config import load_preset
+    from tasks.settings import load_preset
 
     return load_preset(args.preset, args.overrides or None).resolved()
 
@@ -273,9 +273,9 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
+    from gram_core.sources import limit_rows
     from tasks.evaluate import score_table
     from tasks.report import eval_metrics, report_markdown
-    from tasks.sources import limit_rows
 
     config = _config(args)
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
@@ -295,7 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def cmd_presets(args: argparse.Namespace) -> None:
     from gram_core.config import describe
-    from gram_core.pipeline_config import PRESETS_DIR, PipelineConfig, preset_names
+    from tasks.settings import PRESETS_DIR, PipelineConfig, preset_names
 
     for name in preset_names():
         first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()

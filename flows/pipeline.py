@@ -20,13 +20,13 @@ from typing import Any
 from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
-from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
 from tasks.baseline import bradley_terry
 from tasks.build_pairs import build_pairs
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
 from tasks.register import StageRecord, record_run, register, summarize, version_tags
+from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
 from tasks.sources import load_source
 from tasks.stages import bind
 from tasks.state import hold_state_folder

@@ -19,12 +19,12 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import Runner, load_inputs
-from gram_core.pipeline_config import load_preset
 from tasks.baseline import bradley_terry
 from tasks.build_pairs import build_pairs
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
+from tasks.settings import load_preset
 from tasks.state import hold_state_folder
 from tasks.study import record_study, study_report
 from tasks.tracking import start_pipeline_run

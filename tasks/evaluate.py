@@ -12,10 +12,10 @@ import json
 from prefect import task
 
 from gram_core.config import JudgeConfig, ModelConfig
-from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.retries import HUB_RETRIES
+from tasks.settings import RayConfig
 from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
 
 REPORT_FILE = "report.md"

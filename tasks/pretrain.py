@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import task
 
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY
 from tasks.retries import HUB_RETRIES
+from tasks.settings import RayConfig
 from tasks.stages import base_model_dir, train_stage
 from tasks.tracking import RunHandle
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from gram_core.pipeline_config import RayConfig
+from tasks.settings import RayConfig
 from tasks.state import SCRATCH
 
 log = logging.getLogger(__name__)

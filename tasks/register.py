@@ -21,12 +21,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from gram_core.config import JudgeConfig
-from gram_core.pipeline_config import MlflowConfig
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.caching import code_version, stage_logger
 from tasks.evaluate import CHART_FILE, METRICS_FILE, REPORT_FILE
 from tasks.registry import current_aliases, download_registered_model
 from tasks.retries import REGISTRY_RETRIES
+from tasks.settings import MlflowConfig
 from tasks.stages import METRICS_FILE as TRAIN_METRICS_FILE
 from tasks.tracking import RunHandle
 

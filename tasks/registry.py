@@ -47,11 +47,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from gram_core.config import JudgeConfig, to_dict
-from gram_core.pipeline_config import MlflowConfig
 from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
 from tasks.locks import file_lock
+from tasks.settings import MlflowConfig
 from tasks.tracking import model_version_url, use_tracking_uri
 
 CHAMPION, CANDIDATE = "champion", "candidate"

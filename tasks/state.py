@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gram_core.pipeline_config import PipelineConfig, StatePaths, state_paths
 from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, artifact_cache_dir
 from tasks.locks import LockHeldError, file_lock
+from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
 SCRATCH = ".scratch"  # workers' local checkpoint folders, under the Ray storage folder

@@ -36,7 +36,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from gram_core.pipeline_config import MlflowConfig
+from tasks.settings import MlflowConfig
 
 # Quiet by default: no "Downloading artifacts" bars when registering or fetching a model (set it to true to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 
-from gram_core.config import ConfigError, TrainConfig, config_hash, describe, to_dict
-from gram_core.pipeline_config import (
+from gram_core.config import ConfigError, PretrainConfig, TrainConfig, config_hash, describe, to_dict
+from gram_core.sources import SourceConfig
+from tasks.settings import (
     PipelineConfig,
-    PretrainConfig,
-    SourceConfig,
     config_from_dict,
     load_preset,
     parse_overrides,
@@ -75,7 +74,7 @@ def test_stage_hashes_are_independent():
 
 
 def test_baseline_is_off_by_default_and_takes_stage_2_settings():
-    from gram_core.pipeline_config import PipelineConfig
+    from tasks.settings import PipelineConfig
 
     assert not PipelineConfig().baseline.enabled and not load_preset("smoke").baseline.enabled
     cfg = load_preset("smoke", ["baseline.enabled=true"])

@@ -69,7 +69,7 @@ def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, mo
 
 
 def _config(home: Path):
-    from gram_core.pipeline_config import load_preset
+    from tasks.settings import load_preset
 
     return load_preset("smoke", [f"home={home}"]).resolved()
 
@@ -78,7 +78,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
     import subprocess
     import sys
 
-    from gram_core.pipeline_config import state_paths
+    from tasks.settings import state_paths
     from tasks.state import StateFolderBusy, hold_state_folder
 
     cfg = _config(tmp_path / "home")
@@ -97,7 +97,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
             pass
         other = subprocess.run([sys.executable, "-c", (
             "import sys; sys.path.insert(0, '.');"
-            "from gram_core.pipeline_config import load_preset; from tasks.state import hold_state_folder;"
+            "from tasks.settings import load_preset; from tasks.state import hold_state_folder;"
             f"cfg = load_preset('smoke', ['home={paths.home}']).resolved()\n"
             "with hold_state_folder(cfg): pass")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert other.returncode != 0 and "another run holds this state folder" in other.stderr
@@ -110,8 +110,8 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
-    from gram_core.pipeline_config import state_paths
     from tasks.caching import STAGE_CACHE_POLICY
+    from tasks.settings import state_paths
     from tasks.stages import bind
     from tasks.state import collect_garbage
 

@@ -361,11 +361,12 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env):
 
     from gram_core.config import JudgeConfig, ModelConfig
     from gram_core.pairs import PairingConfig
-    from gram_core.pipeline_config import SourceConfig, load_preset, state_paths
     from gram_core.sampling import SamplingConfig
+    from gram_core.sources import SourceConfig
     from tasks.artifacts import ArtifactStore, read_table_artifact
     from tasks.build_pairs import build_pairs
     from tasks.evaluate import evaluate
+    from tasks.settings import load_preset, state_paths
     from tasks.sources import load_source
     from tasks.stages import bind
 

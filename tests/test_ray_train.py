@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
 from gram_core.models import tiny_model_dir
-from gram_core.pipeline_config import RayConfig
+from tasks.settings import RayConfig
 
 ray = pytest.importorskip("ray")
 
@@ -105,9 +105,9 @@ def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, st
 @pytest.mark.parametrize("sharding", ["none", "fsdp"])
 def test_two_workers_finetune_and_return_the_model_through_storage_with_live_metrics(ray_cluster, start_model,
                                                                                       tmp_path, mlflow_root, sharding):
-    from gram_core.pipeline_config import MlflowConfig
     from tasks import tracking
     from tasks.ray_train import fit
+    from tasks.settings import MlflowConfig
 
     @ray.remote(num_cpus=0)
     def try_write(folder):

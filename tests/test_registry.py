@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from gram_core.pipeline_config import MlflowConfig
 from tasks import registry, tracking
+from tasks.settings import MlflowConfig
 
 ROWS = pd.DataFrame({
     "prompt": ["What is 2+2?", "Name a colour.", "Say hi."],
