@@ -16,9 +16,10 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from data_contracts import UNLABELED_PAIRS
 from gram_core.config import check, field
 
-UNLABELED_PAIRS_COLUMNS = ("pair_id", "prompt", "response_a", "response_b", "source")
+UNLABELED_PAIRS_COLUMNS = tuple(UNLABELED_PAIRS.schema.names)
 POOL_COLUMNS = ("prompt_id", "prompt", "response", "generator")
 
 
@@ -150,5 +151,4 @@ def build_pairs(pool: pa.Table, config: PairingConfig = PairingConfig(),
         "source": [source_name or cols["source"][a] for a in slot_a],
     }
     stats["pairs"] = len(slot_a)
-    schema = pa.schema([(name, pa.string(), False) for name in UNLABELED_PAIRS_COLUMNS])
-    return pa.Table.from_pydict(out, schema=schema), stats
+    return pa.Table.from_pydict(out, schema=UNLABELED_PAIRS.schema), stats

@@ -265,8 +265,8 @@ def train_loop(config: dict) -> None:
     import torch
 
     from gram_core.baseline import BTScorer, train_bradley_terry
+    from gram_core.judge_settings import judge_settings, write_judge_settings
     from gram_core.models import load_model, save_model
-    from gram_core.scorers import judge_settings, write_judge_settings
     from gram_core.sharding import full_state_dict
     from gram_core.training import train_judge, train_pretrain
 
