@@ -35,7 +35,7 @@ from gram_core.encoding import (
 from gram_core.judging import PairScores
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
-from gram_core.training import TrainResult, preference_groups, total_steps, train
+from gram_core.training import Plan, TrainResult, preference_groups, run_plan, total_steps
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"
@@ -141,16 +141,21 @@ def bt_train_config(finetune: TrainConfig, encode: EncodeConfig, num_pairs: int,
     return dataclasses.replace(finetune, batch_size=max(1, finetune.batch_size // 2), max_steps=steps)
 
 
-def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
-                        *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
-    """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head and train it on preference rows."""
+def plan_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                       *, head_seed: int = 0) -> Plan:
+    """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head; encode preference rows as BT pairs."""
     reward_model = RewardModel(model, seed=head_seed)
     examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt),
                                rows)
     lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
-    result = train(reward_model, examples, bt_step_fn(), train_cfg, collate=collate_bt(tokenizer.pad_token_id),
-                   lengths=lengths, **kwargs)
-    return reward_model, result
+    return Plan(reward_model, examples, bt_step_fn(), collate_bt(tokenizer.pad_token_id), lengths)
+
+
+def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                        *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
+    """Train the reward model of ``plan_bradley_terry``; returns it with the result (``kwargs`` go to ``train``)."""
+    plan = plan_bradley_terry(model, tokenizer, rows, train_cfg, encode_cfg, head_seed=head_seed)
+    return plan.model, run_plan(plan, train_cfg, **kwargs)
 
 
 class BTScorer:

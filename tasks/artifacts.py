@@ -24,8 +24,11 @@ from typing import Any
 
 import fsspec
 
+from tasks.settings import StatePaths
+
 MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
 TABLE_FILE = "table.parquet"
+TRAIN_HISTORY_FILE = "metrics.jsonl"  # a model artifact's per-step training metrics, one JSON line a step
 HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell outputs apart
 
 
@@ -37,6 +40,11 @@ def artifact_cache_dir(home: str | Path | None = None) -> Path:
     """Where remote artifacts are downloaded: ``<home>/artifact-cache`` (home: GRAM_HOME, else ./.gram)."""
     home = home or os.environ.get("GRAM_HOME") or ".gram"
     return Path(home).expanduser().resolve() / "artifact-cache"
+
+
+def open_store(state: StatePaths) -> ArtifactStore:
+    """The artifact store of a state folder, downloading remote artifacts into its own cache."""
+    return ArtifactStore(state.artifact_store, cache_dir=state.artifact_cache)
 
 
 @dataclasses.dataclass(frozen=True)

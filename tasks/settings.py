@@ -142,12 +142,18 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StatePaths:
-    """Where a resolved config keeps its state."""
+    """Where a resolved config keeps its state. Passed to whatever reads or writes it (tasks, Ray workers);
+    nothing derives these folders from environment variables after the config is resolved."""
 
     home: Path
     artifact_store: str
     prefect_results: Path
     ray_storage: str
+
+    @property
+    def artifact_cache(self) -> Path:
+        """Where remote artifacts are downloaded (and hash-checked) before use."""
+        return self.home / "artifact-cache"
 
 
 def state_paths(config: PipelineConfig) -> StatePaths:
@@ -156,6 +162,32 @@ def state_paths(config: PipelineConfig) -> StatePaths:
     return StatePaths(home=home, artifact_store=str(cfg.artifact_store),
                       prefect_results=home / "prefect-results",
                       ray_storage=cfg.ray.storage_path or str(home / "ray_storage"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """Everything one training stage needs besides its data and start model: frozen and hashable, so it is
+    one input of the stage's cache key, and its MLflow params are derived from it (``params``)."""
+
+    stage: str  # a gram_core.stages.TRAINING_STAGES name
+    model: ModelConfig
+    train: TrainConfig
+    encode: EncodeConfig
+    runtime: RayConfig
+    store: StatePaths  # artifacts, the artifact cache and Ray's checkpoint storage
+
+    def params(self) -> dict[str, Any]:
+        """The stage's MLflow params (each section flattened by the tracker)."""
+        return {"model": self.model, "train": self.train, "encode": self.encode, "ray": self.runtime}
+
+
+def stage_settings(config: PipelineConfig, stage: str) -> StageSettings:
+    """The settings of training stage ``stage`` ('pretrain', 'finetune', 'bradley_terry') of ``config``."""
+    train = {"pretrain": config.pretrain.train_config(), "finetune": config.finetune,
+             "bradley_terry": config.baseline.train_config(config.finetune)}
+    check(stage in train, "stage", f"unknown training stage {stage!r}; expected one of {list(train)}")
+    return StageSettings(stage=stage, model=config.model, train=train[stage], encode=config.encode,
+                         runtime=config.ray, store=state_paths(config))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from prefect.cache_policies import CachePolicy
 
 from data_contracts import get_contract
 from gram_core.sources import SourceConfig, read_source
-from tasks.artifacts import ArtifactRef, ArtifactStore, write_table_artifact
+from tasks.artifacts import ArtifactRef, open_store, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.retries import HUB_RETRIES
+from tasks.settings import StatePaths
 
 
 def source_fingerprint(source: SourceConfig | None) -> str | None:
@@ -44,14 +45,14 @@ class SourceFiles(CachePolicy):
 
 
 @task(name="load_source", cache_policy=STAGE_CACHE_POLICY + SourceFiles(), persist_result=True, **HUB_RETRIES)
-def load_source(role: str, source: SourceConfig, contract: str, store_uri: str, limit: int = 0, seed: int = 0,
+def load_source(role: str, source: SourceConfig, contract: str, state: StatePaths, limit: int = 0, seed: int = 0,
                 stratify: str | None = None, whole: tuple[str, ...] = ()) -> ArtifactRef:
     """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval)."""
     log = stage_logger()
     table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify, whole=whole)
     if table.num_rows == 0:
         raise ValueError(f"{role} source {source.describe()}: no rows (after limits)")
-    ref = write_table_artifact(ArtifactStore(store_uri), "sources", table, get_contract(contract),
+    ref = write_table_artifact(open_store(state), "sources", table, get_contract(contract),
                                meta={"role": role, "source": source.describe()})
     log.info("%s: %d rows from %s -> %s", role, ref.rows, source.describe(), ref.uri)
     return ref

@@ -110,9 +110,8 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
-    from tasks.caching import STAGE_CACHE_POLICY
+    from tasks.caching import STAGE_CACHE_POLICY, bind
     from tasks.settings import state_paths
-    from tasks.stages import bind
     from tasks.state import collect_garbage
 
     cfg = _config(tmp_path / "home")

@@ -44,7 +44,7 @@ def test_ray_token_auth_is_left_on(monkeypatch):
     import ray
 
     from flows.cli import OFFLINE_DEFAULTS
-    from tasks.ray_train import ray_runtime
+    from tasks.ray_runtime import ray_runtime
     from tasks.settings import RayConfig
 
     assert "RAY_AUTH_MODE" not in OFFLINE_DEFAULTS

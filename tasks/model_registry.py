@@ -387,7 +387,7 @@ def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> t
     return folders[0], resolved
 
 
-def load_judge(model_uri: str = "models:/gram-reward-model@champion", *, tracking_uri: str | None = None,
+def load_registered_judge(model_uri: str = "models:/gram-reward-model@champion", *, tracking_uri: str | None = None,
                model_config: Mapping[str, Any] | None = None) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered judge (by alias or version) as a pyfunc; ``.predict(df)`` as in the module docs."""
     if tracking_uri:
