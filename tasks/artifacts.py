@@ -24,6 +24,7 @@ from typing import Any
 
 import fsspec
 
+from gram_core.folders import move_folder
 from tasks.settings import StatePaths
 
 MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
@@ -192,13 +193,8 @@ class ArtifactStore:
 
 def _move_local(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` (atomic on one filesystem); if another writer won the race, keep theirs."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if not (dst / MANIFEST).exists():
-            raise
-        shutil.rmtree(src, ignore_errors=True)
+    move_folder(src, dst, keep_existing=MANIFEST)
+    shutil.rmtree(src, ignore_errors=True)  # left behind only when another writer's copy was kept
 
 
 def write_table_artifact(store: ArtifactStore, stage: str, table: Any, contract: Any, *,

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gram_core.folders import write_folder
 from tasks.artifacts import TRAIN_HISTORY_FILE
 from tasks.ray_runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
 from tasks.ray_worker import MODEL_DIR, WorkerJob, final_marker, train_loop
@@ -118,8 +118,7 @@ def collect_model(result: Any, output_dir: str, run_name: str, expect_model: boo
             metrics = {k: v for k, v in reported.items() if k != "resumed_from_step"}
             return {**base, "metrics_path": None, "final_metrics": metrics, "steps": int(metrics.get("step", 0)),
                     "completed": False}
-        write_output(output_dir, lambda target: _copy_tree(Path(folder) / MODEL_DIR, target),
-                     (Path(folder) / TRAIN_HISTORY_FILE).read_text())
+        write_folder(output_dir, functools.partial(_copy_model, Path(folder)))  # replaces an empty staging folder
     history = [json.loads(line) for line in (Path(output_dir) / TRAIN_HISTORY_FILE).read_text().splitlines()]
     if len(history) != final["steps"]:
         raise IncompleteTrainingError(f"Ray Train run {run_name}: {TRAIN_HISTORY_FILE} has {len(history)} steps, the "
@@ -128,28 +127,13 @@ def collect_model(result: Any, output_dir: str, run_name: str, expect_model: boo
             else {}, "steps": final["steps"], "completed": True}
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, dirs_exist_ok=True)
+def _copy_model(checkpoint: Path, target: Path) -> None:
+    """The trained model folder and its training history, out of the final checkpoint."""
+    shutil.copytree(checkpoint / MODEL_DIR, target, dirs_exist_ok=True)
+    shutil.copyfile(checkpoint / TRAIN_HISTORY_FILE, target / TRAIN_HISTORY_FILE)
 
 
 def _storage_path(path: str) -> str:
     if "://" in path:
         return path  # a cloud URI every node can reach
     return str(Path(path).expanduser().resolve())
-
-
-def write_output(output_dir: str, save, metrics_jsonl: str) -> None:
-    """``save(folder)`` + metrics.jsonl into a temp folder, then renamed to ``output_dir`` (replaced if present)."""
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save(tmp)
-        (tmp / TRAIN_HISTORY_FILE).write_text(metrics_jsonl)
-        if target.exists() and any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            shutil.rmtree(old)
-        os.replace(tmp, target)  # replaces an empty folder (e.g. a staging folder) atomically
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
