@@ -16,13 +16,14 @@ same full tensors to rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,19 @@ from gram_core.checkpoints import (  # noqa: F401  re-exported: callers import c
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
 from gram_core.forward import StepPrefix
+from gram_core.param_groups import param_groups
 from gram_core.precision import autocast, check_master_weights
-from gram_core.sharding import full_training_state, load_full_state, set_activation_checkpointing, shard_model
+from gram_core.sharding import (
+    all_reduce_gradients,
+    all_sum,
+    full_training_state,
+    load_full_state,
+    set_activation_checkpointing,
+    shard_model,
+)
 from gram_core.steps import Collate, StepFn, collate_judge, collate_pretrain, judge_step_fn, pretrain_step_fn
 
 log = logging.getLogger(__name__)
-
-
-GRAD_BUCKET_ELEMENTS = 1 << 24  # all-reduce gradients in ~64 MB fp32 buckets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,11 +140,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
         step, history = saver.restore(resume_from)
         checkpoint = str(resume_from)
     bar = tqdm(total=steps, initial=step, desc="train", disable=ctx.rank > 0 or not sys.stderr.isatty())
-    was_training = model.training
-    model.train()
-    if config.activation_checkpointing:
-        set_activation_checkpointing(model, True)
-    try:
+    with _training_mode(model, config), contextlib.closing(bar):
         while step < steps:
             step += 1
             indices = order.batch(step - 1)
@@ -157,13 +159,23 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
                 checkpoint = path or checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(path, metrics)
+    return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
+                       checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def _training_mode(model: torch.nn.Module, config: TrainConfig) -> Iterator[None]:
+    """The model in train mode (with activation checkpointing when configured), restored afterwards."""
+    was_training = model.training
+    model.train()
+    if config.activation_checkpointing:
+        set_activation_checkpointing(model, True)
+    try:
+        yield
     finally:
-        bar.close()
         model.train(was_training)
         if config.activation_checkpointing:
             set_activation_checkpointing(model, False)
-    return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
-                       checkpoint=checkpoint)
 
 
 def _step_context(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, collate: Collate,
@@ -213,40 +225,6 @@ class _Checkpoints:
                                weights=weights, optimizer_state=optimizer_state)
 
 
-def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], config: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on matrices only (not norms and biases, as is standard for transformers);
-    the final norm's gain and the untied verdict rows at their own learning-rate multipliers."""
-    special = {id(p): config.final_norm_lr_multiplier for p in final_norm_params(model)}
-    special.update({id(p): config.verdict_lr_multiplier for p in verdict_row_params(model)})
-    groups: dict[tuple[float, float], list] = {}
-    for p in params:
-        scale = special.get(id(p), 1.0)
-        decay = config.weight_decay if p.ndim >= 2 else 0.0
-        groups.setdefault((scale, decay), []).append(p)
-    # The scheduler multiplies each group's own initial lr, so the multipliers hold through warm-up and decay.
-    return [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
-            for (scale, decay), ps in groups.items()]
-
-
-def final_norm_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The final norm's parameters (the RMSNorm between the last decoder layer and the LM head), or []."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    return list(norm.parameters()) if isinstance(norm, torch.nn.Module) else []
-
-
-def verdict_row_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The untied LM head (model.untie_verdict_rows; stage 2 reads only its verdict rows), or [] when tied."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not (hasattr(base, "get_output_embeddings") and hasattr(base, "get_input_embeddings")):
-        return []
-    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    if head is None or head.weight is embed.weight or not head.weight.requires_grad:
-        return []
-    return [head.weight]
-
-
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
@@ -258,7 +236,7 @@ def _optimizer_step(ctx: StepContext, indices: list[int], step: int) -> dict:
     """
     start = time.perf_counter()
     micro, batches, weights = _micro_batches(ctx, indices)
-    total_weight = _all_sum(sum(weights), ctx.world, ctx.device)
+    total_weight = all_sum(sum(weights), ctx.world, ctx.device)
     sums, bad = _forward_backward(ctx, micro, batches, weights, total_weight)
     if ctx.world > 1:
         gathered: list[Any] = [None] * ctx.world
@@ -270,7 +248,7 @@ def _optimizer_step(ctx: StepContext, indices: list[int], step: int) -> dict:
         raise NonFiniteLossError(f"non-finite loss at step {step}: {'; '.join(bad)}")
     params = ctx.params
     if ctx.world > 1 and not ctx.sharded:
-        _all_reduce_gradients(params)
+        all_reduce_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, ctx.config.max_grad_norm or math.inf)  # global norm, sharded too
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
@@ -336,33 +314,6 @@ def _example_id(example: dict, index: int) -> str:
         if key in example:
             return str(example[key])
     return f"#{index}"
-
-
-def _all_sum(value: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(tensor)
-    return float(tensor)
-
-
-def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks in flat buckets (each rank's share is already scaled by its global weight,
-    so the sum is the global-batch mean gradient: the data-parallel average)."""
-    for p in params:
-        if p.grad is None:  # a rank with an empty shard still takes part in the collective
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        if sum(g.numel() for g in bucket) >= GRAD_BUCKET_ELEMENTS or i == len(params) - 1:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket = []
 
 
 # --------------------------------------------------------------------------------------------------

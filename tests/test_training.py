@@ -335,7 +335,7 @@ def test_both_orders_of_a_pair_share_a_batch():
 
 
 def test_final_norm_and_verdict_rows_get_their_own_learning_rates(tiny_tokenizer):
-    from gram_core.training import final_norm_params, param_groups, verdict_row_params
+    from gram_core.param_groups import final_norm_params, param_groups, verdict_row_params
 
     model = apply_trainable(build_tiny_model(tiny_tokenizer, seed=0),
                             ModelConfig(freeze_layers=1, untie_verdict_rows=True))
