@@ -4,8 +4,9 @@ A stage builds its output in a private staging folder, the folder's content is h
 moved into place under its hash (one rename on a local disk; through fsspec elsewhere, the data files are
 uploaded first and the manifest last, so a reader never sees a half-uploaded artifact as complete). A
 failing stage therefore leaves nothing behind, and identical content lands in the same place. Remote
-artifacts are downloaded into ``<GRAM_HOME>/artifact-cache/<sha256>`` and their hash is checked before use. Stages pass
-``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so Prefect results stay tiny.
+artifacts are downloaded into ``<home>/artifact-cache/<sha256>`` (``open_store(state)``) and their hash is
+checked before use. Stages pass ``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so
+Prefect results stay tiny.
 """
 
 from __future__ import annotations

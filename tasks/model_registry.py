@@ -16,7 +16,7 @@ Serving the champion (the gram-pipeline package must be importable, hence ``--en
 
 The server is up in ~20 s on 2 CPUs (poll ``/ping``). ``--env-manager virtualenv/conda`` would fail: the
 pinned requirements do not include gram-pipeline, which is not on PyPI. In Python:
-``load_judge("models:/gram-reward-model@champion").predict(df)`` with the same columns;
+``load_registered_judge("models:/gram-reward-model@champion").predict(df)`` with the same columns;
 ``model_config={"device": "cpu"}`` (or ``"dtype": "bfloat16"`` on a GPU) overrides the logged options.
 
 Concurrency: registration and the gate run under one file lock per (tracking URI, model name)

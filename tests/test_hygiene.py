@@ -5,6 +5,7 @@ next start, `gram gc` prunes what no cached stage uses (dry run by default)."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, mo
     with pytest.raises(ArtifactError, match="expected"):
         store.local_dir(ref)
     assert not any(p.name.startswith(".dl-") for p in store.cache_dir.iterdir())
+
+
+def test_the_state_folder_travels_as_an_argument_not_through_the_environment(tmp_path, monkeypatch):
+    from tasks.artifacts import open_store
+    from tasks.settings import state_paths
+    from tasks.state import hold_state_folder
+
+    monkeypatch.setenv("GRAM_HOME", str(tmp_path / "elsewhere"))
+    cfg = _config(tmp_path / "home")
+    with hold_state_folder(cfg) as paths:
+        assert os.environ["GRAM_HOME"] == str(tmp_path / "elsewhere")  # holding a folder sets nothing
+        assert paths == state_paths(cfg) and paths.home == tmp_path / "home"
+        store = open_store(paths)
+        assert store.cache_dir == tmp_path / "home" / "artifact-cache" != artifact_cache_dir()
 
 
 def _config(home: Path):
