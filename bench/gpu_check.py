@@ -120,7 +120,7 @@ def fsdp_check(args, device: torch.device) -> dict:
     from gram_core.encoding import encode_preference_pairs
     from gram_core.precision import autocast
     from gram_core.sharding import shard_model
-    from gram_core.training import collate_judge, judge_step_fn
+    from gram_core.steps import collate_judge, judge_step_fn
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -21,14 +21,14 @@ from pathlib import Path
 
 def register(source: str, home: Path) -> None:
     from gram_core.models import resolve_model_source
-    from gram_core.pipeline_config import MlflowConfig
-    from tasks import registry, tracking
+    from tasks import model_registry, tracking
     from tasks.artifacts import folder_sha256
+    from tasks.settings import MlflowConfig
 
     folder = resolve_model_source(source)
     cfg = MlflowConfig()
     with tracking.start_pipeline_run(cfg, home, "bench"), tracking.stage_run("register"):
-        registry.log_and_register(folder, cfg, {cfg.promotion_metric: 0.5}, {"model_sha256": folder_sha256(folder)},
+        model_registry.log_and_register(folder, cfg, {cfg.promotion_metric: 0.5}, {"model_sha256": folder_sha256(folder)},
                                   "bench")
 
 

@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gram_core.judging import Judge, score_pairs  # noqa: E402
 from gram_core.losses import optimal_margin  # noqa: E402
 from gram_core.models import load_model  # noqa: E402
-from gram_core.pipeline_config import load_preset  # noqa: E402
 from gram_core.rewardbench import position_consistency  # noqa: E402
 from gram_core.starter import HELDOUT_SUBSETS, starter_eval, starter_preferences  # noqa: E402
 from gram_core.training import train_judge  # noqa: E402
+from tasks.settings import load_preset  # noqa: E402
 
 
 def stratified(table, limit: int, seed: int):
     """The pipeline's stratified eval sample (same rows as `eval.limit`; held-out subsets in full)."""
-    from tasks.sources import limit_rows
+    from gram_core.sources import limit_rows
 
     return limit_rows(table, limit, seed, stratify="subset", whole=HELDOUT_SUBSETS)
 

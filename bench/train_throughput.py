@@ -29,7 +29,7 @@ from gram_core.config import ModelConfig
 from gram_core.encoding import JudgeEncoder, encode_preference_pairs
 from gram_core.losses import judge_loss
 from gram_core.models import load_model
-from gram_core.training import collate_judge, judge_step_fn
+from gram_core.steps import collate_judge, judge_step_fn
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences_train.parquet"
 

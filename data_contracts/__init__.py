@@ -7,6 +7,7 @@ from data_contracts.fingerprint import rows_sha256
 from data_contracts.readers import (
     SUPPORTED_SUFFIXES,
     DatasetNotCachedError,
+    load_hub_split,
     read_hub_dataset,
     read_table,
     write_table,
@@ -14,6 +15,7 @@ from data_contracts.readers import (
 from data_contracts.schemas import (
     CONTRACTS,
     PREFERENCE_PAIRS,
+    PROMPTS,
     RESPONSE_POOL,
     REWARDBENCH,
     SCORES,
@@ -28,6 +30,7 @@ from data_contracts.validate import ContractError, Violation, validate
 __all__ = [
     "CONTRACTS",
     "PREFERENCE_PAIRS",
+    "PROMPTS",
     "RESPONSE_POOL",
     "REWARDBENCH",
     "SCORES",
@@ -40,6 +43,7 @@ __all__ = [
     "Violation",
     "contract_of",
     "get_contract",
+    "load_hub_split",
     "read_hub_dataset",
     "read_table",
     "rows_sha256",

@@ -239,16 +239,17 @@ def _is_connection_failure(exc: BaseException | None) -> bool:
     return False
 
 
-def read_hub_dataset(name: str, split: str | None, contract: Contract | str,
-                     column_map: dict[str, str] | None = None, config_name: str | None = None) -> pa.Table:
-    """Load a Hub dataset with ``datasets.load_dataset`` and read it like ``read_table``.
+def load_hub_split(name: str, split: str | None, config_name: str | None = None, *,
+                   hint: str = "pass a local Parquet/JSONL/JSON/CSV file or folder instead") -> Any:
+    """``datasets.load_dataset(name, config_name, split=split)``: the one place that decides "offline".
 
-    Offline (HF_DATASETS_OFFLINE=1) or unreachable Hub and not cached -> ``DatasetNotCachedError``.
+    Offline (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1) or unreachable Hub and not cached ->
+    ``DatasetNotCachedError`` naming the dataset and ``hint`` (what the user can do instead).
     """
     import datasets  # lazy: importing datasets costs ~1 s and most callers read local files
 
     try:
-        loaded = datasets.load_dataset(name, config_name, split=split)
+        return datasets.load_dataset(name, config_name, split=split)
     except Exception as exc:
         if _is_connection_failure(exc) or (_offline() and isinstance(exc, OSError)):
             where = f"{name}" + (f" (config {config_name!r})" if config_name else "") + (
@@ -256,10 +257,17 @@ def read_hub_dataset(name: str, split: str | None, contract: Contract | str,
             raise DatasetNotCachedError(
                 f"Hub dataset {where} is not in the local datasets cache and the Hub cannot be reached "
                 f"(offline={_offline()}: {type(exc).__name__}: {exc}). Download it on a connected machine, or "
-                f"pass a local Parquet/JSONL/JSON/CSV file or folder instead, e.g. read_table('data/{name.split('/')[-1]}"
-                f".parquet', {get_contract(contract).name!r})."
+                f"{hint}."
             ) from exc
         raise
+
+
+def read_hub_dataset(name: str, split: str | None, contract: Contract | str,
+                     column_map: dict[str, str] | None = None, config_name: str | None = None) -> pa.Table:
+    """Load a Hub dataset (``load_hub_split``) and read it like ``read_table``."""
+    hint = (f"pass a local Parquet/JSONL/JSON/CSV file or folder instead, e.g. read_table('data/"
+            f"{name.split('/')[-1]}.parquet', {get_contract(contract).name!r})")
+    loaded = load_hub_split(name, split, config_name, hint=hint)
     return read_table(loaded, contract, column_map=column_map, split=split, source_name=f"hub:{name}")
 
 

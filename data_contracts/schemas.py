@@ -175,8 +175,17 @@ SCORES = Contract(
     ),
 )
 
+# Prompts to sample policy responses for (build_pairs' input when data.prompts is set).
+PROMPTS = Contract(
+    name="prompts",
+    version=1,
+    schema=_string_schema("prompt_id", "prompt"),
+    id_column="prompt_id",
+    non_empty=("prompt_id", "prompt"),
+)
+
 CONTRACTS: dict[str, Contract] = {
-    c.name: c for c in (RESPONSE_POOL, UNLABELED_PAIRS, PREFERENCE_PAIRS, REWARDBENCH, SCORES)
+    c.name: c for c in (RESPONSE_POOL, UNLABELED_PAIRS, PREFERENCE_PAIRS, REWARDBENCH, SCORES, PROMPTS)
 }
 
 

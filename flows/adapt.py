@@ -13,17 +13,12 @@ from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from flows.pipeline import Runner
-from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, SourceConfig, load_preset
+from gram_core.sources import SourceConfig
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
-from tasks.register import (
-    fetch_registered_model,
-    pipeline_params,
-    record_run,
-    register,
-    summarize,
-    version_tags,
-)
+from tasks.register import fetch_registered_model, register, version_tags
+from tasks.run_record import pipeline_params, record_run, summarize
+from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
 from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
@@ -44,22 +39,21 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = 
     """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register."""
     cfg = adapt_config(preset, overrides, data)
     run = Runner(cfg, refresh)
-    home, store = str(run.paths.home), run.store
+    state = run.paths
     with hold_state_folder(cfg), \
-            start_pipeline_run(cfg.mlflow, home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
+            start_pipeline_run(cfg.mlflow, state.home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
                                tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
         preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
         eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
                               stratify="subset", whole=tuple(cfg.eval.full_subsets))
-        start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, home, store)
-        judge = run("finetune", finetune, preferences, start, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
-                    run.paths.ray_storage, tracking=tracking, params={"train": cfg.finetune, "start": model})
-        trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", store)
-        before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", store)
-        report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, store,
+        start = run("fetch_registered_model", fetch_registered_model, model, cfg.mlflow, state)
+        judge = run("finetune", finetune, preferences, start, run.settings("finetune"), tracking=tracking)
+        trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", state)
+        before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", state)
+        report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, state,
                      cfg.data.eval.describe(), names={"base": f"{model} (before)", "trained": "adapted judge"})
         tags = {**version_tags(cfg, run.records), "adapted_from": start.meta.get("model_uri", model)}
-        registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, home, store,
+        registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, state,
                            tracking=tracking)
-        record_run(run.records, report, registration, store, tracking)
-        return summarize(report, registration, run.records, store, tracking)
+        record_run(run.records, report, registration, state, tracking)
+        return summarize(report, registration, run.records, state, tracking)

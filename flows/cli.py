@@ -156,7 +156,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
 
     config = adapt_config(args.preset, args.overrides or None, args.data)
     if args.model.startswith("models:/"):  # a missing model or alias fails here, before Prefect starts
-        from tasks.registry import find_version
+        from tasks.model_registry import find_version
         from tasks.tracking import resolve_tracking_uri
 
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
@@ -182,7 +182,7 @@ def cmd_gc(args: argparse.Namespace) -> list[Any]:
 
 
 def _config(args: argparse.Namespace):
-    from gram_core.pipeline_config import load_preset
+    from tasks.settings import load_preset
 
     return load_preset(args.preset, args.overrides or None).resolved()
 
@@ -190,7 +190,7 @@ def _config(args: argparse.Namespace):
 def resolve_model(spec: str, config: Any) -> str:
     """A local model folder for any MODEL spec (a registry version is downloaded once, into <home>/registered)."""
     if spec.startswith("models:/"):
-        from tasks.registry import registered_model_dir
+        from tasks.model_registry import registered_model_dir
         from tasks.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(config.mlflow, config.home)
@@ -205,7 +205,7 @@ def resolve_model(spec: str, config: Any) -> str:
     return resolve_model_source(spec)
 
 
-def load_judge(args: argparse.Namespace):
+def _load_scorer(args: argparse.Namespace):
     """The scorer for --model: a Judge (on judge.device at judge.dtype, its recorded judge settings applied), or
     a BTScorer for a Bradley-Terry folder; anything else is a ModelSourceError (one line)."""
     from gram_core.models import ModelSourceError
@@ -221,7 +221,7 @@ def load_judge(args: argparse.Namespace):
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
     from gram_core.scorers import is_scalar
 
-    judge = load_judge(args)
+    judge = _load_scorer(args)
     scores = judge.preference([args.prompt], [args.a], [args.b])
     out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
            "p_order2": float(scores.p_order2[0]),
@@ -260,7 +260,7 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
     from gram_core.judging import best_of_n
 
     rows = read_candidates(args.input)
-    judge = load_judge(args)
+    judge = _load_scorer(args)
     results = []
     for row in rows:
         winner, comparisons = best_of_n(judge, row["prompt"], row["candidates"])
@@ -273,9 +273,9 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
+    from gram_core.comparison_report import comparison_markdown, eval_metrics
+    from gram_core.sources import limit_rows
     from tasks.evaluate import score_table
-    from tasks.report import eval_metrics, report_markdown
-    from tasks.sources import limit_rows
 
     config = _config(args)
     table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
@@ -288,14 +288,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     if args.output:
         write_table(scores, args.output, "scores")
     scalar = [args.model] if scalar_model else []
-    print(report_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
+    print(comparison_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
         "![accuracy per subset](chart.png)\n", ""))
     return eval_metrics(scores, bool(scalar))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
     from gram_core.config import describe
-    from gram_core.pipeline_config import PRESETS_DIR, PipelineConfig, preset_names
+    from tasks.settings import PRESETS_DIR, PipelineConfig, preset_names
 
     for name in preset_names():
         first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()

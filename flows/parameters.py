@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from gram_core.pipeline_config import (
+from tasks.settings import (
     DEFAULT_PRESET,
     PipelineConfig,
     parse_overrides,

@@ -14,56 +14,58 @@ A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream sta
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
-from gram_core.pipeline_config import DEFAULT_PRESET, PipelineConfig, load_preset, state_paths
 from tasks.baseline import bradley_terry
-from tasks.build_pairs import build_pairs
+from tasks.caching import bind
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
-from tasks.register import StageRecord, record_run, register, summarize, version_tags
+from tasks.register import register, version_tags
+from tasks.run_record import StageRecord, pipeline_params, record_params, record_run, summarize
+from tasks.settings import (
+    DEFAULT_PRESET,
+    PipelineConfig,
+    StageSettings,
+    load_preset,
+    stage_settings,
+    state_paths,
+)
 from tasks.sources import load_source
-from tasks.stages import bind
+from tasks.stage1_pairs import build_stage1_pairs
 from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
 
-STAGES = ("build_pairs", "pretrain", "finetune", "evaluate", "register")
-
 
 class Runner:
-    """Calls tasks bound to one state folder and remembers each stage's output and Prefect state."""
+    """Calls tasks bound to one state folder and records each stage's output, Prefect state and settings."""
 
     def __init__(self, config: PipelineConfig, refresh: bool = False):
         self.config = config
         self.paths = state_paths(config)
-        self.store = self.paths.artifact_store
         self.refresh = refresh
         self.records: list[StageRecord] = []
 
-    def __call__(self, name: str, task: Any, *args: Any, params: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, name: str, task: Any, *args: Any, **kwargs: Any) -> Any:
         bound = bind(task, self.paths.prefect_results, self.refresh).with_options(task_run_name=name)
         state = bound(*args, return_state=True, **kwargs)
         value = state.result()  # raises the task's error: the flow fails here
         ref = value if hasattr(value, "sha256") else None
-        self.records.append(StageRecord(name, ref, state.name, _params(params)))
+        self.records.append(StageRecord(name, ref, state.name, record_params(task, args, kwargs)))
         return value
+
+    def settings(self, stage: str) -> StageSettings:
+        """The frozen settings of training stage ``stage``."""
+        return stage_settings(self.config, stage)
 
     def source(self, role: str, source: Any, contract: str, **kwargs: Any) -> Any:
         if source is None:
             return None
-        return self(f"load_{role}", load_source, role, source, contract, self.store, params={"source": source},
-                    **kwargs)
-
-
-def _params(params: Any) -> dict[str, Any]:
-    if params is None:
-        return {}
-    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in params.items()}
+        return self(f"load_{role}", load_source, role, source, contract, self.paths, **kwargs)
 
 
 def load_inputs(run: Runner) -> dict[str, Any]:
@@ -82,51 +84,60 @@ def load_inputs(run: Runner) -> dict[str, Any]:
     }
 
 
+def _build_pairs(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    cfg = run.config
+    if cfg.pretrain.enabled:
+        out["pairs"] = run("build_pairs", build_stage1_pairs, out["prompts"], out["pools"], out["pair_sets"],
+                           cfg.sampling, cfg.pairing, run.paths)
+
+
+def _pretrain(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    if run.config.pretrain.enabled:
+        out["pretrain"] = run("pretrain", pretrain, out["pairs"], run.settings("pretrain"), tracking=tracking)
+
+
+def _finetune(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    """Stage 2, and the Bradley-Terry baseline (from the base model, on stage 2's pairs and steps) when enabled."""
+    out["model"] = run("finetune", finetune, out["preferences"], out.get("pretrain"), run.settings("finetune"),
+                       tracking=tracking)
+    if run.config.baseline.enabled:
+        out["bt_model"] = run("bradley_terry", bradley_terry, out["preferences"], run.settings("bradley_terry"))
+
+
+def _evaluate(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    cfg, eval_set = run.config, out["eval"]
+    fan_out = (cfg.eval.actors, cfg.ray if cfg.eval.actors else None)  # Ray settings matter only when fanning out
+    out["scores"] = run("evaluate", evaluate, out["model"], eval_set, cfg.judge, "trained", run.paths, *fan_out)
+    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, eval_set, cfg.judge, "base", run.paths,
+                             *fan_out) if cfg.eval.compare_base_zero_shot else None
+    out["bt_scores"] = run("evaluate_bt", evaluate, out["bt_model"], eval_set, cfg.judge, "bt",
+                           run.paths) if cfg.baseline.enabled else None
+    columns = {"base": out["base_scores"], "bt": out["bt_scores"], "trained": out["scores"]}
+    out["report"] = run("eval_report", eval_report, columns, eval_set, run.paths, cfg.data.eval.describe())
+
+
+def _register(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    cfg = run.config
+    out["registration"] = run("register", register, out["model"], out["report"], out["eval"], cfg.mlflow, cfg.judge,
+                              version_tags(cfg, run.records), run.paths, tracking=tracking)
+
+
+# The pipeline's stages in order, by name: `gram run --until NAME` runs the DAG up to and including NAME.
+PIPELINE_STAGES: dict[str, Callable[[Runner, dict[str, Any], Any], None]] = {
+    "build_pairs": _build_pairs, "pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate,
+    "register": _register,
+}
+
+
 def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> dict[str, Any]:
     """The DAG up to and including stage ``until``; returns every output produced."""
-    if until not in STAGES:
-        raise ValueError(f"unknown stage {until!r}; stages are {STAGES}")
-    cfg, store, out = run.config, run.store, load_inputs(run)
-    stop = STAGES.index(until)
-    start = None
-    if cfg.pretrain.enabled:
-        out["pairs"] = run("build_pairs", build_pairs, out["prompts"], out["pools"], out["pair_sets"], cfg.sampling,
-                           cfg.pairing, store, params={"sampling": cfg.sampling, "pairing": cfg.pairing})
-        if stop == 0:
-            return out
-        start = out["pretrain"] = run("pretrain", pretrain, out["pairs"], cfg.model, cfg.pretrain.train_config(),
-                                      cfg.encode, cfg.ray, store, run.paths.ray_storage, tracking=tracking,
-                                      params={"model": cfg.model, "train": cfg.pretrain, "encode": cfg.encode,
-                                              "ray": cfg.ray})
-    if stop <= 1:
-        return out
-    out["model"] = run("finetune", finetune, out["preferences"], start, cfg.model, cfg.finetune, cfg.encode, cfg.ray,
-                       store, run.paths.ray_storage, tracking=tracking,
-                       params={"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray})
-    if cfg.baseline.enabled:  # from the base model, on stage 2's pairs, with stage 2's number of steps
-        out["bt_model"] = run("bradley_terry", bradley_terry, out["preferences"], cfg.model,
-                              cfg.baseline.train_config(cfg.finetune), cfg.encode, cfg.ray, store,
-                              run.paths.ray_storage, params={"model": cfg.model, "finetune": cfg.finetune,
-                                                             "baseline": cfg.baseline, "encode": cfg.encode,
-                                                             "ray": cfg.ray})
-    if stop == 2:
-        return out
-    fan_out = (cfg.eval.actors, cfg.ray if cfg.eval.actors else None)  # Ray settings matter only when fanning out
-    out["scores"] = run("evaluate", evaluate, out["model"], out["eval"], cfg.judge, "trained", store, *fan_out,
-                        params={"judge": cfg.judge})
-    out["base_scores"] = run("evaluate_base", evaluate, cfg.model, out["eval"], cfg.judge, "base", store, *fan_out,
-                             params={"judge": cfg.judge, "model": cfg.model}) \
-        if cfg.eval.compare_base_zero_shot else None
-    out["bt_scores"] = run("evaluate_bt", evaluate, out["bt_model"], out["eval"], cfg.judge, "bt", store,
-                           params={"judge": cfg.judge}) if cfg.baseline.enabled else None
-    out["report"] = run("eval_report", eval_report, {"base": out["base_scores"], "bt": out["bt_scores"],
-                                                     "trained": out["scores"]}, out["eval"], store,
-                        cfg.data.eval.describe())
-    if stop == 3:
-        return out
-    out["registration"] = run("register", register, out["model"], out["report"], out["eval"], cfg.mlflow, cfg.judge,
-                              version_tags(cfg, run.records), str(run.paths.home), store, tracking=tracking,
-                              params={"mlflow": cfg.mlflow})
+    if until not in PIPELINE_STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages are {tuple(PIPELINE_STAGES)}")
+    out = load_inputs(run)
+    for name, stage in PIPELINE_STAGES.items():
+        stage(run, out, tracking)
+        if name == until:
+            break
     return out
 
 
@@ -136,19 +147,17 @@ def _config(preset: str, overrides: Any) -> PipelineConfig:
 
 def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -> dict[str, Any]:
     """Run the DAG inside one MLflow parent run; record stages and summarise."""
-    from tasks.register import pipeline_params
-
     run = Runner(config, refresh)
     with hold_state_folder(config), \
             start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
                                tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
         out = run_stages(run, until, tracking)
         if "report" not in out:
-            return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.store,
+            return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.paths.artifact_store,
                     "outputs": {k: v.uri for k, v in out.items() if hasattr(v, "uri")}}
         registration = out.get("registration")
-        record_run(run.records, out["report"], registration, run.store, tracking)
-        return summarize(out["report"], registration, run.records, run.store, tracking)
+        record_run(run.records, out["report"], registration, run.paths, tracking)
+        return summarize(out["report"], registration, run.records, run.paths, tracking)
 
 
 @flow(name="gram-pipeline")

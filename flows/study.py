@@ -19,44 +19,39 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import Runner, load_inputs
-from gram_core.pipeline_config import load_preset
 from tasks.baseline import bradley_terry
-from tasks.build_pairs import build_pairs
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
+from tasks.quality_study import record_study, study_report
+from tasks.run_record import pipeline_params
+from tasks.settings import load_preset
+from tasks.stage1_pairs import build_stage1_pairs
 from tasks.state import hold_state_folder
-from tasks.study import record_study, study_report
 from tasks.tracking import start_pipeline_run
 
 DEFAULT_STUDY_PRESET = "study"
 
 
 def run_study(run: Runner) -> dict[str, Any]:
-    cfg, store, storage = run.config, run.store, run.paths.ray_storage
+    cfg, state = run.config, run.paths
     inputs = load_inputs(run)
     prefs, eval_set = inputs["preferences"], inputs["eval"]
-    pairs = run("build_pairs", build_pairs, inputs["prompts"], inputs["pools"], inputs["pair_sets"], cfg.sampling,
-                cfg.pairing, store, params={"sampling": cfg.sampling, "pairing": cfg.pairing})
-    stage1 = run("pretrain", pretrain, pairs, cfg.model, cfg.pretrain.train_config(), cfg.encode, cfg.ray, store,
-                 storage, params={"model": cfg.model, "train": cfg.pretrain, "encode": cfg.encode})
-    eps0 = dataclasses.replace(cfg.finetune, label_smoothing=0.0)
+    pairs = run("build_pairs", build_stage1_pairs, inputs["prompts"], inputs["pools"], inputs["pair_sets"],
+                cfg.sampling, cfg.pairing, state)
+    stage1 = run("pretrain", pretrain, pairs, run.settings("pretrain"))
+    judge = run.settings("finetune")
+    eps0 = dataclasses.replace(judge, train=dataclasses.replace(judge.train, label_smoothing=0.0))
     models = {
-        "bt": run("bradley_terry", bradley_terry, prefs, cfg.model, cfg.baseline.train_config(cfg.finetune),
-                  cfg.encode, cfg.ray, store, storage, params={"baseline": cfg.baseline, "finetune": cfg.finetune}),
-        "judge_no_stage1": run("finetune_no_stage1", finetune, prefs, None, cfg.model, cfg.finetune, cfg.encode,
-                               cfg.ray, store, storage, params={"train": cfg.finetune}),
-        "gram": run("finetune_gram", finetune, prefs, stage1, cfg.model, cfg.finetune, cfg.encode, cfg.ray, store,
-                    storage, params={"train": cfg.finetune}),
-        "gram_eps0": run("finetune_gram_eps0", finetune, prefs, stage1, cfg.model, eps0, cfg.encode, cfg.ray, store,
-                         storage, params={"train": eps0}),
+        "bt": run("bradley_terry", bradley_terry, prefs, run.settings("bradley_terry")),
+        "judge_no_stage1": run("finetune_no_stage1", finetune, prefs, None, judge),
+        "gram": run("finetune_gram", finetune, prefs, stage1, judge),
+        "gram_eps0": run("finetune_gram_eps0", finetune, prefs, stage1, eps0),
     }
-    scores = {"zero_shot": run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", store,
-                               params={"judge": cfg.judge})}
+    scores = {"zero_shot": run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", state)}
     for arm, model in models.items():
-        scores[arm] = run(f"evaluate_{arm}", evaluate, model, eval_set, cfg.judge, arm, store,
-                          params={"judge": cfg.judge})
-    report = run("study_report", study_report, scores, eval_set, store, cfg.data.eval.describe())
+        scores[arm] = run(f"evaluate_{arm}", evaluate, model, eval_set, cfg.judge, arm, state)
+    report = run("study_report", study_report, scores, eval_set, state, cfg.data.eval.describe())
     return {"models": models, "scores": scores, "report": report}
 
 
@@ -64,17 +59,15 @@ def run_study(run: Runner) -> dict[str, Any]:
 def gram_study(preset: str = DEFAULT_STUDY_PRESET, overrides: dict[str, Any] | list[str] | None = None,
                refresh: bool = False) -> dict[str, Any]:
     """Zero-shot | BT | judge without stage 1 | GRAM (ε) | GRAM (ε = 0) on one eval set, one MLflow run per arm."""
-    from tasks.register import pipeline_params
-
     config = load_preset(preset, overrides).resolved()
     run = Runner(config, refresh)
     with hold_state_folder(config), \
             start_pipeline_run(config.mlflow, run.paths.home, f"gram-study-{preset}", params=pipeline_params(config),
                                tags={"gram.preset": config.preset, "gram.flow": "study"}) as tracking:
         out = run_study(run)
-        record_study(out["report"], out["models"], out["scores"], run.store, tracking)
+        record_study(out["report"], out["models"], out["scores"], run.paths, tracking)
     report = out["report"]
     return {"report": report.file("quality.md"), "chart": report.file("quality.png"), "arms": report.meta["arms"],
             "eval_rows": report.meta.get("eval_rows"), "mlflow_run": tracking.url or tracking.run_id,
             "tracking_uri": tracking.tracking_uri, "stages": {r.name: r.state for r in run.records},
-            "artifact_store": run.store}
+            "artifact_store": run.paths.artifact_store}

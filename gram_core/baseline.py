@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from data_contracts import SCORES
 from gram_core.batching import length_grouped_batches, pad_right
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import (
@@ -31,9 +32,10 @@ from gram_core.encoding import (
     split_chat_template,
     tokenize,
 )
+from gram_core.judging import PairScores
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
-from gram_core.training import TrainResult, preference_groups, total_steps, train
+from gram_core.training import Plan, TrainResult, preference_groups, run_plan, total_steps
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"
@@ -139,16 +141,21 @@ def bt_train_config(finetune: TrainConfig, encode: EncodeConfig, num_pairs: int,
     return dataclasses.replace(finetune, batch_size=max(1, finetune.batch_size // 2), max_steps=steps)
 
 
-def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
-                        *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
-    """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head and train it on preference rows."""
+def plan_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                       *, head_seed: int = 0) -> Plan:
+    """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head; encode preference rows as BT pairs."""
     reward_model = RewardModel(model, seed=head_seed)
     examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt),
                                rows)
     lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
-    result = train(reward_model, examples, bt_step_fn(), train_cfg, collate=collate_bt(tokenizer.pad_token_id),
-                   lengths=lengths, **kwargs)
-    return reward_model, result
+    return Plan(reward_model, examples, bt_step_fn(), collate_bt(tokenizer.pad_token_id), lengths)
+
+
+def train_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                        *, head_seed: int = 0, **kwargs) -> tuple[RewardModel, TrainResult]:
+    """Train the reward model of ``plan_bradley_terry``; returns it with the result (``kwargs`` go to ``train``)."""
+    plan = plan_bradley_terry(model, tokenizer, rows, train_cfg, encode_cfg, head_seed=head_seed)
+    return plan.model, run_plan(plan, train_cfg, **kwargs)
 
 
 class BTScorer:
@@ -182,16 +189,12 @@ class BTScorer:
                    progress=None, ids=None):
         """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots), so
         judging.best_of_n / rank work with a BTScorer as with a Judge."""
-        from gram_core.judging import PairScores
-
         r1, r2 = self.rewards(list(prompts), list(responses_1)), self.rewards(list(prompts), list(responses_2))
         p = 1.0 / (1.0 + np.exp(-(r1 - r2)))
         return PairScores(p_order1=p, p_order2=p, p=p)
 
     def score_pairs(self, table: pa.Table) -> pa.Table:
         """Rows (id|pair_id, subset|source, prompt, chosen, rejected) -> a scores-contract table."""
-        from gram_core.judging import SCORES_SCHEMA
-
         cols = table.to_pydict()
         ids, subsets = _column(cols, ("id", "pair_id")), _column(cols, ("subset", "source"))
         prompts, chosen, rejected = (_column(cols, (c,)) for c in ("prompt", "chosen", "rejected"))
@@ -199,7 +202,7 @@ class BTScorer:
         p = 1.0 / (1.0 + np.exp(-(r_chosen - r_rejected)))  # σ(r_chosen − r_rejected), both orders alike
         return pa.Table.from_pydict({"id": [str(v) for v in ids], "subset": [str(v) for v in subsets],
                                      "p_chosen_order1": p, "p_chosen_order2": p, "p_chosen": p,
-                                     "correct": p > 0.5}, schema=SCORES_SCHEMA)
+                                     "correct": p > 0.5}, schema=SCORES.schema)
 
     def save(self, folder: str | Path, state_dict: dict | None = None) -> Path:
         """A plain HF folder of the base model (LoRA merged — in place) plus the head weights beside it.

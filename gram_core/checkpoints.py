@@ -8,15 +8,16 @@ and renamed into place, so a crash never leaves a half-written checkpoint under 
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from gram_core.folders import write_folder
 
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -29,11 +30,12 @@ def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dic
 
     ``weights`` (by name) and ``optimizer_state`` replace ``named``'s tensors and ``optimizer.state_dict()``
     (a sharded run passes the full ones it gathered)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    return str(write_folder(target, functools.partial(_write_checkpoint, model=model, named=named, optimizer=optimizer,
+                                                      scheduler=scheduler, state=state, weights=weights,
+                                                      optimizer_state=optimizer_state)))
+
+
+def _write_checkpoint(tmp: Path, *, model, named, optimizer, scheduler, state, weights, optimizer_state) -> None:
     if weights is None:
         weights = {name: p.detach() for name, p in named}
     save_file({name: t.cpu().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS_FILE))
@@ -47,12 +49,6 @@ def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dic
     (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng}, default=float))
     if hasattr(model, "peft_config"):  # the adapter alone, loadable with peft for inspection
         model.save_pretrained(tmp / "adapter")
-    if target.exists():  # a re-run at the same step: replace the old folder
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-        shutil.rmtree(old)
-    os.rename(tmp, target)
-    return str(target)
 
 
 def _jsonable(value):

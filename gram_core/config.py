@@ -127,7 +127,7 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Method configs (stage-independent pieces of GRAM). Pipeline-level configs live in pipeline_config.py.
+# Method configs (stage-independent pieces of GRAM). Orchestration settings live in tasks/settings.py.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -268,3 +268,33 @@ class JudgeConfig:
         check(self.device in ("auto", "cpu", "cuda"), "judge.device", f"expected auto, cpu or cuda, got {self.device!r}")
         check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.max_length >= 32, "judge.max_length", f"must be >= 32, got {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    enabled: bool = field(True, "Run stage 1 (pre-training on unlabeled pairs); false: fine-tune the base model.")
+
+    def train_config(self) -> TrainConfig:
+        """The plain TrainConfig the trainer takes (without `enabled`)."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    enabled: bool = field(False, "Also train the Bradley-Terry reward model (the discriminative baseline) on the "
+                          "same preference pairs, from the base model (not stage 1) with the same `model` "
+                          "settings and the same number of optimizer steps as stage 2, and evaluate it on the "
+                          "same eval set: the summary then shows zero-shot | BT | GRAM. Costs about one more "
+                          "stage-2 run.")
+    learning_rate: float | None = field(None, "Peak learning rate of the BT run. None: finetune.learning_rate. "
+                                        "Its other training settings are finetune's, matched as "
+                                        "gram_core.baseline.bt_train_config states (steps; batch_size // 2 pairs).")
+
+    def __post_init__(self) -> None:
+        check(self.learning_rate is None or self.learning_rate > 0, "baseline.learning_rate",
+              f"must be > 0 or null, got {self.learning_rate}")
+
+    def train_config(self, finetune: TrainConfig) -> TrainConfig:
+        """Stage 2's TrainConfig with this learning rate (steps and batch are matched by the BT task)."""
+        return dataclasses.replace(finetune, learning_rate=self.learning_rate or finetune.learning_rate)

@@ -15,26 +15,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data_contracts import SCORES
 from gram_core.batching import length_grouped_batches, pad_right
 from gram_core.config import JudgeConfig, ModelConfig
 from gram_core.encoding import JudgeEncoder
 from gram_core.forward import answer_logits, build_prefix_cache
+from gram_core.judge_settings import check_template, resolve_judge_config
 from gram_core.models import load_model
 from gram_core.precision import default_device, inference_dtype
 from gram_core.rewardbench import position_consistency
 
-__all__ = ["Judge", "PairScores", "SCORES_SCHEMA", "best_of_n", "load_judge", "pointwise_reward",
+__all__ = ["Judge", "PairScores", "best_of_n", "load_judge", "pointwise_reward",
            "position_consistency", "rank", "score_pairs"]
 
-# The scores contract (data_contracts.SCORES), restated so gram_core does not depend on data_contracts.
-SCORES_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("subset", pa.string(), nullable=False),
-    pa.field("p_chosen_order1", pa.float64(), nullable=False),
-    pa.field("p_chosen_order2", pa.float64(), nullable=False),
-    pa.field("p_chosen", pa.float64(), nullable=False),
-    pa.field("correct", pa.bool_(), nullable=False),
-])
 
 # callable(done, total) counting sequences (two per pair in preference), True for a tqdm bar, or None.
 Progress = Callable[[int, int], Any] | bool | None
@@ -192,8 +185,6 @@ class _EvalMode:
 def load_judge(folder: str, config: JudgeConfig | None = None) -> Judge:
     """A Judge over a plain HF folder, on ``config.device`` at ``config.dtype`` ('auto': the accelerator when
     present, bf16 there, fp32 on CPU). No LoRA or freezing: scoring only."""
-    from gram_core.scorers import check_template, resolve_judge_config
-
     # A trained judge is read out with the settings it recorded (labels, max length, system turn).
     config = resolve_judge_config(folder, config if config is not None else JudgeConfig())
     device = default_device() if config.device == "auto" else torch.device(config.device)
@@ -237,7 +228,7 @@ def score_pairs(judge: Judge, table: pa.Table | Mapping[str, Sequence[Any]],
         "p_chosen_order2": scores.p_order2,
         "p_chosen": scores.p,
         "correct": scores.p > 0.5,  # strict: a tie counts as wrong
-    }, schema=SCORES_SCHEMA)
+    }, schema=SCORES.schema)
 
 
 def pointwise_reward(judge: Judge, prompts: Sequence[str], responses: Sequence[str],

@@ -9,8 +9,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from gram_core.config import ModelConfig
+from gram_core.folders import write_folder
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +59,6 @@ def packaged_smollm2_gguf() -> Path:
     return files[0]
 
 
-def _atomic_save(target: Path, save) -> Path:
-    """Run ``save(tmp_dir)`` and move the folder to ``target`` atomically (another writer may win)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors folder cached by the file's hash."""
     gguf_path = Path(gguf_path)
@@ -101,7 +84,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_save(target, save)
+    return write_folder(target, save, keep_existing="config.json")
 
 
 def build_tiny_tokenizer():
@@ -148,7 +131,7 @@ def tiny_model_dir(seed: int = 0, cache_dir: Path | None = None) -> Path:
         build_tiny_model(tokenizer, seed).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_save(target, save)
+    return write_folder(target, save, keep_existing="config.json")
 
 
 def resolve_model_source(source: str, gguf_file: str | None = None, seed: int = 0) -> str:

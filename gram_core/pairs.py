@@ -16,9 +16,10 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from data_contracts import UNLABELED_PAIRS
 from gram_core.config import check, field
 
-UNLABELED_PAIRS_COLUMNS = ("pair_id", "prompt", "response_a", "response_b", "source")
+UNLABELED_PAIRS_COLUMNS = tuple(UNLABELED_PAIRS.schema.names)
 POOL_COLUMNS = ("prompt_id", "prompt", "response", "generator")
 
 
@@ -87,6 +88,14 @@ def _candidates(texts: np.ndarray, gens: np.ndarray, distinct_generators: bool) 
     return i[first], j[first], int(identical.sum()), int(same_gen.sum()), duplicates
 
 
+def _check_one_prompt_per_id(prompt_ids: list[str], prompts: list[str]) -> None:
+    prompt_of: dict[str, str] = {}
+    for row, (pid, prompt) in enumerate(zip(prompt_ids, prompts, strict=True)):
+        if prompt_of.setdefault(pid, prompt) != prompt:
+            raise ValueError(f"response pool row {row}: prompt_id {pid!r} has two different prompts "
+                             f"({prompt_of[pid][:60]!r} and {prompt[:60]!r}); expected one prompt per id")
+
+
 def build_pairs(pool: pa.Table, config: PairingConfig = PairingConfig(),
                 source_name: str | None = None) -> tuple[pa.Table, dict[str, int]]:
     """Pair responses to the same prompt. Returns (unlabeled-pairs table, stats). ``source`` is
@@ -108,12 +117,7 @@ def build_pairs(pool: pa.Table, config: PairingConfig = PairingConfig(),
     gen_codes: dict[str, int] = {}
     gen = np.array([gen_codes.setdefault(g, len(gen_codes)) for g in cols["generator"]], dtype=np.int64)
 
-    prompt_of: dict[str, str] = {}
-    for row, (pid, prompt) in enumerate(zip(cols["prompt_id"], cols["prompt"], strict=True)):
-        if prompt_of.setdefault(pid, prompt) != prompt:
-            raise ValueError(f"response pool row {row}: prompt_id {pid!r} has two different prompts "
-                             f"({prompt_of[pid][:60]!r} and {prompt[:60]!r}); expected one prompt per id")
-
+    _check_one_prompt_per_id(cols["prompt_id"], cols["prompt"])
     stats = dict(prompts=len(group_codes), pairs=0, candidate_pairs=0, dropped_identical=0,
                  dropped_same_generator=0, dropped_duplicate=0, dropped_short=int(short.sum()),
                  prompts_without_pair=0)
@@ -150,5 +154,4 @@ def build_pairs(pool: pa.Table, config: PairingConfig = PairingConfig(),
         "source": [source_name or cols["source"][a] for a in slot_a],
     }
     stats["pairs"] = len(slot_a)
-    schema = pa.schema([(name, pa.string(), False) for name in UNLABELED_PAIRS_COLUMNS])
-    return pa.Table.from_pydict(out, schema=schema), stats
+    return pa.Table.from_pydict(out, schema=UNLABELED_PAIRS.schema), stats

@@ -185,7 +185,7 @@ def _pct(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def report_markdown(result: RewardBenchResult, title: str = "RewardBench",
+def rewardbench_markdown(result: RewardBenchResult, title: str = "RewardBench",
                     weights: Mapping[str, int] = SUBSET_WEIGHTS, protocol: str = PROTOCOL_NOTE) -> str:
     """A Markdown report: sections (missing ones marked), subsets with rows and weights, ``protocol`` note."""
     lines = [f"## {title}", "", protocol, "",

@@ -19,11 +19,12 @@ import pyarrow as pa
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from data_contracts import RESPONSE_POOL
 from gram_core.config import check, field
 
 log = logging.getLogger(__name__)
 
-RESPONSE_POOL_COLUMNS = ("prompt_id", "prompt", "response", "generator", "source")
+RESPONSE_POOL_COLUMNS = tuple(RESPONSE_POOL.schema.names)
 STATS_PREFIX = "gram.sampling."
 TOPK_PREFILTER = 512
 
@@ -160,9 +161,9 @@ def sample_responses(model, tokenizer, prompts: list[str], *, k: int, temperatur
         model.train(was_training)
     if dropped_empty:
         log.info("sampling %s: dropped %d empty responses of %d", generator_name, dropped_empty, len(rows))
-    schema = pa.schema([(name, pa.string(), False) for name in RESPONSE_POOL_COLUMNS],
-                       metadata={f"{STATS_PREFIX}generated": str(len(rows)),
-                                 f"{STATS_PREFIX}dropped_empty": str(dropped_empty)})
+    schema = RESPONSE_POOL.schema.with_metadata({**RESPONSE_POOL.schema.metadata,
+                                                 f"{STATS_PREFIX}generated": str(len(rows)),
+                                                 f"{STATS_PREFIX}dropped_empty": str(dropped_empty)})
     return pa.Table.from_pydict(out, schema=schema)
 
 

@@ -1,57 +1,23 @@
 """What a model folder is, and the scorer that reads it: a GRAM judge, a Bradley-Terry reward model, or a
 plain base LM used zero-shot as a judge.
 
-A trained GRAM judge records the settings its sequences were built with (``gram_judge.json``: verdict
-labels, max length, system turn, a hash of the chat template). Judging it with other settings would score
-sequences it never saw, so ``resolve_judge_config`` adopts the recorded values where the judge config left
-its defaults and refuses a value set to something else. A Bradley-Terry folder carries its scalar head
-(``reward_head.safetensors``) and is scored as a reward model: P(y1 ≻ y2) = σ(r1 − r2), one order.
+A GRAM judge is read with the settings it recorded (``gram_core.judge_settings``). A Bradley-Terry folder
+carries its scalar head (``reward_head.safetensors``) and is scored as a reward model:
+P(y1 ≻ y2) = σ(r1 − r2), one order.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
-from gram_core.config import EncodeConfig, JudgeConfig
-
-JUDGE_SETTINGS_FILE = "gram_judge.json"
-SETTINGS_KEYS = ("label_a", "label_b", "max_length", "system_prompt")
-
-
-class JudgeSettingsError(ValueError):
-    """A judge config disagrees with the settings recorded in the model folder."""
-
-
-def template_hash(tokenizer: Any) -> str:
-    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()[:16]
-
-
-def judge_settings(encode: EncodeConfig, tokenizer: Any) -> dict[str, Any]:
-    """The settings a judge trained with ``encode`` must be read out with."""
-    return {"kind": "gram_judge", "label_a": encode.label_a, "label_b": encode.label_b,
-            "max_length": encode.max_length, "system_prompt": encode.system_prompt,
-            "chat_template_sha256": template_hash(tokenizer)}
-
-
-def write_judge_settings(folder: str | Path, settings: dict[str, Any]) -> Path:
-    path = Path(folder) / JUDGE_SETTINGS_FILE
-    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    return path
-
-
-def read_judge_settings(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / JUDGE_SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+from gram_core.baseline import HEAD_FILE, BTScorer
+from gram_core.config import JudgeConfig
+from gram_core.judge_settings import JUDGE_SETTINGS_FILE
+from gram_core.judging import default_device, load_judge, score_pairs
 
 
 def folder_kind(folder: str | Path) -> str:
     """'bradley_terry', 'gram_judge' (trained, settings recorded) or 'base' (an HF causal LM folder)."""
-    from gram_core.baseline import HEAD_FILE
-
     folder = Path(folder)
     if (folder / HEAD_FILE).is_file():
         return "bradley_terry"
@@ -63,41 +29,9 @@ def folder_kind(folder: str | Path) -> str:
                             "model folder (no config.json)")
 
 
-def resolve_judge_config(folder: str | Path, config: JudgeConfig) -> JudgeConfig:
-    """``config`` with the folder's recorded judge settings; a non-default value that differs is an error."""
-    settings = read_judge_settings(folder)
-    if settings is None:
-        return config
-    defaults = JudgeConfig()
-    changes, conflicts = {}, []
-    for key in SETTINGS_KEYS:
-        mine, recorded = getattr(config, key), settings.get(key)
-        if mine == recorded:
-            continue
-        if mine == getattr(defaults, key):
-            changes[key] = recorded
-        else:
-            conflicts.append(f"judge.{key}={mine!r} but the judge was trained with {recorded!r}")
-    if conflicts:
-        raise JudgeSettingsError(f"model folder {folder}: {'; '.join(conflicts)} (recorded in "
-                                 f"{JUDGE_SETTINGS_FILE}); leave these settings at their defaults or match them")
-    return dataclasses.replace(config, **changes)
-
-
-def check_template(folder: str | Path, tokenizer: Any) -> None:
-    settings = read_judge_settings(folder)
-    if settings and settings.get("chat_template_sha256") not in (None, template_hash(tokenizer)):
-        raise JudgeSettingsError(f"model folder {folder}: the tokenizer's chat template differs from the one the "
-                                 "judge was trained with (chat_template_sha256 in "
-                                 f"{JUDGE_SETTINGS_FILE}); use the folder's own tokenizer")
-
-
 def load_scorer(folder: str | Path, config: JudgeConfig):
     """A Judge (GRAM judge or base model zero-shot; ``judging.load_judge``: recorded settings, device, dtype)
     or a BTScorer for ``folder``, by what the folder holds."""
-    from gram_core.baseline import BTScorer
-    from gram_core.judging import default_device, load_judge
-
     if folder_kind(folder) == "bradley_terry":
         device = default_device() if config.device == "auto" else config.device
         return BTScorer.load(folder, batch_size=config.batch_size, device=str(device))
@@ -107,15 +41,11 @@ def load_scorer(folder: str | Path, config: JudgeConfig):
 def is_scalar(scorer) -> bool:
     """True for a scalar reward model (BTScorer): scored once per pair, it has no slot order, so no position
     consistency."""
-    from gram_core.baseline import BTScorer
-
     return isinstance(scorer, BTScorer)
 
 
 def score_table(scorer, table, progress=None):
     """A scores-contract table of ``table``'s pairs from either kind of scorer."""
-    from gram_core.judging import score_pairs
-
     if is_scalar(scorer):
         return scorer.score_pairs(table)
     return score_pairs(scorer, table, progress=progress)

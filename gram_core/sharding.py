@@ -1,4 +1,4 @@
-"""Sharded data parallelism (PyTorch FSDP2) and activation checkpointing for ``gram_core.training``.
+"""Data parallelism for ``gram_core.training``: sharded (PyTorch FSDP2) or plain, and activation checkpointing.
 
 ``shard_model`` applies ``fully_shard`` to each decoder layer and then to a root ``StepModule`` that runs the
 step function, so each rank keeps 1/world of the fp32 master weights, gradients and AdamW state. A layer's
@@ -10,6 +10,7 @@ move the same full tensors an unsharded run checkpoints (gathered to rank 0 / br
 rank must take part).
 
 Activation checkpointing: ``set_activation_checkpointing`` (through transformers, any number of ranks).
+Plain data parallelism (no sharding): ``all_reduce_gradients`` sums the ranks' gradients in flat buckets.
 """
 
 from __future__ import annotations
@@ -148,3 +149,33 @@ def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         hf.activation_checkpointing_disable()
     else:
         hf.gradient_checkpointing_disable()
+
+
+GRAD_BUCKET_ELEMENTS = 1 << 24  # all-reduce gradients in ~64 MB fp32 buckets
+
+
+def all_sum(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in flat buckets (each rank's share is already scaled by its global weight,
+    so the sum is the global-batch mean gradient: the data-parallel average)."""
+    for p in params:
+        if p.grad is None:  # a rank with an empty shard still takes part in the collective
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        if sum(g.numel() for g in bucket) >= GRAD_BUCKET_ELEMENTS or i == len(params) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket = []

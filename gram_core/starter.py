@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_contracts import PREFERENCE_PAIRS, RESPONSE_POOL, REWARDBENCH
+
 STARTER_DIR = Path(__file__).with_name("starter")
 FILES = {"pool": "response_pool.parquet", "preferences": "preferences.parquet", "eval": "eval.parquet",
          "checks": "checks.parquet", "tables": "tables.json"}
@@ -52,11 +54,10 @@ def _strings(*names: str) -> list[pa.Field]:
     return [pa.field(n, pa.string(), nullable=False) for n in names]
 
 
-# The data_contracts schemas, restated so gram_core does not depend on data_contracts.
-POOL_SCHEMA = pa.schema(_strings("prompt_id", "prompt", "response", "generator", "source"))
-PREFERENCE_SCHEMA = pa.schema(_strings("pair_id", "prompt", "chosen", "rejected", "source"))
-REWARDBENCH_SCHEMA = pa.schema(_strings("prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset")
-                               + [pa.field("id", pa.int64(), nullable=False)])
+# The starter's tables follow the data contracts; the checks table is the starter's own.
+POOL_SCHEMA = RESPONSE_POOL.schema
+PREFERENCE_SCHEMA = PREFERENCE_PAIRS.schema
+REWARDBENCH_SCHEMA = REWARDBENCH.schema
 CHECKS_SCHEMA = pa.schema(_strings("split", "key", "spec"))
 
 

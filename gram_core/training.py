@@ -16,20 +16,20 @@ same full tensors to rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -51,16 +51,20 @@ from gram_core.checkpoints import (  # noqa: F401  re-exported: callers import c
 )
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder, PretrainEncoder, encode_preference_pairs, encode_unlabeled_pairs
-from gram_core.forward import StepPrefix, answer_logits
-from gram_core.losses import IGNORE_INDEX, judge_loss
+from gram_core.forward import StepPrefix
+from gram_core.param_groups import param_groups
 from gram_core.precision import autocast, check_master_weights
-from gram_core.sharding import full_training_state, load_full_state, set_activation_checkpointing, shard_model
+from gram_core.sharding import (
+    all_reduce_gradients,
+    all_sum,
+    full_training_state,
+    load_full_state,
+    set_activation_checkpointing,
+    shard_model,
+)
+from gram_core.steps import Collate, StepFn, collate_judge, collate_pretrain, judge_step_fn, pretrain_step_fn
 
 log = logging.getLogger(__name__)
-
-StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
-
-GRAD_BUCKET_ELEMENTS = 1 << 24  # all-reduce gradients in ~64 MB fp32 buckets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,8 +87,30 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What every optimizer step of one ``train`` call shares (built once, before the first step)."""
+
+    run: Callable[[dict], tuple[torch.Tensor, dict]]  # run(batch) -> (loss, metrics): the step function bound
+    examples: list[dict]
+    collate: Collate
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    named: list[tuple[str, torch.nn.Parameter]]  # the trainable parameters
+    device: torch.device
+    rank: int
+    world: int
+    sharded: bool
+    prefix: tuple[torch.nn.Module, StepPrefix] | None = None  # run once per step, not per micro-batch
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named]
+
+
 def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config: TrainConfig, *,
-          collate: Callable[[list[dict]], dict], lengths: Sequence[int], groups: Groups | None = None,
+          collate: Collate, lengths: Sequence[int], groups: Groups | None = None,
           output_dir: str | Path | None = None,
           resume_from: str | Path | None = None, on_metrics: Callable[[int, dict], Any] | None = None,
           on_checkpoint: Callable[[str | None, dict], Any] | None = None) -> TrainResult:
@@ -104,42 +130,22 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
     if not examples:
         raise ValueError("train: no training examples")
     rank, world = dist_info()
-    sharded = config.sharding == "fsdp" and world > 1  # one rank: nothing to shard across
-    run = shard_model(model, step_fn, config.precision) if sharded else functools.partial(step_fn, model)
-    # A step function's shared prefix (stage 2) runs once per step, not per micro-batch (not under FSDP).
-    prefix = None if sharded else getattr(step_fn, "step_prefix", None)
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("train: the model has no trainable parameters (everything frozen?)")
-    check_master_weights(named, config.allow_low_precision_params)
-    params = [p for _, p in named]
-    device = params[0].device
     order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, config.seed, groups)
     steps = total_steps(len(examples), config, world, groups)
-    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config.learning_rate,
-                                  betas=(0.9, config.adam_beta2))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
-    layout = {"num_examples": len(examples), "global_batch": order.global_batch, "total_steps": steps}
-    names = {id(p): name for name, p in named}
-    optimizer_names = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
+    ctx = _step_context(model, examples, step_fn, collate, config, steps, rank, world)
+    saver = _Checkpoints(ctx, model, output_dir, {"num_examples": len(examples), "global_batch": order.global_batch,
+                                                  "total_steps": steps})
     step, history, checkpoint = 0, [], None
     if resume_from is not None:
-        restore = functools.partial(load_full_state, model, optimizer, optimizer_names) if sharded else None
-        step, history = load_checkpoint(resume_from, named, optimizer, scheduler, layout, restore=restore)
+        step, history = saver.restore(resume_from)
         checkpoint = str(resume_from)
-    bar = tqdm(total=steps, initial=step, desc="train", disable=rank > 0 or not sys.stderr.isatty())
-    was_training = model.training
-    model.train()
-    if config.activation_checkpointing:
-        set_activation_checkpointing(model, True)
-    try:
+    bar = tqdm(total=steps, initial=step, desc="train", disable=ctx.rank > 0 or not sys.stderr.isatty())
+    with _training_mode(model, config), contextlib.closing(bar):
         while step < steps:
             step += 1
             indices = order.batch(step - 1)
-            torch.manual_seed(_step_seed(config.seed, step, rank))  # dropout etc. reproducible on resume
-            metrics = _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named,
-                                      device, rank, world, sharded, prefix=(model, prefix) if prefix else None)
+            torch.manual_seed(_step_seed(config.seed, step, ctx.rank))  # dropout etc. reproducible on resume
+            metrics = _optimizer_step(ctx, indices, step)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
             metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
@@ -149,129 +155,159 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
                 on_metrics(step, metrics)
             every = config.checkpoint_every_steps
             if output_dir is not None and ((every and step % every == 0) or step == steps):
-                path = None
-                # Sharded, every rank takes part in gathering the full tensors to rank 0.
-                weights, optimizer_state = full_training_state(model, optimizer, optimizer_names) if sharded \
-                    else (None, None)
-                if rank == 0:
-                    path = save_checkpoint(Path(output_dir) / f"checkpoint-{step}", model, named, optimizer,
-                                           scheduler, {**layout, "step": step, "history": history},
-                                           weights=weights, optimizer_state=optimizer_state)
+                path = saver.save(step, history)
                 checkpoint = path or checkpoint
                 if on_checkpoint is not None:
                     on_checkpoint(path, metrics)
-    finally:
-        bar.close()
-        model.train(was_training)
-        if config.activation_checkpointing:
-            set_activation_checkpointing(model, False)
     return TrainResult(steps=step, history=history, final_metrics=dict(history[-1]) if history else {},
                        checkpoint=checkpoint)
 
 
-def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], config: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on matrices only (not norms and biases, as is standard for transformers);
-    the final norm's gain and the untied verdict rows at their own learning-rate multipliers."""
-    special = {id(p): config.final_norm_lr_multiplier for p in final_norm_params(model)}
-    special.update({id(p): config.verdict_lr_multiplier for p in verdict_row_params(model)})
-    groups: dict[tuple[float, float], list] = {}
-    for p in params:
-        scale = special.get(id(p), 1.0)
-        decay = config.weight_decay if p.ndim >= 2 else 0.0
-        groups.setdefault((scale, decay), []).append(p)
-    # The scheduler multiplies each group's own initial lr, so the multipliers hold through warm-up and decay.
-    return [{"params": ps, "weight_decay": decay, "lr": config.learning_rate * scale}
-            for (scale, decay), ps in groups.items()]
+@contextlib.contextmanager
+def _training_mode(model: torch.nn.Module, config: TrainConfig) -> Iterator[None]:
+    """The model in train mode (with activation checkpointing when configured), restored afterwards."""
+    was_training = model.training
+    model.train()
+    if config.activation_checkpointing:
+        set_activation_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if config.activation_checkpointing:
+            set_activation_checkpointing(model, False)
 
 
-def final_norm_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The final norm's parameters (the RMSNorm between the last decoder layer and the LM head), or []."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    return list(norm.parameters()) if isinstance(norm, torch.nn.Module) else []
+def _step_context(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, collate: Collate,
+                  config: TrainConfig, steps: int, rank: int, world: int) -> StepContext:
+    """The model bound to its step function (sharded when asked), the trainable parameters, AdamW and the
+    warm-up + cosine schedule over ``steps``."""
+    sharded = config.sharding == "fsdp" and world > 1  # one rank: nothing to shard across
+    run = shard_model(model, step_fn, config.precision) if sharded else functools.partial(step_fn, model)
+    # A step function's shared prefix (stage 2) runs once per step, not per micro-batch (not under FSDP).
+    prefix = None if sharded else getattr(step_fn, "step_prefix", None)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("train: the model has no trainable parameters (everything frozen?)")
+    check_master_weights(named, config.allow_low_precision_params)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config.learning_rate,
+                                  betas=(0.9, config.adam_beta2))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+    return StepContext(run=run, examples=examples, collate=collate, config=config, optimizer=optimizer,
+                       scheduler=scheduler, named=named, device=params[0].device, rank=rank, world=world,
+                       sharded=sharded, prefix=(model, prefix) if prefix else None)
 
 
-def verdict_row_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The untied LM head (model.untie_verdict_rows; stage 2 reads only its verdict rows), or [] when tied."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not (hasattr(base, "get_output_embeddings") and hasattr(base, "get_input_embeddings")):
-        return []
-    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    if head is None or head.weight is embed.weight or not head.weight.requires_grad:
-        return []
-    return [head.weight]
+class _Checkpoints:
+    """Saves and restores the full training state of one run (rank 0 writes; sharded, every rank gathers)."""
+
+    def __init__(self, ctx: StepContext, model: torch.nn.Module, output_dir: str | Path | None,
+                 layout: dict[str, int]) -> None:
+        self.ctx, self.model, self.output_dir, self.layout = ctx, model, output_dir, layout
+        names = {id(p): name for name, p in ctx.named}
+        self.optimizer_names = [names[id(p)] for g in ctx.optimizer.param_groups for p in g["params"]]
+
+    def restore(self, folder: str | Path) -> tuple[int, list[dict]]:
+        ctx = self.ctx
+        restore = functools.partial(load_full_state, self.model, ctx.optimizer, self.optimizer_names) \
+            if ctx.sharded else None
+        return load_checkpoint(folder, ctx.named, ctx.optimizer, ctx.scheduler, self.layout, restore=restore)
+
+    def save(self, step: int, history: list[dict]) -> str | None:
+        ctx = self.ctx
+        # Sharded, every rank takes part in gathering the full tensors to rank 0.
+        weights, optimizer_state = full_training_state(self.model, ctx.optimizer, self.optimizer_names) \
+            if ctx.sharded else (None, None)
+        if ctx.rank != 0:
+            return None
+        return save_checkpoint(Path(self.output_dir) / f"checkpoint-{step}", self.model, ctx.named, ctx.optimizer,
+                               ctx.scheduler, {**self.layout, "step": step, "history": history},
+                               weights=weights, optimizer_state=optimizer_state)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _optimizer_step(run, examples, indices, step, collate, config, optimizer, scheduler, named, device, rank,
-                    world, sharded, prefix: tuple[torch.nn.Module, StepPrefix] | None = None) -> dict:
+def _optimizer_step(ctx: StepContext, indices: list[int], step: int) -> dict:
     """Forward/backward every micro-batch of this rank's shard, reduce, clip, step. Returns the metrics.
 
-    ``prefix`` (model, StepPrefix): run the shared prefix once before the micro-batches, backward it after.
-
-    ``run(batch) -> (loss, metrics)``. Sharded, every rank runs as many micro-batches as the largest shard
-    needs (FSDP's collectives run in forward and backward): padding ones repeat an example with weight 0.
+    ``ctx.prefix`` (model, StepPrefix): run the shared prefix once before the micro-batches, backward it after.
     """
     start = time.perf_counter()
-    mine = shard(indices, rank, world)
-    micro = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-    batches = [collate([examples[i] for i in m]) for m in micro]
-    weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
-    if sharded:
-        most = math.ceil(math.ceil(len(indices) / world) / config.batch_size)
-        for _ in range(most - len(micro)):
-            padding = collate([examples[indices[0]]])
-            padding.pop("weight", None)
-            micro, batches, weights = micro + [[]], batches + [padding], weights + [0.0]
-    total_weight = _all_sum(sum(weights), world, device)
-    sums: dict[str, float] = {}
-    bad: list[str] = []
-    if prefix is not None and micro:
-        with autocast(device, config.precision):
-            prefix[1].begin(prefix[0])
-    for ids, batch, weight in zip(micro, batches, weights, strict=True):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast(device, config.precision):
-            loss, metrics = run(batch)
-        finite = bool(torch.isfinite(loss.detach()))
-        if not finite and ids:
-            bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(examples[i], i) for i in ids]}")
-        if finite or sharded:  # sharded, a skipped backward would leave the other ranks waiting
-            # Each micro-batch's mean loss, scaled by its share of the global batch: the sum is the global mean.
-            (loss * (weight / total_weight)).backward()
-        if finite and ids:
-            for key, value in {"loss": loss, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
-    if prefix is not None and prefix[1].active:
-        prefix[1].finish()
-    if world > 1:
-        gathered: list[Any] = [None] * world
+    micro, batches, weights = _micro_batches(ctx, indices)
+    total_weight = all_sum(sum(weights), ctx.world, ctx.device)
+    sums, bad = _forward_backward(ctx, micro, batches, weights, total_weight)
+    if ctx.world > 1:
+        gathered: list[Any] = [None] * ctx.world
         dist.all_gather_object(gathered, (sums, bad))
         keys = sorted({k for s, _ in gathered for k in s})  # a rank with an empty shard has no keys
         sums = {k: sum(s.get(k, 0.0) for s, _ in gathered) for k in keys}
         bad = [i for _, b in gathered for i in b]
     if bad:
         raise NonFiniteLossError(f"non-finite loss at step {step}: {'; '.join(bad)}")
-    params = [p for _, p in named]
-    if world > 1 and not sharded:
-        _all_reduce_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)  # global norm, sharded too
+    params = ctx.params
+    if ctx.world > 1 and not ctx.sharded:
+        all_reduce_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, ctx.config.max_grad_norm or math.inf)  # global norm, sharded too
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     if not bool(torch.isfinite(norm)):
-        ids = [_example_id(examples[i], i) for i in indices]
+        ids = [_example_id(ctx.examples[i], i) for i in indices]
         raise NonFiniteLossError(f"non-finite gradient norm at step {step} (batch example ids {ids})")
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = ctx.scheduler.get_last_lr()[0]
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
     out = {f"train/{k}": v / total_weight for k, v in sums.items()}
     out.update({"train/lr": lr, "train/grad_norm": float(norm), "_seconds": max(time.perf_counter() - start, 1e-9)})
     return out
+
+
+def _micro_batches(ctx: StepContext, indices: list[int]) -> tuple[list[list[int]], list[dict], list[float]]:
+    """This rank's micro-batches (example indices, collated batch, weight). Sharded, every rank runs as many
+    micro-batches as the largest shard needs (FSDP's collectives run in forward and backward): padding ones
+    repeat an example with weight 0."""
+    size = ctx.config.batch_size
+    mine = shard(indices, ctx.rank, ctx.world)
+    micro = [mine[i:i + size] for i in range(0, len(mine), size)]
+    batches = [ctx.collate([ctx.examples[i] for i in m]) for m in micro]
+    weights = [float(b.pop("weight", len(m))) for b, m in zip(batches, micro, strict=True)]
+    if ctx.sharded:
+        most = math.ceil(math.ceil(len(indices) / ctx.world) / size)
+        for _ in range(most - len(micro)):
+            padding = ctx.collate([ctx.examples[indices[0]]])
+            padding.pop("weight", None)
+            micro, batches, weights = micro + [[]], batches + [padding], weights + [0.0]
+    return micro, batches, weights
+
+
+def _forward_backward(ctx: StepContext, micro: list[list[int]], batches: list[dict], weights: list[float],
+                      total_weight: float) -> tuple[dict[str, float], list[str]]:
+    """Backward of each micro-batch's weighted loss; returns the weighted metric sums and non-finite losses."""
+    sums: dict[str, float] = {}
+    bad: list[str] = []
+    precision = ctx.config.precision
+    if ctx.prefix is not None and micro:
+        with autocast(ctx.device, precision):
+            ctx.prefix[1].begin(ctx.prefix[0])
+    for ids, batch, weight in zip(micro, batches, weights, strict=True):
+        batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(ctx.device, precision):
+            loss, metrics = ctx.run(batch)
+        finite = bool(torch.isfinite(loss.detach()))
+        if not finite and ids:
+            bad.append(f"loss {float(loss.detach())} on example ids {[_example_id(ctx.examples[i], i) for i in ids]}")
+        if finite or ctx.sharded:  # sharded, a skipped backward would leave the other ranks waiting
+            # Each micro-batch's mean loss, scaled by its share of the global batch: the sum is the global mean.
+            (loss * (weight / total_weight)).backward()
+        if finite and ids:
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value).detach()) * weight
+    if ctx.prefix is not None and ctx.prefix[1].active:
+        ctx.prefix[1].finish()
+    return sums, bad
 
 
 def _example_id(example: dict, index: int) -> str:
@@ -281,116 +317,34 @@ def _example_id(example: dict, index: int) -> str:
     return f"#{index}"
 
 
-def _all_sum(value: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(tensor)
-    return float(tensor)
-
-
-def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks in flat buckets (each rank's share is already scaled by its global weight,
-    so the sum is the global-batch mean gradient: the data-parallel average)."""
-    for p in params:
-        if p.grad is None:  # a rank with an empty shard still takes part in the collective
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        if sum(g.numel() for g in bucket) >= GRAD_BUCKET_ELEMENTS or i == len(params) - 1:
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket = []
-
-
 # --------------------------------------------------------------------------------------------------
-# Step functions and collators
+# Plans: encoded rows, step function and collator of one stage (gram_core.stages names them)
 # --------------------------------------------------------------------------------------------------
 
 
-def collate_judge(pad_id: int, prefix_ids: Sequence[int] | None = None) -> Callable[[list[dict]], dict]:
-    """Right-padded suffixes (or full ids when ``prefix_ids`` is given: no prefix reuse) + verdict labels."""
-    prefix = list(prefix_ids or [])
+@dataclasses.dataclass
+class Plan:
+    """What ``train`` needs for one stage: the module to train, its encoded examples, step function, collator."""
 
-    def collate(examples: list[dict]) -> dict:
-        input_ids, attention_mask = pad_right([prefix + list(ex["suffix_ids"]) for ex in examples], pad_id)
-        labels = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-    return collate
-
-
-def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing: float,
-                  reuse_prefix: bool = True) -> StepFn:
-    """Stage 2: answer-position logits of (A, B) -> smoothed two-way CE; metrics accuracy and mean margin.
-
-    With ``reuse_prefix`` the batch holds suffixes and the shared prefix runs with grad once per optimizer
-    step inside ``train`` (the step function's ``step_prefix``, a ``StepPrefix``), or once per call when the
-    step function is called on its own; without it the batch holds full ids (see ``collate_judge(pad_id,
-    prefix_ids)``).
-    """
-    label_ids, prefix = list(label_ids), list(prefix_ids)
-    shared = StepPrefix(prefix) if reuse_prefix else None
-
-    def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-        reused = (shared.cache() if shared.active else prefix) if shared is not None else None
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], label_ids, prefix=reused)
-        labels = batch["labels"]
-        loss = judge_loss(logits, labels, smoothing)
-        with torch.no_grad():
-            # margin = z_correct - z_other (the Delta of METHOD.md section 3; optimum log((2-eps)/eps)).
-            sign = 1.0 - 2.0 * labels.float()
-            margin = (logits[:, 0] - logits[:, 1]).float() * sign
-        return loss, {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
-
-    step.step_prefix = shared
-    return step
+    model: torch.nn.Module
+    examples: list[dict]
+    step_fn: StepFn
+    collate: Collate
+    lengths: list[int]
+    groups: Groups | None = None
+    data_stats: dict = dataclasses.field(default_factory=dict)
 
 
-def collate_pretrain(pad_id: int) -> Callable[[list[dict]], dict]:
-    """Right-padded ids with -100 labels on padding; weight = target tokens (token-weighted accumulation)."""
-
-    def collate(examples: list[dict]) -> dict:
-        input_ids, attention_mask = pad_right([ex["input_ids"] for ex in examples], pad_id)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, ex in enumerate(examples):
-            labels[row, :len(ex["labels"])] = torch.as_tensor(ex["labels"], dtype=torch.long)
-        weight = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weight": weight}
-
-    return collate
+def run_plan(plan: Plan, config: TrainConfig, **kwargs: Any) -> TrainResult:
+    """``train`` on a plan; ``kwargs`` (output_dir, resume_from, on_metrics, on_checkpoint) go to ``train``."""
+    result = train(plan.model, plan.examples, plan.step_fn, config, collate=plan.collate, lengths=plan.lengths,
+                   groups=plan.groups, **kwargs)
+    result.data_stats = plan.data_stats
+    return result
 
 
-def pretrain_step_fn() -> StepFn:
-    """Stage 1: next-token CE on the target tokens, computing vocabulary logits only where labels count."""
-
-    def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA is injected in place
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        # = losses.lm_loss(full logits, labels) (shifted CE, -100 ignored) without the [B, T, V] tensor.
-        loss = F.cross_entropy(logits.float(), targets[keep])
-        return loss, {}
-
-    return step
-
-
-# --------------------------------------------------------------------------------------------------
-# Convenience wrappers: encode rows, then train
-# --------------------------------------------------------------------------------------------------
-
-
-def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
-                **kwargs) -> TrainResult:
-    """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected); ``kwargs`` go to ``train``."""
+def plan_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig) -> Plan:
+    """Stage 2 on preference rows dict(pair_id, prompt, chosen, rejected)."""
     encoder = JudgeEncoder(tokenizer, encode_cfg.max_length, encode_cfg.label_a, encode_cfg.label_b,
                            system_prompt=encode_cfg.system_prompt)
     # Every pair in both orders (2i: chosen in A, 2i + 1: in B); `order` decides how an epoch uses them.
@@ -403,22 +357,29 @@ def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, 
     step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
     collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]
-    result = train(model, examples, step_fn, train_cfg, collate=collate, lengths=lengths, groups=groups, **kwargs)
-    result.data_stats = {**stats, "order": encode_cfg.order}
-    return result
+    return Plan(model, examples, step_fn, collate, lengths, groups, {**stats, "order": encode_cfg.order})
 
 
-def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
-                   **kwargs) -> TrainResult:
+def plan_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig) -> Plan:
     """Stage 1 on response pairs: rows dict(pair_id, prompt, response_a, response_b), or preference rows
-    (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair); ``kwargs`` go to ``train``."""
+    (chosen/rejected, labels ignored, slots assigned by a seeded coin per pair)."""
     encoder = PretrainEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
     examples, stats = encode_unlabeled_pairs(encoder, as_unlabeled(rows, encode_cfg.seed))
     lengths = [len(ex["input_ids"]) for ex in examples]
-    result = train(model, examples, pretrain_step_fn(), train_cfg, collate=collate_pretrain(tokenizer.pad_token_id),
-                   lengths=lengths, **kwargs)
-    result.data_stats = stats
-    return result
+    return Plan(model, examples, pretrain_step_fn(), collate_pretrain(tokenizer.pad_token_id), lengths,
+                data_stats=stats)
+
+
+def train_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                **kwargs: Any) -> TrainResult:
+    """Stage 2 (``plan_judge``) in place; ``kwargs`` go to ``train``."""
+    return run_plan(plan_judge(model, tokenizer, rows, train_cfg, encode_cfg), train_cfg, **kwargs)
+
+
+def train_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig,
+                   **kwargs: Any) -> TrainResult:
+    """Stage 1 (``plan_pretrain``) in place; ``kwargs`` go to ``train``."""
+    return run_plan(plan_pretrain(model, tokenizer, rows, train_cfg, encode_cfg), train_cfg, **kwargs)
 
 
 def as_unlabeled(rows: Iterable[dict], seed: int = 0) -> list[dict]:

@@ -4,8 +4,9 @@ A stage builds its output in a private staging folder, the folder's content is h
 moved into place under its hash (one rename on a local disk; through fsspec elsewhere, the data files are
 uploaded first and the manifest last, so a reader never sees a half-uploaded artifact as complete). A
 failing stage therefore leaves nothing behind, and identical content lands in the same place. Remote
-artifacts are downloaded into ``<GRAM_HOME>/artifact-cache/<sha256>`` and their hash is checked before use. Stages pass
-``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so Prefect results stay tiny.
+artifacts are downloaded into ``<home>/artifact-cache/<sha256>`` (``open_store(state)``) and their hash is
+checked before use. Stages pass ``ArtifactRef`` values (URI, hash, contract, rows) instead of tables, so
+Prefect results stay tiny.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from typing import Any
 
 import fsspec
 
+from gram_core.folders import move_folder
+from tasks.settings import StatePaths
+
 MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
 TABLE_FILE = "table.parquet"
+TRAIN_HISTORY_FILE = "metrics.jsonl"  # a model artifact's per-step training metrics, one JSON line a step
 HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell outputs apart
 
 
@@ -37,6 +42,11 @@ def artifact_cache_dir(home: str | Path | None = None) -> Path:
     """Where remote artifacts are downloaded: ``<home>/artifact-cache`` (home: GRAM_HOME, else ./.gram)."""
     home = home or os.environ.get("GRAM_HOME") or ".gram"
     return Path(home).expanduser().resolve() / "artifact-cache"
+
+
+def open_store(state: StatePaths) -> ArtifactStore:
+    """The artifact store of a state folder, downloading remote artifacts into its own cache."""
+    return ArtifactStore(state.artifact_store, cache_dir=state.artifact_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +194,8 @@ class ArtifactStore:
 
 def _move_local(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` (atomic on one filesystem); if another writer won the race, keep theirs."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        if not (dst / MANIFEST).exists():
-            raise
-        shutil.rmtree(src, ignore_errors=True)
+    move_folder(src, dst, keep_existing=MANIFEST)
+    shutil.rmtree(src, ignore_errors=True)  # left behind only when another writer's copy was kept
 
 
 def write_table_artifact(store: ArtifactStore, stage: str, table: Any, contract: Any, *,

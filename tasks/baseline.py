@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import task
 
-from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
-from tasks.stages import base_model_dir, train_stage
+from tasks.settings import StageSettings
+from tasks.train_stage import base_model_dir, train_stage
 
 
 @task(name="bradley_terry", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
-def bradley_terry(preferences: ArtifactRef, model: ModelConfig, finetune: TrainConfig, encode: EncodeConfig,
-                  ray: RayConfig, store_uri: str, ray_storage: str) -> ArtifactRef:
+def bradley_terry(preferences: ArtifactRef, settings: StageSettings) -> ArtifactRef:
     """The BT reward model (HF folder + reward head artifact) on stage 2's pairs, from the base model, with
-    stage 2's optimizer steps and sequences per micro-batch (``bt_train_config``; ``finetune`` is stage 2's
-    TrainConfig, its learning rate already the baseline's)."""
+    stage 2's optimizer steps and sequences per micro-batch (``bt_train_config``; ``settings.train`` is
+    stage 2's TrainConfig, its learning rate already the baseline's)."""
     from gram_core.baseline import bt_train_config
 
     if not preferences.rows:
         raise ValueError(f"bradley_terry: the preference artifact {preferences.uri} records no row count")
-    train = bt_train_config(finetune, encode, preferences.rows, ray.num_workers)
+    train = bt_train_config(settings.train, settings.encode, preferences.rows, settings.runtime.num_workers)
     stage_logger().info("bradley_terry: %d optimizer steps (as stage 2), %d pairs x %d micro-batches per step, lr %g",
                         train.max_steps, train.batch_size, train.grad_accum_steps, train.learning_rate)
-    return train_stage("bradley_terry", data=preferences, start=base_model_dir(model), model=model, train=train,
-                       encode=encode, ray=ray, store_uri=store_uri, ray_storage=ray_storage)
+    return train_stage(preferences, base_model_dir(settings.model), dataclasses.replace(settings, train=train))

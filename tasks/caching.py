@@ -75,3 +75,15 @@ def stage_logger(name: str = "gram"):
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(name)
+
+
+# Inputs that identify where a run is logged, not what it computes: left out of cache keys.
+NOT_IN_KEY = ("tracking",)
+
+
+def bind(task: Any, result_dir: str | Path, refresh: bool = False) -> Any:
+    """``task`` with its cached results kept in ``result_dir``; ``refresh`` recomputes and overwrites."""
+    policy = task.cache_policy
+    for name in NOT_IN_KEY:
+        policy = policy - name
+    return task.with_options(**stage_options(result_dir, refresh, policy))

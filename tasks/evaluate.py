@@ -12,15 +12,16 @@ import json
 from prefect import task
 
 from gram_core.config import JudgeConfig, ModelConfig
-from gram_core.pipeline_config import RayConfig
-from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
+from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.progress import ProgressLog
 from tasks.retries import HUB_RETRIES
-from tasks.stages import ProgressLog, base_model_dir, model_folder, model_label
+from tasks.settings import RayConfig, StatePaths
+from tasks.train_stage import base_model_dir, model_folder, model_label
 
 REPORT_FILE = "report.md"
 CHART_FILE = "chart.png"
-METRICS_FILE = "metrics.json"
+EVAL_METRICS_FILE = "metrics.json"
 
 
 def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
@@ -43,7 +44,7 @@ def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: Ra
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
-             store_uri: str, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
+             state: StatePaths, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
     """Scores of one model on the eval set (a judge: both orders; a BT model: one), as a scores-contract table.
 
     ``model``: a trained model artifact (GRAM judge or BT reward model), or a ModelConfig for the base model
@@ -51,14 +52,14 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     over a Ray cluster.
     """
     from data_contracts import SCORES
-    from tasks.report import ACCURACY, eval_metrics
+    from gram_core.comparison_report import ACCURACY, eval_metrics
 
     log = stage_logger()
-    store = ArtifactStore(store_uri)
+    store = open_store(state)
     if isinstance(model, ModelConfig):
         folder, name = base_model_dir(model), model.source
     else:  # fanning out: the actors read the artifact from the store themselves
-        folder = store.require(model).uri if actors else model_folder(store_uri, model)
+        folder = store.require(model).uri if actors else model_folder(state, model)
         name = model_label(model)
     table = read_table_artifact(store, eval_set)
     where = f"over {actors} Ray Data actors" if actors else "in process"
@@ -76,24 +77,31 @@ REPORT_META_KEYS = ("columns", "eval_set", "eval_rows", "evidence")  # report me
 
 
 @task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
-def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, store_uri: str,
+def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, state: StatePaths,
                 eval_name: str = "eval set", names: dict[str, str] | None = None) -> ArtifactRef:
     """report.md + chart.png + metrics.json comparing models side by side.
 
     ``scores``: column key -> scores artifact (``evaluate``), in column order; None leaves a column out.
     Key "trained" (the GRAM judge, whose metrics the promotion gate reads) is required. ``names``: display
-    names by key (default tasks.report.COLUMNS: base "zero-shot", bt "BT", trained "GRAM"). The artifact's
+    names by key (default gram_core.comparison_report.COLUMNS: base "zero-shot", bt "BT", trained "GRAM"). The artifact's
     meta holds ``columns`` ([key, name] pairs, in order) and each column's metrics under its key.
     """
+    from gram_core.comparison_report import (
+        COLUMNS,
+        ORDERS,
+        TRAINED,
+        comparison_markdown,
+        eval_metrics,
+        write_chart,
+    )
     from gram_core.evidence import evidence
-    from tasks.report import COLUMNS, ORDERS, TRAINED, eval_metrics, report_markdown, write_chart
 
     refs = {key: ref for key, ref in scores.items() if ref is not None}
     labels = {key: (names or {}).get(key) or COLUMNS.get(key, key) for key in refs}
     if TRAINED not in refs or set(refs) & set(REPORT_META_KEYS) or len(set(labels.values())) < len(labels):
         raise ValueError(f"eval_report: columns {labels} need the key {TRAINED!r}, distinct names and none of the "
                          f"keys {REPORT_META_KEYS}")
-    store = ArtifactStore(store_uri)
+    store = open_store(state)
     tables = {key: read_table_artifact(store, ref) for key, ref in refs.items()}
     scalar = {key for key, ref in refs.items() if ref.meta.get("metrics", {}).get(ORDERS) == 1}
     metrics = {key: eval_metrics(tables[key], key in scalar) for key in refs}
@@ -101,11 +109,11 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
     ev = evidence({labels[k]: tables[k] for k in refs}, read_table_artifact(store, eval_set).to_pylist(),
                   scalar=[labels[k] for k in scalar])
     with store.staging("eval_report") as folder:
-        (folder / REPORT_FILE).write_text(report_markdown({labels[k]: tables[k] for k in refs},
+        (folder / REPORT_FILE).write_text(comparison_markdown({labels[k]: tables[k] for k in refs},
                                                           scalar={labels[k] for k in scalar}, eval_name=eval_name,
                                                           evidence=ev))
         write_chart(folder / CHART_FILE, {labels[k]: metrics[k] for k in refs})
-        (folder / METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
+        (folder / EVAL_METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
         ref = store.publish("eval_report", folder, "report",
                             meta={"columns": columns, **metrics, "evidence": ev, "eval_set": eval_set.sha256,
                                   "eval_rows": eval_set.rows})

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from prefect import task
 
-from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from gram_core.pipeline_config import RayConfig
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY
 from tasks.retries import HUB_RETRIES
-from tasks.stages import base_model_dir, train_stage
+from tasks.settings import StageSettings
 from tasks.tracking import RunHandle
+from tasks.train_stage import base_model_dir, train_stage
 
 
 @task(name="pretrain", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
-def pretrain(pairs: ArtifactRef, model: ModelConfig, train: TrainConfig, encode: EncodeConfig, ray: RayConfig,
-             store_uri: str, ray_storage: str, tracking: RunHandle | None = None) -> ArtifactRef:
+def pretrain(pairs: ArtifactRef, settings: StageSettings, tracking: RunHandle | None = None) -> ArtifactRef:
     """The stage-1 model (HF folder artifact), trained with the LM loss on both responses of each pair."""
-    return train_stage("pretrain", data=pairs, start=base_model_dir(model), model=model, train=train,
-                       encode=encode, ray=ray, store_uri=store_uri, ray_storage=ray_storage, tracking=tracking)
+    return train_stage(pairs, base_model_dir(settings.model), settings, tracking)

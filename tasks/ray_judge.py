@@ -7,8 +7,8 @@ import tempfile
 from typing import Any
 
 from gram_core.config import from_dict, to_dict
-from gram_core.pipeline_config import RayConfig
-from tasks.ray_train import local_copy, ray_runtime, reachable_uri, wants_gpu
+from tasks.ray_runtime import local_copy, ray_runtime, reachable_uri, wants_gpu
+from tasks.settings import RayConfig
 
 ROW_COLUMN = "__gram_row"
 
@@ -41,11 +41,11 @@ def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg
     import pyarrow as pa
     import ray.data
 
-    from gram_core.judging import SCORES_SCHEMA
+    from data_contracts import SCORES
 
     ray_cfg = ray_cfg or RayConfig()
     if table.num_rows == 0:
-        return SCORES_SCHEMA.empty_table()
+        return SCORES.schema.empty_table()
     rows = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
     with ray_runtime(ray_cfg):
         gpus = 1 if wants_gpu(ray_cfg.use_gpu) else 0
@@ -57,4 +57,4 @@ def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg
             num_cpus=ray_cfg.cpus_per_worker, num_gpus=gpus)
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     scored = scored.sort_by(ROW_COLUMN).drop_columns([ROW_COLUMN])
-    return scored.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
+    return scored.select(SCORES.schema.names).cast(SCORES.schema)

@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gram_core.pipeline_config import PipelineConfig, StatePaths, state_paths
-from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, artifact_cache_dir
+from tasks.artifacts import MANIFEST, ArtifactRef, open_store
 from tasks.locks import LockHeldError, file_lock
+from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
 SCRATCH = ".scratch"  # workers' local checkpoint folders, under the Ray storage folder
@@ -38,8 +37,8 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
     """Hold ``config``'s state folder for this process (re-entrant) and (``clean``) remove the leftovers of
     killed runs.
 
-    Sets GRAM_HOME for the process, so everything that derives a path from it (the artifact cache, Ray
-    storage) agrees with the config.
+    Yields the folder's ``StatePaths``; the tasks and Ray workers get them (or the paths they need) as
+    arguments, so nothing reads the state folder from the environment.
     """
     paths = state_paths(config)
     paths.home.mkdir(parents=True, exist_ok=True)
@@ -50,9 +49,6 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
         except LockHeldError as err:
             raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
                                   "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
-        before = os.environ.get("GRAM_HOME")
-        os.environ["GRAM_HOME"] = str(paths.home)
-        stack.callback(_restore_env, "GRAM_HOME", before)
         removed = clean_leftovers(paths) if clean else []
         if removed:
             import logging
@@ -62,20 +58,13 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
         yield paths
 
 
-def _restore_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
-
-
 def _leftovers(paths: StatePaths) -> list[Path]:
     found: list[Path] = []
-    store = ArtifactStore(paths.artifact_store)
+    store = open_store(paths)
     if store.local and Path(store.uri).is_dir():
         found += [p for stage in Path(store.uri).iterdir() if stage.is_dir() for p in stage.iterdir()
                   if p.name.startswith(STAGING_PREFIXES)]
-    cache = artifact_cache_dir(paths.home)
+    cache = paths.artifact_cache
     if cache.is_dir():
         found += [p for p in cache.iterdir() if p.name.startswith(STAGING_PREFIXES) or p.name == "staging"]
     scratch = _local(paths.ray_storage)
@@ -182,12 +171,12 @@ def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> lis
     refs, unreadable = cached_refs(paths.prefect_results)
     keep_uris = {r.uri.rstrip("/") for r in refs}
     keep_sha = {r.sha256 for r in refs}
-    store = ArtifactStore(paths.artifact_store)
+    store = open_store(paths)
     if not unreadable:  # without every cached result read, any artifact might still be needed
         for ref in store.list():
             if ref.uri.rstrip("/") not in keep_uris and store.local:
                 garbage.append(Garbage(ref.uri, _size(Path(ref.uri)), f"{ref.kind} artifact no cached stage uses"))
-    cache = artifact_cache_dir(paths.home)
+    cache = paths.artifact_cache
     if cache.is_dir():
         garbage += [Garbage(str(p), _size(p), "downloaded copy of an artifact no cached stage uses")
                     for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "staging"
@@ -213,7 +202,7 @@ def collect_garbage(config: PipelineConfig, apply: bool = False, keep_ray_runs_d
     with hold_state_folder(config, clean=False):
         garbage = find_garbage(config, keep_ray_runs_days)
         if apply:
-            store = ArtifactStore(state_paths(config).artifact_store)
+            store = open_store(state_paths(config))
             for item in garbage:
                 if item.why.startswith("KEPT"):
                     continue

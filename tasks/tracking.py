@@ -1,12 +1,12 @@
 """MLflow tracking for the pipeline: one parent run per pipeline run, one nested child run per stage.
 
-The only module (with tasks/registry.py) that imports MLflow. Runs are passed around as small, picklable
-``RunHandle`` values, because MLflow's "active run" is thread-local: a Prefect task running in a worker
+With tasks/model_registry.py (and the stored pyfunc code) the only module that imports MLflow. Runs are
+passed around as small, picklable ``RunHandle`` values, because MLflow's "active run" is thread-local: a Prefect task running in a worker
 thread (or a Ray worker) does not see the parent run of the flow, so ``stage_run(..., parent=handle)``
 nests explicitly. Every logging function takes ``run_id=None`` meaning "this thread's active run".
 
-Nothing here writes to ``./mlruns``: the default backend is ``sqlite:///<GRAM_HOME>/mlflow.db`` and the
-experiment gets an explicit artifact location ``<GRAM_HOME>/mlartifacts``.
+Nothing here writes to ``./mlruns``: the default backend is ``sqlite:///<home>/mlflow.db`` (the state folder,
+passed in) and the experiment gets an explicit artifact location ``<home>/mlartifacts``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from gram_core.pipeline_config import MlflowConfig
+from tasks.settings import MlflowConfig
 
 # Quiet by default: no "Downloading artifacts" bars when registering or fetching a model (set it to true to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -111,8 +111,7 @@ def test_stage_options_bind_results_and_refresh(tmp_path):
 
 
 def test_source_fills_ids_and_source_for_plain_user_files(tmp_path):
-    from gram_core.pipeline_config import SourceConfig
-    from tasks.sources import read_source
+    from gram_core.sources import SourceConfig, read_source
 
     path = tmp_path / "labels.csv"
     path.write_text('prompt,chosen,rejected\n"Hi, there",hello,go away\nWhat is 2+2?,4,5\n')
@@ -128,8 +127,7 @@ def test_source_fills_ids_and_source_for_plain_user_files(tmp_path):
 
 def test_source_errors_name_file_column_and_row(tmp_path):
     from data_contracts import ContractError
-    from gram_core.pipeline_config import SourceConfig
-    from tasks.sources import read_source
+    from gram_core.sources import SourceConfig, read_source
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"pair_id": "1", "prompt": "p", "chosen": "x", "rejected": "y", "source": "s"}\n'
@@ -144,7 +142,7 @@ def test_conversations_become_prompt_and_responses():
     import pyarrow as pa
 
     from data_contracts import PREFERENCE_PAIRS
-    from tasks.sources import flatten_conversations
+    from gram_core.conversations import flatten_conversations
 
     chosen = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
               [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
@@ -166,7 +164,7 @@ def test_conversations_become_prompt_and_responses():
 def test_limit_rows_is_seeded_ordered_and_stratified():
     import pyarrow as pa
 
-    from tasks.sources import limit_rows
+    from gram_core.sources import limit_rows
 
     table = pa.table({"id": list(range(100)), "subset": ["a"] * 70 + ["b"] * 25 + ["c"] * 5})
     one = limit_rows(table, 20, seed=3, stratify="subset")
@@ -181,7 +179,7 @@ def test_limit_rows_is_seeded_ordered_and_stratified():
 def test_source_fingerprint_follows_file_changes(tmp_path):
     import os
 
-    from gram_core.pipeline_config import SourceConfig
+    from gram_core.sources import SourceConfig
     from tasks.sources import source_fingerprint
 
     path = tmp_path / "data.jsonl"
@@ -198,8 +196,7 @@ def test_source_fingerprint_follows_file_changes(tmp_path):
 
 def test_hub_source_offline_says_what_to_do(monkeypatch):
     from data_contracts import DatasetNotCachedError
-    from gram_core.pipeline_config import SourceConfig
-    from tasks.sources import read_source
+    from gram_core.sources import SourceConfig, read_source
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

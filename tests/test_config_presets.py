@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 
-from gram_core.config import ConfigError, TrainConfig, config_hash, describe, to_dict
-from gram_core.pipeline_config import (
+from gram_core.config import ConfigError, PretrainConfig, TrainConfig, config_hash, describe, to_dict
+from gram_core.sources import SourceConfig
+from tasks.settings import (
     PipelineConfig,
-    PretrainConfig,
-    SourceConfig,
     config_from_dict,
     load_preset,
     parse_overrides,
@@ -75,7 +74,7 @@ def test_stage_hashes_are_independent():
 
 
 def test_baseline_is_off_by_default_and_takes_stage_2_settings():
-    from gram_core.pipeline_config import PipelineConfig
+    from tasks.settings import PipelineConfig
 
     assert not PipelineConfig().baseline.enabled and not load_preset("smoke").baseline.enabled
     cfg = load_preset("smoke", ["baseline.enabled=true"])
@@ -116,3 +115,20 @@ def test_every_field_has_help():
     assert missing == []
     assert any(name == "finetune.label_smoothing" for name, _d, _h in rows)
     assert dataclasses.is_dataclass(PipelineConfig)
+
+
+def test_stage_settings_are_frozen_hashable_and_carry_the_mlflow_params():
+    from tasks.settings import stage_settings
+
+    cfg = load_preset("demo", ["finetune.max_steps=240", "baseline.learning_rate=2e-4"]).resolved()
+    finetune = stage_settings(cfg, "finetune")
+    assert finetune.train.max_steps == 240 and finetune.store == state_paths(cfg)
+    assert hash(finetune) == hash(stage_settings(cfg, "finetune"))  # a cache-key input: equal settings, equal hash
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        finetune.stage = "pretrain"
+    assert finetune.params() == {"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray}
+    bt = stage_settings(cfg, "bradley_terry")
+    assert bt.train == dataclasses.replace(cfg.finetune, learning_rate=2e-4)
+    assert type(stage_settings(cfg, "pretrain").train) is TrainConfig  # without stage 1's `enabled`
+    with pytest.raises(ConfigError, match="unknown training stage 'judge'"):
+        stage_settings(cfg, "judge")

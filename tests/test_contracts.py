@@ -55,7 +55,7 @@ def only_violation(table, contract):
 
 
 def test_registry_and_schema_metadata():
-    assert set(CONTRACTS) == {"response_pool", "unlabeled_pairs", "preference_pairs", "rewardbench", "scores"}
+    assert set(CONTRACTS) == {"response_pool", "unlabeled_pairs", "preference_pairs", "rewardbench", "scores", "prompts"}
     meta = PREFERENCE_PAIRS.schema.metadata
     assert meta[b"gram.contract"] == b"preference_pairs"
     assert meta[b"gram.contract_version"] == b"1"

@@ -5,6 +5,7 @@ next start, `gram gc` prunes what no cached stage uses (dry run by default)."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -68,8 +69,22 @@ def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, mo
     assert not any(p.name.startswith(".dl-") for p in store.cache_dir.iterdir())
 
 
+def test_the_state_folder_travels_as_an_argument_not_through_the_environment(tmp_path, monkeypatch):
+    from tasks.artifacts import open_store
+    from tasks.settings import state_paths
+    from tasks.state import hold_state_folder
+
+    monkeypatch.setenv("GRAM_HOME", str(tmp_path / "elsewhere"))
+    cfg = _config(tmp_path / "home")
+    with hold_state_folder(cfg) as paths:
+        assert os.environ["GRAM_HOME"] == str(tmp_path / "elsewhere")  # holding a folder sets nothing
+        assert paths == state_paths(cfg) and paths.home == tmp_path / "home"
+        store = open_store(paths)
+        assert store.cache_dir == tmp_path / "home" / "artifact-cache" != artifact_cache_dir()
+
+
 def _config(home: Path):
-    from gram_core.pipeline_config import load_preset
+    from tasks.settings import load_preset
 
     return load_preset("smoke", [f"home={home}"]).resolved()
 
@@ -78,7 +93,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
     import subprocess
     import sys
 
-    from gram_core.pipeline_config import state_paths
+    from tasks.settings import state_paths
     from tasks.state import StateFolderBusy, hold_state_folder
 
     cfg = _config(tmp_path / "home")
@@ -97,7 +112,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
             pass
         other = subprocess.run([sys.executable, "-c", (
             "import sys; sys.path.insert(0, '.');"
-            "from gram_core.pipeline_config import load_preset; from tasks.state import hold_state_folder;"
+            "from tasks.settings import load_preset; from tasks.state import hold_state_folder;"
             f"cfg = load_preset('smoke', ['home={paths.home}']).resolved()\n"
             "with hold_state_folder(cfg): pass")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert other.returncode != 0 and "another run holds this state folder" in other.stderr
@@ -110,9 +125,8 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
-    from gram_core.pipeline_config import state_paths
-    from tasks.caching import STAGE_CACHE_POLICY
-    from tasks.stages import bind
+    from tasks.caching import STAGE_CACHE_POLICY, bind
+    from tasks.settings import state_paths
     from tasks.state import collect_garbage
 
     cfg = _config(tmp_path / "home")

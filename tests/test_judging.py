@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+from data_contracts import SCORES
 from gram_core.config import JudgeConfig
 from gram_core.judging import (
-    SCORES_SCHEMA,
     Judge,
     best_of_n,
     pointwise_reward,
@@ -88,7 +88,7 @@ def test_score_pairs_writes_scores_contract_in_row_order(tiny_model, tiny_tokeni
     judge = make_judge(tiny_model, tiny_tokenizer, batch_size=3)
     seen = []
     scores = score_pairs(judge, table, progress=lambda done, total: seen.append((done, total)))
-    assert scores.schema.equals(SCORES_SCHEMA)
+    assert scores.schema.equals(SCORES.schema)
     assert scores.column("id").to_pylist() == ["40", "7", "13", "2", "99"]
     assert scores.column("subset").to_pylist() == table.column("subset").to_pylist()
     direct = judge.preference(PROMPTS, R1, R2)

@@ -12,7 +12,7 @@ from flows.adapt import adapt
 from flows.parameters import overrides_view
 from flows.pipeline import gram_pipeline
 from gram_core.config import describe
-from gram_core.pipeline_config import PipelineConfig, load_preset
+from tasks.settings import PipelineConfig, load_preset
 
 
 def _paths(view, prefix=""):

@@ -117,10 +117,10 @@ def other_registry(run4, env):
 @pytest.fixture(scope="module")
 def retried(other_registry, env):
     import flows.pipeline
-    from tasks import registry
+    from tasks import model_registry
 
     calls = []
-    real = registry.log_and_register
+    real = model_registry.log_and_register
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -129,7 +129,7 @@ def retried(other_registry, env):
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(registry, "log_and_register", flaky)
+        mp.setattr(model_registry, "log_and_register", flaky)
         mp.setattr(flows.pipeline, "register", flows.pipeline.register.with_options(retry_delay_seconds=0))
         return run_pipeline([*SMOKE, *FINETUNE_CHANGE]), len(calls)
 
@@ -323,14 +323,13 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
 
     from gram_core.config import JudgeConfig
     from gram_core.judging import load_judge as core_judge
-    from tasks.register import download_registered_model
-    from tasks.registry import load_judge
+    from tasks.model_registry import download_registered_model, load_registered_judge
 
     name = run4[0]["registered"]["name"]
     uri = f"sqlite:///{env / 'mlflow.db'}"
     frame = pd.DataFrame({"prompt": ["What is 2+2?", "Say hi."], "response_a": ["4", "Hello!"],
                           "response_b": ["5", "Go away."]})
-    predicted = load_judge(f"models:/{name}@champion", tracking_uri=uri).predict(frame)
+    predicted = load_registered_judge(f"models:/{name}@champion", tracking_uri=uri).predict(frame)
     assert list(predicted.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"]
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
@@ -374,13 +373,14 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env):
 
     from gram_core.config import JudgeConfig, ModelConfig
     from gram_core.pairs import PairingConfig
-    from gram_core.pipeline_config import SourceConfig, load_preset, state_paths
     from gram_core.sampling import SamplingConfig
+    from gram_core.sources import SourceConfig
     from tasks.artifacts import ArtifactStore, read_table_artifact
-    from tasks.build_pairs import build_pairs
+    from tasks.caching import bind
     from tasks.evaluate import evaluate
+    from tasks.settings import load_preset, state_paths
     from tasks.sources import load_source
-    from tasks.stages import bind
+    from tasks.stage1_pairs import build_stage1_pairs
 
     paths = state_paths(load_preset("smoke"))
 
@@ -388,13 +388,13 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env):
     def real_data():
         load = bind(load_source, paths.prefect_results)
         lite = load("eval", SourceConfig(path=str(shared_data / "rewardbench_lite.parquet")), "rewardbench",
-                    paths.artifact_store, limit=30, seed=1, stratify="subset")
+                    paths, limit=30, seed=1, stratify="subset")
         pool = load("pool", SourceConfig(path=str(shared_data / "response_pool.parquet"), limit=400, seed=1),
-                    "response_pool", paths.artifact_store)
+                    "response_pool", paths)
         scores = bind(evaluate, paths.prefect_results)(ModelConfig(source="tiny"), lite, JudgeConfig(max_length=768),
-                                                      "base", paths.artifact_store)
-        pairs = bind(build_pairs, paths.prefect_results)(None, [pool], [], SamplingConfig(models=("tiny",)),
-                                                        PairingConfig(max_pairs_per_prompt=2), paths.artifact_store)
+                                                      "base", paths)
+        pairs = bind(build_stage1_pairs, paths.prefect_results)(None, [pool], [], SamplingConfig(models=("tiny",)),
+                                                               PairingConfig(max_pairs_per_prompt=2), paths)
         return lite, scores, pairs
 
     lite, scores, pairs = real_data()
@@ -440,7 +440,7 @@ def test_study_smoke(env):
     """The quality study's flow on the tiny model: five arms scored on one eval set, one MLflow run each
     (stages it shares with the pipeline runs above come from their cache)."""
     from flows.study import gram_study
-    from gram_core.study import ARMS
+    from gram_core.study_report import ARMS
 
     summary = gram_study(preset="smoke", overrides=SMOKE)
     assert set(summary["arms"]) == set(ARMS)

@@ -9,9 +9,9 @@ from toy_data import better_pairs as toy_pairs
 
 from gram_core.config import EncodeConfig
 from gram_core.models import build_tiny_model
-from gram_core.pipeline_config import load_preset
 from gram_core.precision import LowPrecisionParamsError, check_master_weights, inference_dtype
 from gram_core.training import train_judge, train_pretrain
+from tasks.settings import load_preset
 
 
 def paper_stage(stage, **overrides):

@@ -14,11 +14,17 @@ from transformers import AutoModelForCausalLM
 
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
 from gram_core.models import tiny_model_dir
-from gram_core.pipeline_config import RayConfig
+from tasks.settings import RayConfig, StageSettings, StatePaths
 
 ray = pytest.importorskip("ray")
 
 
+
+
+def state_at(home, ray_storage):
+    """State folders under ``home`` with Ray's checkpoint storage at ``ray_storage``."""
+    return StatePaths(home=home, artifact_store=str(home / "artifacts"), prefect_results=home / "prefect-results",
+                      ray_storage=str(ray_storage))
 
 def toy_rows(n, seed):
     return better_pairs(n, seed, source="toy")
@@ -87,14 +93,15 @@ def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, st
              "source": "toy"} for r in toy_rows(16, seed=2)]
     data = tmp_path / "pairs.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
-    common = dict(model_source=start_model, model_cfg=ModelConfig(source="tiny", lora_r=4),
-                  train_cfg=TrainConfig(learning_rate=1e-2, batch_size=4, max_steps=4, checkpoint_every_steps=2),
-                  encode_cfg=EncodeConfig(max_length=256), data_path=str(data), output_dir=str(tmp_path / "lm"),
-                  ray_cfg=RayConfig(num_workers=1), storage_path=str(tmp_path / "storage"), run_name="lm-1w")
-    first = fit("pretrain", stop_at_step=2, **common)  # an "interrupted" run: checkpoint at step 2, no model
+    settings = StageSettings("pretrain", model=ModelConfig(source="tiny", lora_r=4),
+                             train=TrainConfig(learning_rate=1e-2, batch_size=4, max_steps=4, checkpoint_every_steps=2),
+                             encode=EncodeConfig(max_length=256), runtime=RayConfig(num_workers=1),
+                             store=state_at(tmp_path, tmp_path / "storage"))
+    common = dict(model_source=start_model, data_path=str(data), output_dir=str(tmp_path / "lm"), run_name="lm-1w")
+    first = fit(settings, stop_at_step=2, **common)  # an "interrupted" run: checkpoint at step 2, no model
     assert not first["completed"] and first["steps"] == 2 and not (tmp_path / "lm").exists()
 
-    second = fit("pretrain", **common)
+    second = fit(settings, **common)
     assert second["completed"] and second["resumed_from_step"] == 2 and second["steps"] == 4
     lines = [json.loads(x) for x in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
@@ -105,9 +112,9 @@ def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, st
 @pytest.mark.parametrize("sharding", ["none", "fsdp"])
 def test_two_workers_finetune_and_return_the_model_through_storage_with_live_metrics(ray_cluster, start_model,
                                                                                       tmp_path, mlflow_root, sharding):
-    from gram_core.pipeline_config import MlflowConfig
     from tasks import tracking
     from tasks.ray_train import fit
+    from tasks.settings import MlflowConfig
 
     @ray.remote(num_cpus=0)
     def try_write(folder):
@@ -125,12 +132,14 @@ def test_two_workers_finetune_and_return_the_model_through_storage_with_live_met
     progress = []
     with tracking.start_pipeline_run(MlflowConfig(experiment="live"), mlflow_root, "parent") as parent, \
             tracking.stage_run("finetune", parent=parent) as stage:
-        result = fit("finetune", model_source=start_model, model_cfg=ModelConfig(source="tiny"),  # global batch 2x2
-                     train_cfg=TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=4, checkpoint_every_steps=2,
-                                           sharding=sharding),
-                     encode_cfg=EncodeConfig(max_length=512), data_path=data.as_uri(),
-                     output_dir=str(driver / "judge"), ray_cfg=RayConfig(num_workers=2, checkpoints_to_keep=1),
-                     storage_path=str(tmp_path / "storage"), run_name="judge-guarded", tracking=stage,
+        settings = StageSettings("finetune", model=ModelConfig(source="tiny"),  # global batch 2 workers x 2
+                                 train=TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=4,
+                                                   checkpoint_every_steps=2, sharding=sharding),
+                                 encode=EncodeConfig(max_length=512),
+                                 runtime=RayConfig(num_workers=2, checkpoints_to_keep=1),
+                                 store=state_at(tmp_path, tmp_path / "storage"))
+        result = fit(settings, model_source=start_model, data_path=data.as_uri(), output_dir=str(driver / "judge"),
+                     run_name="judge-guarded", tracking=stage,
                      on_progress=lambda step, fraction: progress.append((step, fraction)))
         points = tracking.MlflowClient(stage.tracking_uri).get_metric_history(stage.run_id, "train/loss")
     assert result["completed"] and result["steps"] == 4 and result["resumed_from_step"] == 0

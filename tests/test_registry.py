@@ -1,4 +1,4 @@
-"""tasks/registry.py: pyfunc judge, registration, aliases and the promotion gate on a temporary sqlite store."""
+"""tasks/model_registry.py: pyfunc judge, registration, aliases and the promotion gate on a temporary sqlite store."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from gram_core.pipeline_config import MlflowConfig
-from tasks import registry, tracking
+from tasks import model_registry, tracking
+from tasks.settings import MlflowConfig
 
 ROWS = pd.DataFrame({
     "prompt": ["What is 2+2?", "Name a colour.", "Say hi."],
@@ -53,7 +53,7 @@ def variants(model_dir, tmp_path_factory):
 def _register(store: Path, model_dir: Path, cfg: MlflowConfig, score: float, eval_set: str = "rb-lite-v1"):
     with tracking.start_pipeline_run(cfg, store / "home", f"register-{score}"):
         with tracking.stage_run("register"):
-            return registry.log_and_register(model_dir, cfg, {cfg.promotion_metric: score, "judge/consistency": 0.9},
+            return model_registry.log_and_register(model_dir, cfg, {cfg.promotion_metric: score, "judge/consistency": 0.9},
                                              {"config_hash": "c0ffee", "data/train_sha256": "d00d"}, eval_set)
 
 
@@ -107,32 +107,32 @@ def test_register_versions_aliases_and_gate(store, variants):
 def test_gate_margin_is_strict_and_eval_sets_must_match(store):
     client, name, metric = MlflowClient(), "judge-gate", "rewardbench/overall"
     champion = _new_version(client, name, 0.70, "set-a", metric)
-    assert registry.promote_if_better(client, name, champion, metric, 0.05, "set-a").promoted
+    assert model_registry.promote_if_better(client, name, champion, metric, 0.05, "set-a").promoted
 
     within = _new_version(client, name, 0.74, "set-a", metric)  # 0.74 <= 0.70 + 0.05: not enough
-    decision = registry.promote_if_better(client, name, within, metric, 0.05, "set-a")
+    decision = model_registry.promote_if_better(client, name, within, metric, 0.05, "set-a")
     assert (decision.decision, decision.champion_score, decision.candidate_score) == ("kept", 0.70, 0.74)
 
     other_set = _new_version(client, name, 0.99, "set-b", metric)  # far better, but on another eval set
-    decision = registry.promote_if_better(client, name, other_set, metric, 0.05, "set-b")
+    decision = model_registry.promote_if_better(client, name, other_set, metric, 0.05, "set-b")
     assert decision.decision == "kept" and decision.champion_eval_set_id == "set-a"
     assert "not comparable" in decision.reason and "'set-b'" in decision.reason
     assert _alias(client, name, "champion") == champion
     assert client.get_model_version(name, other_set).tags["promotion/decision"] == "kept"
 
-    again = registry.promote_if_better(client, name, champion, metric, 0.05, "set-a")
+    again = model_registry.promote_if_better(client, name, champion, metric, 0.05, "set-a")
     assert again.decision == "kept" and "already the champion" in again.reason
 
     nan = _new_version(client, name, float("nan"), "set-a", metric)
-    assert "not finite" in registry.promote_if_better(client, name, nan, metric, 0.0, "set-a").reason
+    assert "not finite" in model_registry.promote_if_better(client, name, nan, metric, 0.0, "set-a").reason
 
     better = _new_version(client, name, 0.76, "set-a", metric)
-    assert registry.promote_if_better(client, name, better, metric, 0.05, "set-a").promoted
+    assert model_registry.promote_if_better(client, name, better, metric, 0.05, "set-a").promoted
     assert _alias(client, name, "champion") == better
 
     untagged = str(client.create_model_version(name, source="/nonexistent/bare-model").version)
     with pytest.raises(ValueError, match=f"version {untagged} has no tag 'rewardbench/overall'"):
-        registry.promote_if_better(client, name, untagged, metric, 0.0, "set-a")
+        model_registry.promote_if_better(client, name, untagged, metric, 0.0, "set-a")
 
 
 def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
@@ -165,7 +165,7 @@ def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
     swapped = judge_pyfunc.predict(ROWS.rename(columns={"response_a": "response_b", "response_b": "response_a"}))
     np.testing.assert_allclose(swapped["p_a_better"], 1 - out["p_a_better"], atol=1e-9)
 
-    loaded = registry.load_judge("models:/judge-load@champion")
+    loaded = model_registry.load_registered_judge("models:/judge-load@champion")
     np.testing.assert_allclose(loaded.predict(ROWS)["p_a_better"], out["p_a_better"], atol=1e-6)
 
 
@@ -215,18 +215,18 @@ def test_rest_errors_carry_the_reason(store, model_dir):
 def test_log_and_register_checks_its_inputs(store, model_dir, tmp_path):
     cfg = MlflowConfig(model_name="judge-errors")
     with pytest.raises(ValueError, match="promotion metric 'rewardbench/overall'.*\\['acc'\\]"):
-        registry.log_and_register(model_dir, cfg, {"acc": 0.5}, None, "set-a")
+        model_registry.log_and_register(model_dir, cfg, {"acc": 0.5}, None, "set-a")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        registry.log_and_register(tmp_path, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
+        model_registry.log_and_register(tmp_path, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
     with pytest.raises(ValueError, match="eval_set_id"):
-        registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "")
+        model_registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "")
     with pytest.raises(RuntimeError, match="no active MLflow run"):
-        registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
+        model_registry.log_and_register(model_dir, cfg, {"rewardbench/overall": 0.5}, None, "set-a")
 
 
 def test_pip_requirements_are_exact_pins():
-    pins = dict(p.split("==") for p in registry.pip_requirements())
-    assert set(pins) == set(registry.RUNTIME_PACKAGES)
+    pins = dict(p.split("==") for p in model_registry.pip_requirements())
+    assert set(pins) == set(model_registry.RUNTIME_PACKAGES)
     assert all(v and "+" not in v for v in pins.values())
 
 
@@ -240,7 +240,7 @@ def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_
     sha = folder_sha256(model_dir)
     client.set_model_version_tag("judge-cache", version, "model_sha256", sha)
     cache = tmp_path / "registered"
-    folder, resolved = registry.registered_model_dir("models:/judge-cache@champion", uri, cache)
+    folder, resolved = model_registry.registered_model_dir("models:/judge-cache@champion", uri, cache)
     assert resolved == f"models:/judge-cache/{version}" and folder == cache / sha[:16]
     assert folder_sha256(folder) == sha and (folder / "config.json").is_file()
 
@@ -248,22 +248,22 @@ def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_
         raise AssertionError("downloaded again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(registry, "download_registered_model", no_download)
-        assert registry.registered_model_dir(f"models:/judge-cache/{version}", uri, cache)[0] == folder
+        patch.setattr(model_registry, "download_registered_model", no_download)
+        assert model_registry.registered_model_dir(f"models:/judge-cache/{version}", uri, cache)[0] == folder
 
     (folder / "config.json").write_text("{}")  # a damaged cache entry is fetched again
-    assert registry.registered_model_dir("models:/judge-cache@champion", uri, cache)[0] == folder
+    assert model_registry.registered_model_dir("models:/judge-cache@champion", uri, cache)[0] == folder
     assert folder_sha256(folder) == sha
 
     client.set_model_version_tag("judge-cache", version, "model_sha256", "0" * 64)
     with pytest.raises(RuntimeError, match="model_sha256 tag says 0000"):
-        registry.registered_model_dir(f"models:/judge-cache/{version}", uri, tmp_path / "other")
+        model_registry.registered_model_dir(f"models:/judge-cache/{version}", uri, tmp_path / "other")
 
-    with pytest.raises(registry.ModelNotFoundError, match="has no alias 'best'.*aliases: candidate, champion"):
-        registry.registered_model_dir("models:/judge-cache@best", uri, cache)
-    with pytest.raises(registry.ModelNotFoundError, match="no registered model 'nope'.*judge-cache"):
-        registry.registered_model_dir("models:/nope@champion", uri, cache)
-    assert not issubclass(registry.ModelNotFoundError, MlflowException)
+    with pytest.raises(model_registry.ModelNotFoundError, match="has no alias 'best'.*aliases: candidate, champion"):
+        model_registry.registered_model_dir("models:/judge-cache@best", uri, cache)
+    with pytest.raises(model_registry.ModelNotFoundError, match="no registered model 'nope'.*judge-cache"):
+        model_registry.registered_model_dir("models:/nope@champion", uri, cache)
+    assert not issubclass(model_registry.ModelNotFoundError, MlflowException)
 
 
 def mlflow_uri() -> str:
@@ -298,7 +298,7 @@ def test_drill_concurrent_promotions_keep_the_better_model(store, monkeypatch, s
     client, metric = MlflowClient(), "rewardbench/overall"
     name = f"judge-race-{int(slow_score * 100)}"
     champion = _new_version(client, name, 0.60, "set-a", metric)
-    assert registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
+    assert model_registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
     fast_score = 0.70 if slow_score == 0.65 else 0.65
     versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
     set_alias = MlflowClient.set_registered_model_alias
@@ -315,7 +315,7 @@ def test_drill_concurrent_promotions_keep_the_better_model(store, monkeypatch, s
     decisions = {}
 
     def gate(score):
-        decisions[score] = registry.promote_if_better(MlflowClient(), name, versions[score], metric, 0.0, "set-a")
+        decisions[score] = model_registry.promote_if_better(MlflowClient(), name, versions[score], metric, 0.0, "set-a")
 
     slow = threading.Thread(target=gate, args=(slow_score,), name="slow")
     slow.start()

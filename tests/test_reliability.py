@@ -89,10 +89,10 @@ def _finetune_artifacts(home: Path) -> list[Path]:
 def _reference_losses(home: Path) -> list[float]:
     """Per-step train/loss of an uninterrupted in-process training on the same data and config."""
     from gram_core.models import load_model
-    from gram_core.pipeline_config import load_preset
     from gram_core.training import train_judge
-    from tasks.ray_train import read_rows
-    from tasks.stages import base_model_dir
+    from tasks.ray_worker import read_rows
+    from tasks.settings import load_preset
+    from tasks.train_stage import base_model_dir
 
     cfg = load_preset("smoke", OVERRIDES)
     table = next(p.parent / "table.parquet" for p in (home / "artifacts" / "sources").glob("*/_artifact.json")

@@ -10,7 +10,7 @@ from gram_core.rewardbench import (
     SUBSET_WEIGHTS,
     correctness,
     position_consistency,
-    report_markdown,
+    rewardbench_markdown,
     section_scores,
     subset_accuracy,
     to_metrics,
@@ -130,7 +130,7 @@ def test_bad_inputs_name_the_problem():
 
 def test_report_marks_missing_sections_and_protocol():
     rows = accuracy_rows("llmbar-natural", 3, 1) + accuracy_rows("alpacaeval-easy", 1, 0) + [("odd", 0.9, 0.9)]
-    text = report_markdown(section_scores(make_scores(rows)), title="RewardBench-lite")
+    text = rewardbench_markdown(section_scores(make_scores(rows)), title="RewardBench-lite")
     assert text.startswith("## RewardBench-lite\n")
     assert "both orders" in text.lower() and "official section weights" in text
     assert "| Safety | missing | 0/5 |" in text

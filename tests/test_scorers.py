@@ -5,16 +5,15 @@ import json
 import pytest
 
 from gram_core.config import EncodeConfig, JudgeConfig
-from gram_core.scorers import (
+from gram_core.judge_settings import (
     JUDGE_SETTINGS_FILE,
     JudgeSettingsError,
-    folder_kind,
     judge_settings,
-    load_scorer,
     read_judge_settings,
     resolve_judge_config,
     write_judge_settings,
 )
+from gram_core.scorers import folder_kind, load_scorer
 
 
 @pytest.fixture()

@@ -23,8 +23,8 @@ def test_credentials_in_uris_are_redacted(uri, secret):
 def test_params_and_tags_logged_to_mlflow_are_redacted(mlflow_root):
     from mlflow import MlflowClient
 
-    from gram_core.pipeline_config import MlflowConfig
     from tasks import tracking
+    from tasks.settings import MlflowConfig
 
     cfg = MlflowConfig(experiment="redact")
     with tracking.start_pipeline_run(cfg, mlflow_root / "home", "redact", params={
@@ -44,8 +44,8 @@ def test_ray_token_auth_is_left_on(monkeypatch):
     import ray
 
     from flows.cli import OFFLINE_DEFAULTS
-    from gram_core.pipeline_config import RayConfig
-    from tasks.ray_train import ray_runtime
+    from tasks.ray_runtime import ray_runtime
+    from tasks.settings import RayConfig
 
     assert "RAY_AUTH_MODE" not in OFFLINE_DEFAULTS
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)

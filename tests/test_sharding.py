@@ -11,9 +11,10 @@ from toy_data import better_pairs as toy_pairs
 from gram_core.baseline import BTScorer, train_bradley_terry
 from gram_core.config import ConfigError, EncodeConfig, ModelConfig, TrainConfig, from_dict
 from gram_core.models import apply_trainable, build_tiny_model, build_tiny_tokenizer, save_model
-from gram_core.pipeline_config import load_preset
 from gram_core.sharding import full_state_dict
-from gram_core.training import judge_step_fn, train_judge, train_pretrain
+from gram_core.steps import judge_step_fn
+from gram_core.training import train_judge, train_pretrain
+from tasks.settings import load_preset
 
 ENCODE = EncodeConfig(max_length=512, order="random_half")
 
@@ -145,7 +146,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_tokeniz
 
     from gram_core.encoding import JudgeEncoder
     from gram_core.sharding import set_activation_checkpointing
-    from gram_core.training import collate_judge
+    from gram_core.steps import collate_judge
 
     calls, mlp_forward = [], LlamaMLP.forward
     monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))

@@ -11,8 +11,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
-from gram_core.pipeline_config import MlflowConfig
 from tasks import tracking
+from tasks.settings import MlflowConfig
 
 
 @pytest.fixture(scope="module")

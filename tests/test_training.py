@@ -10,16 +10,8 @@ import torch
 from gram_core.config import EncodeConfig, JudgeConfig, ModelConfig, TrainConfig
 from gram_core.losses import IGNORE_INDEX, lm_loss, optimal_margin
 from gram_core.models import apply_trainable, build_tiny_model
-from gram_core.training import (
-    NonFiniteLossError,
-    collate_judge,
-    collate_pretrain,
-    judge_step_fn,
-    pretrain_step_fn,
-    train,
-    train_judge,
-    train_pretrain,
-)
+from gram_core.steps import collate_judge, collate_pretrain, judge_step_fn, pretrain_step_fn
+from gram_core.training import NonFiniteLossError, train, train_judge, train_pretrain
 
 WORDS = "red green blue cat dog sun moon tree river stone".split()
 
@@ -335,7 +327,7 @@ def test_both_orders_of_a_pair_share_a_batch():
 
 
 def test_final_norm_and_verdict_rows_get_their_own_learning_rates(tiny_tokenizer):
-    from gram_core.training import final_norm_params, param_groups, verdict_row_params
+    from gram_core.param_groups import final_norm_params, param_groups, verdict_row_params
 
     model = apply_trainable(build_tiny_model(tiny_tokenizer, seed=0),
                             ModelConfig(freeze_layers=1, untie_verdict_rows=True))
@@ -369,3 +361,30 @@ def test_untied_verdict_rows_start_equal_and_only_they_move(tiny_tokenizer):
     from gram_core.encoding import JudgeEncoder
 
     assert sorted(changed) == sorted(JudgeEncoder(tiny_tokenizer, 512, "A", "B").label_ids)
+
+
+@pytest.mark.parametrize("name, files", [
+    ("pretrain", {"config.json"}),
+    ("finetune", {"config.json", "gram_judge.json"}),
+    ("bradley_terry", {"config.json", "reward_head.safetensors"}),
+])
+def test_each_training_stage_is_one_row_of_the_table(tiny_tokenizer, tmp_path, name, files):
+    from gram_core.stages import TRAINING_STAGES, training_stage
+
+    stage = training_stage(name)
+    assert TRAINING_STAGES[name] is stage and stage.name == name
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = TrainConfig(learning_rate=1e-2, batch_size=4, max_steps=2, warmup_ratio=0.0)
+    trained, result = stage.train(model, tiny_tokenizer, toy_pairs(8, seed=3), config, EncodeConfig(max_length=512))
+    assert result.steps == 2 and all(np.isfinite(m["train/loss"]) for m in result.history)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    stage.save(trained, tiny_tokenizer, EncodeConfig(max_length=512), tmp_path / name, None)
+    assert files <= {p.name for p in (tmp_path / name).iterdir()}
+
+
+def test_an_unknown_training_stage_names_the_known_ones():
+    from gram_core.stages import training_stage
+
+    with pytest.raises(ValueError, match=r"unknown training stage 'judge'.*'pretrain', 'finetune', 'bradley_terry'"):
+        training_stage("judge")

@@ -6,8 +6,9 @@ import json
 
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact
+from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, open_store, read_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.settings import StatePaths
 
 STUDY_FILE = "quality.md"
 STUDY_CHART = "quality.png"
@@ -15,11 +16,11 @@ STUDY_METRICS = "metrics.json"
 
 
 @task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
-def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, store_uri: str, eval_name: str) -> ArtifactRef:
+def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: StatePaths, eval_name: str) -> ArtifactRef:
     """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact)."""
-    from gram_core.study import SCALAR_ARMS, arm_metrics, study_markdown, write_study_chart
+    from gram_core.study_report import SCALAR_ARMS, arm_metrics, study_markdown, write_study_chart
 
-    store = ArtifactStore(store_uri)
+    store = open_store(state)
     metrics = {arm: arm_metrics(read_table_artifact(store, ref), scalar=arm in SCALAR_ARMS)
                for arm, ref in scores.items()}
     with store.staging("study_report") as folder:
@@ -36,14 +37,13 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, store_ur
 
 
 @task(name="record_study")
-def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: dict[str, ArtifactRef], store_uri: str,
+def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: dict[str, ArtifactRef], state: StatePaths,
                  tracking) -> None:
     """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run."""
     from tasks import tracking as mlf
-    from tasks.register import _history
-    from tasks.stages import METRICS_FILE
+    from tasks.run_record import read_history
 
-    store = ArtifactStore(store_uri)
+    store = open_store(state)
     metrics = json.loads(store.read_text(report, STUDY_METRICS))
     for arm, arm_metrics in metrics.items():
         tags = {"gram.arm": arm, "gram.scores": scores[arm].uri}
@@ -51,7 +51,7 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
             tags["gram.model"] = models[arm].uri
         with mlf.stage_run(f"arm:{arm}", tags=tags, parent=tracking) as run:
             if arm in models:
-                history = _history(store.local_dir(models[arm]) / METRICS_FILE)
+                history = read_history(store.local_dir(models[arm]) / TRAIN_HISTORY_FILE)
                 if history:
                     mlf.log_metric_history(history, run_id=run.run_id)
             flat = {"study/overall": arm_metrics["overall"], "study/accuracy": arm_metrics["accuracy"],

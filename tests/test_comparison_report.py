@@ -5,7 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.report import NOT_APPLICABLE, ORDERS, comparison_rows, eval_metrics, report_markdown, write_chart
+from gram_core.comparison_report import (
+    NOT_APPLICABLE,
+    ORDERS,
+    comparison_markdown,
+    comparison_rows,
+    eval_metrics,
+    write_chart,
+)
 
 
 def scores(rows):
@@ -41,7 +48,7 @@ def test_rows_line_up_every_column_in_order():
 
 
 def test_report_shows_three_columns_and_the_scalar_protocol(tmp_path):
-    text = report_markdown({"zero-shot": ZERO_SHOT, "BT": BT, "GRAM": GRAM}, scalar={"BT"}, eval_name="toy")
+    text = comparison_markdown({"zero-shot": ZERO_SHOT, "BT": BT, "GRAM": GRAM}, scalar={"BT"}, eval_name="toy")
     assert "| | zero-shot | BT | GRAM |\n|---|---|---|---|" in text
     assert "| **accuracy (all pairs)** | 33.3 | 66.7 | 66.7 |" in text
     assert "| **position consistency** | 66.7 | n/a (scalar) | 100.0 |" in text

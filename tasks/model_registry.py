@@ -16,7 +16,7 @@ Serving the champion (the gram-pipeline package must be importable, hence ``--en
 
 The server is up in ~20 s on 2 CPUs (poll ``/ping``). ``--env-manager virtualenv/conda`` would fail: the
 pinned requirements do not include gram-pipeline, which is not on PyPI. In Python:
-``load_judge("models:/gram-reward-model@champion").predict(df)`` with the same columns;
+``load_registered_judge("models:/gram-reward-model@champion").predict(df)`` with the same columns;
 ``model_config={"device": "cpu"}`` (or ``"dtype": "bfloat16"`` on a GPU) overrides the logged options.
 
 Concurrency: registration and the gate run under one file lock per (tracking URI, model name)
@@ -47,11 +47,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from gram_core.config import JudgeConfig, to_dict
-from gram_core.pipeline_config import MlflowConfig
 from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
 from tasks.locks import file_lock
+from tasks.settings import MlflowConfig
 from tasks.tracking import model_version_url, use_tracking_uri
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -387,7 +387,7 @@ def download_registered_model(model_uri: str, tracking_uri: str, dst: Path) -> t
     return folders[0], resolved
 
 
-def load_judge(model_uri: str = "models:/gram-reward-model@champion", *, tracking_uri: str | None = None,
+def load_registered_judge(model_uri: str = "models:/gram-reward-model@champion", *, tracking_uri: str | None = None,
                model_config: Mapping[str, Any] | None = None) -> mlflow.pyfunc.PyFuncModel:
     """Load a registered judge (by alias or version) as a pyfunc; ``.predict(df)`` as in the module docs."""
     if tracking_uri:

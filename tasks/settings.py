@@ -1,8 +1,9 @@
-"""Pipeline-level configuration (plain data; the tasks that use it import Ray/MLflow, this module doesn't).
+"""Orchestration settings: Ray, MLflow, evaluation, the pipeline's sections, state folders, presets.
 
 ``PipelineConfig`` gathers every section a pipeline run needs: where state lives, the data sources, the
-method configs of each stage, Ray and MLflow. ``load_preset`` reads ``gram_core/presets/<name>.yaml`` (or
-any YAML path) and applies ``key.path=value`` overrides on top; each stage hashes only its own sections.
+method configs of each stage (from ``gram_core.config``), Ray and MLflow. ``load_preset`` reads
+``tasks/presets/<name>.yaml`` (or any YAML path) and applies ``key.path=value`` overrides on top; each stage
+hashes only its own sections. The method's own configs stay in ``gram_core``; this module is plain data.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import yaml
 
 from gram_core.config import (
+    BaselineConfig,
     ConfigError,
     EncodeConfig,
     JudgeConfig,
     ModelConfig,
+    PretrainConfig,
     TrainConfig,
     check,
     field,
@@ -29,10 +32,10 @@ from gram_core.config import (
 )
 from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
+from gram_core.sources import STARTER, SourceConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "demo"
-STARTER = "starter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,38 +76,6 @@ class MlflowConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    path: str | None = field(None, "'starter' (the built-in starter dataset), or a local Parquet/JSONL/JSON/CSV "
-                             "file or folder of such files.")
-    hub: str | None = field(None, "Hugging Face hub dataset id (e.g. 'allenai/reward-bench'); read through "
-                            "`datasets`, from its local cache when offline.")
-    name: str | None = field(None, "Hub dataset configuration name (e.g. 'all').")
-    split: str = field("train", "Dataset split (hub datasets; the starter set has 'train' and 'eval').")
-    column_map: dict[str, str] = field({}, "Rename source columns to contract columns: {source: contract}.")
-    conversations: bool = field(False, "Response columns hold chat message lists (role/content): the last "
-                                "assistant turn is the response, the turns before it become the prompt.")
-    limit: int = field(0, "Keep at most this many rows (seeded random sample, order kept); 0 = all.")
-    seed: int = field(0, "Seed of the `limit` sample.")
-
-    def __post_init__(self) -> None:
-        check((self.path is None) != (self.hub is None), "source",
-              f"set exactly one of `path` or `hub` (got path={self.path!r}, hub={self.hub!r})")
-        check(self.limit >= 0, "source.limit", f"must be >= 0, got {self.limit}")
-
-    @property
-    def is_starter(self) -> bool:
-        return self.path == STARTER
-
-    def describe(self) -> str:
-        """'hub:org/name/config[split]', 'starter' or the path, plus the row limit."""
-        if self.hub:
-            where = f"hub:{self.hub}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
-        else:
-            where = str(self.path)
-        return where + (f" (limit {self.limit})" if self.limit else "")
-
-
-@dataclasses.dataclass(frozen=True)
 class DataConfig:
     prompts: SourceConfig | None = field(None, "Prompts to sample policy responses for (columns prompt, "
                                          "optional prompt_id); None: no sampling, pairs come from the pools.")
@@ -116,36 +87,6 @@ class DataConfig:
                                       "(preference-pairs contract: pair_id, prompt, chosen, rejected, source).")
     eval: SourceConfig = field(SourceConfig(path=STARTER, split="eval"), "Evaluation pairs in RewardBench's "
                                "schema (prompt, chosen, chosen_model, rejected, rejected_model, subset, id).")
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig(TrainConfig):
-    enabled: bool = field(True, "Run stage 1 (pre-training on unlabeled pairs); false: fine-tune the base model.")
-
-    def train_config(self) -> TrainConfig:
-        """The plain TrainConfig the trainer takes (without `enabled`)."""
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineConfig:
-    enabled: bool = field(False, "Also train the Bradley-Terry reward model (the discriminative baseline) on the "
-                          "same preference pairs, from the base model (not stage 1) with the same `model` "
-                          "settings and the same number of optimizer steps as stage 2, and evaluate it on the "
-                          "same eval set: the summary then shows zero-shot | BT | GRAM. Costs about one more "
-                          "stage-2 run.")
-    learning_rate: float | None = field(None, "Peak learning rate of the BT run. None: finetune.learning_rate. "
-                                        "Its other training settings are finetune's, matched as "
-                                        "gram_core.baseline.bt_train_config states (steps; batch_size // 2 pairs).")
-
-    def __post_init__(self) -> None:
-        check(self.learning_rate is None or self.learning_rate > 0, "baseline.learning_rate",
-              f"must be > 0 or null, got {self.learning_rate}")
-
-    def train_config(self, finetune: TrainConfig) -> TrainConfig:
-        """Stage 2's TrainConfig with this learning rate (steps and batch are matched by the BT task)."""
-        return dataclasses.replace(finetune, learning_rate=self.learning_rate or finetune.learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +142,18 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StatePaths:
-    """Where a resolved config keeps its state."""
+    """Where a resolved config keeps its state. Passed to whatever reads or writes it (tasks, Ray workers);
+    nothing derives these folders from environment variables after the config is resolved."""
 
     home: Path
     artifact_store: str
     prefect_results: Path
     ray_storage: str
+
+    @property
+    def artifact_cache(self) -> Path:
+        """Where remote artifacts are downloaded (and hash-checked) before use."""
+        return self.home / "artifact-cache"
 
 
 def state_paths(config: PipelineConfig) -> StatePaths:
@@ -215,6 +162,32 @@ def state_paths(config: PipelineConfig) -> StatePaths:
     return StatePaths(home=home, artifact_store=str(cfg.artifact_store),
                       prefect_results=home / "prefect-results",
                       ray_storage=cfg.ray.storage_path or str(home / "ray_storage"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """Everything one training stage needs besides its data and start model: frozen and hashable, so it is
+    one input of the stage's cache key, and its MLflow params are derived from it (``params``)."""
+
+    stage: str  # a gram_core.stages.TRAINING_STAGES name
+    model: ModelConfig
+    train: TrainConfig
+    encode: EncodeConfig
+    runtime: RayConfig
+    store: StatePaths  # artifacts, the artifact cache and Ray's checkpoint storage
+
+    def params(self) -> dict[str, Any]:
+        """The stage's MLflow params (each section flattened by the tracker)."""
+        return {"model": self.model, "train": self.train, "encode": self.encode, "ray": self.runtime}
+
+
+def stage_settings(config: PipelineConfig, stage: str) -> StageSettings:
+    """The settings of training stage ``stage`` ('pretrain', 'finetune', 'bradley_terry') of ``config``."""
+    train = {"pretrain": config.pretrain.train_config(), "finetune": config.finetune,
+             "bradley_terry": config.baseline.train_config(config.finetune)}
+    check(stage in train, "stage", f"unknown training stage {stage!r}; expected one of {list(train)}")
+    return StageSettings(stage=stage, model=config.model, train=train[stage], encode=config.encode,
+                         runtime=config.ray, store=state_paths(config))
 
 
 # --------------------------------------------------------------------------------------------------

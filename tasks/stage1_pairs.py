@@ -1,4 +1,5 @@
-"""Stage 1 data: sample responses from policy models and/or take response pools, then pair them up."""
+"""Stage 1 data (the ``build_pairs`` task): sample responses from policy models and/or take response pools,
+then pair them up (``gram_core.pairs``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from prefect import task
 
 from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
-from tasks.artifacts import ArtifactRef, ArtifactStore, read_table_artifact, write_table_artifact
+from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.progress import ProgressLog
 from tasks.retries import HUB_RETRIES
-from tasks.stages import ProgressLog
+from tasks.settings import StatePaths
 
 POOL_FILE = "pool.parquet"
 
@@ -55,15 +57,15 @@ def pool_pairs(pool, pairing: PairingConfig):
 
 
 @task(name="build_pairs", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
-def build_pairs(prompts: ArtifactRef | None, pools: list[ArtifactRef], pair_sets: list[ArtifactRef],
-                sampling: SamplingConfig, pairing: PairingConfig, store_uri: str) -> ArtifactRef:
+def build_stage1_pairs(prompts: ArtifactRef | None, pools: list[ArtifactRef], pair_sets: list[ArtifactRef],
+                       sampling: SamplingConfig, pairing: PairingConfig, state: StatePaths) -> ArtifactRef:
     """Unlabeled pairs (stage-1 data): sampled responses and pools paired up, plus ready-made pair sets."""
     import pyarrow as pa
 
     from data_contracts import RESPONSE_POOL, UNLABELED_PAIRS, validate
 
     log = stage_logger()
-    store = ArtifactStore(store_uri)
+    store = open_store(state)
     responses = [read_table_artifact(store, ref) for ref in pools]
     if prompts is not None:
         responses.append(sample_pool(read_table_artifact(store, prompts), sampling, log))

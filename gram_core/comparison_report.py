@@ -2,7 +2,7 @@
 
 Pure rendering from scores tables (no Prefect, no MLflow): ``eval_metrics`` turns a scores table into flat
 metrics (``rewardbench/...`` from gram_core.rewardbench plus plain ``eval/accuracy``), ``comparison_rows``
-lines up any number of models (columns, in order), ``report_markdown`` and ``write_chart`` render them.
+lines up any number of models (columns, in order), ``comparison_markdown`` and ``write_chart`` render them.
 A scalar reward model (Bradley-Terry) is scored once per pair: σ(r_chosen − r_rejected) has no slot order, so
 its metrics say ``eval/orders_scored`` = 1, carry no position consistency, and the tables show "n/a (scalar)".
 """
@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.evidence import evidence_lines
-from gram_core.rewardbench import SECTIONS, RewardBenchResult, section_scores, to_metrics
-from gram_core.rewardbench import report_markdown as rewardbench_markdown
+from gram_core.rewardbench import (
+    SECTIONS,
+    RewardBenchResult,
+    rewardbench_markdown,
+    section_scores,
+    to_metrics,
+)
 
 ACCURACY = "eval/accuracy"
 IN_DISTRIBUTION = "eval/in_distribution"
@@ -128,7 +133,7 @@ def protocol_note(names: Collection[str], scalar: Collection[str] = ()) -> str:
     return " ".join(parts)
 
 
-def report_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
+def comparison_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
                     title: str = "GRAM judge evaluation", eval_name: str = "eval set",
                     evidence: Mapping[str, Any] | None = None) -> str:
     """Comparison table of the models side by side, then the full RewardBench-style readout of each.

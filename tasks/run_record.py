@@ -1,0 +1,190 @@
+"""The run's record: every stage as an MLflow child run (cached ones from their artifacts), the outcome on the
+parent run, and the run summary (printed by `gram run`, published as Prefect artifacts).
+
+MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
+holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
+stage. Training stages that compute open their child run themselves and log every step live from Ray's
+rank 0; cached stages get theirs here, from their artifact references, after the stages finish (tag
+``gram.cached``): a cached stage still shows its params, per-step training metrics (from the model's
+training history) and eval metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from gram_core.comparison_report import COLUMNS
+from tasks import tracking as mlf
+from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open_store
+from tasks.caching import code_version
+from tasks.evaluate import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
+from tasks.model_registry import current_aliases
+from tasks.settings import StageSettings, StatePaths
+from tasks.tracking import RunHandle, redact
+
+# Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
+LIVE_STAGES = ("pretrain", "finetune", "register")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One stage as the flow saw it: its output, whether Prefect served it from cache, its config."""
+
+    name: str
+    ref: ArtifactRef | None
+    state: str  # Prefect state name: Completed, Cached, ...
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def cached(self) -> bool:
+        return self.state == "Cached"
+
+
+def record_params(task: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A stage's params, read off the call itself: each config argument by its parameter name, and a
+    training stage's ``StageSettings`` as its own params (model, train, encode, ray)."""
+    bound = inspect.signature(task.fn).bind_partial(*args, **kwargs).arguments
+    params: dict[str, dict[str, Any]] = {}
+    for name, value in bound.items():
+        if isinstance(value, StageSettings):
+            params.update({k: dataclasses.asdict(v) for k, v in value.params().items()})
+        elif dataclasses.is_dataclass(value) and not isinstance(value, (ArtifactRef, StatePaths)):
+            params[name] = dataclasses.asdict(value)
+    return params
+
+
+def pipeline_params(config: Any) -> dict[str, Any]:
+    """Parent-run params: the resolved config (flattened by the tracker) and the code version."""
+    return {"config": dataclasses.asdict(config), "code_version": code_version()}
+
+
+# MLflow metric prefix of each report column but the GRAM judge's (logged unprefixed).
+METRIC_PREFIXES = {"base": "zero_shot", "bt": "bt"}
+
+
+def report_columns(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, name) of the report's columns, in order (eval_report's meta)."""
+
+    pairs = meta.get("columns") or [[k, COLUMNS[k]] for k in ("base", "trained") if meta.get(k)]
+    return [(key, name) for key, name in pairs if meta.get(key)]
+
+
+def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
+    """The report's metrics for MLflow: the GRAM judge's as they are, every other column's under its prefix
+    (zero_shot/..., bt/...)."""
+    out = dict(meta["trained"])
+    for key, _name in report_columns(meta):
+        if key != "trained":
+            out.update({f"{METRIC_PREFIXES.get(key, key)}/{k}": v for k, v in meta[key].items()})
+    return out
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """A model artifact's per-step training metrics (numbers only), from its TRAIN_HISTORY_FILE."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
+
+
+def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> None:
+    ref = record.ref
+    tags = {"gram.cached": str(record.cached).lower(), "gram.state": record.state}
+    params = dict(record.params)
+    if ref is not None:
+        tags.update({"gram.artifact": ref.uri, "gram.sha256": ref.sha256})
+        params.update({f"out.{k}": v for k, v in ref.meta.items() if not isinstance(v, dict)})
+    with mlf.stage_run(record.name, params=params, tags=tags, parent=parent) as run:
+        if ref is None:
+            return
+        if ref.kind == "model":
+            history = read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE)
+            if history:
+                mlf.log_metric_history(history, run_id=run.run_id)
+        elif ref.kind == "table" and ref.contract == "scores":
+            mlf.log_eval_metrics(ref.meta.get("metrics", {}), run_id=run.run_id)
+        elif ref.kind == "report":
+            folder = store.local_dir(ref)
+            mlf.log_eval_metrics(report_metrics(ref.meta), run_id=run.run_id)
+            for name in (REPORT_FILE, CHART_FILE, EVAL_METRICS_FILE):
+                mlf.log_artifact_file(folder / name, run_id=run.run_id)
+
+
+@task(name="record_run")
+def record_run(records: list[StageRecord], report: ArtifactRef, registration: dict[str, Any] | None,
+               state: StatePaths, tracking: RunHandle) -> None:
+    """Child runs for the stages (cached ones included) and the outcome on the parent run."""
+    store = open_store(state)
+    for record in records:
+        if record.name in LIVE_STAGES and not record.cached:
+            continue  # the task wrote its own child run (register: the model; training: live metrics)
+        _log_stage(record, store, tracking)
+    mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)
+    folder = store.local_dir(report)
+    for name in (REPORT_FILE, CHART_FILE):
+        mlf.log_artifact_file(folder / name, run_id=tracking.run_id)
+    tags = {f"gram.data.{r.name}": r.ref.sha256 for r in records if r.ref is not None}
+    if registration:
+        tags.update({"gram.registered_model": registration["name"],
+                     "gram.registered_version": registration["version"]})
+    mlf.set_tags(tags, run_id=tracking.run_id)
+
+
+@task(name="summarize")
+def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records: list[StageRecord],
+              state: StatePaths, tracking: RunHandle | None) -> dict[str, Any]:
+    """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts. ``columns``:
+    the compared models, key -> name, in order (zero-shot | BT | GRAM); ``eval``: one row per metric with
+    each column's value under its key (a fraction, None, or "n/a (scalar)")."""
+    from gram_core.comparison_report import comparison_rows
+    from gram_core.evidence import evidence_lines
+
+    columns = dict(report_columns(report.meta))
+    rows = comparison_rows({key: report.meta[key] for key in columns})
+    summary: dict[str, Any] = {
+        "columns": columns,
+        "eval": [{"metric": r["name"], **r["values"]} for r in rows],
+        "eval_rows": report.meta.get("eval_rows"),
+        "evidence": evidence_lines(report.meta["evidence"]) if report.meta.get("evidence") else [],
+        "report": report.file(REPORT_FILE),
+        "chart": report.file(CHART_FILE),
+        "stages": {r.name: r.state for r in records},
+        "mlflow_run": tracking.url or tracking.run_id if tracking else None,
+        "tracking_uri": redact(tracking.tracking_uri) if tracking else None,
+        "artifact_store": redact(state.artifact_store),
+    }
+    if registration:
+        summary["registered"] = {**registration, "tracking_uri": redact(registration["tracking_uri"]),
+                                 "aliases": current_aliases(registration["name"], registration["version"],
+                                                            registration["tracking_uri"])}
+    publish_prefect_artifacts(summary, open_store(state).read_text(report, REPORT_FILE))
+    return summary
+
+
+def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
+    """Eval table + report with links to MLflow, visible on the flow run page in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    def pct(value: float | str | None) -> str:
+        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
+
+    columns = summary["columns"]
+    table = [{"metric": r["metric"], **{name: pct(r.get(key)) for key, name in columns.items()}}
+             for r in summary["eval"]]
+    create_table_artifact(table, key="gram-eval", description=f"Eval accuracy (%): {' | '.join(columns.values())}")
+    links = [f"* Artifact store: `{summary['artifact_store']}`", f"* Report: `{summary['report']}`",
+             f"* MLflow run: {summary['mlflow_run']} (tracking URI `{summary['tracking_uri']}`)"]
+    reg = summary.get("registered")
+    if reg:
+        where = reg["url"] or f"`{reg['model_uri']}`"
+        links.append(f"* Model version: {reg['name']} v{reg['version']} ({', '.join(reg['aliases']) or 'no alias'}) "
+                     f"{where}; gate: {reg['promotion']['decision']} — {reg['promotion']['reason']}")
+    create_markdown_artifact("\n".join(["## GRAM pipeline run", "", *links, "", report_md]), key="gram-report",
+                             description="GRAM evaluation report and links")
