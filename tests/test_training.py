@@ -388,3 +388,22 @@ def test_an_unknown_training_stage_names_the_known_ones():
 
     with pytest.raises(ValueError, match=r"unknown training stage 'judge'.*'pretrain', 'finetune', 'bradley_terry'"):
         training_stage("judge")
+
+
+def test_adam_beta2_reaches_the_optimizer_and_is_checked(tiny_tokenizer, monkeypatch):
+    """train.adam_beta2 is AdamW's second-moment decay (docs/stage2.md); out of (0, 1) is a config error."""
+    from gram_core.config import ConfigError
+
+    seen, real = [], torch.optim.AdamW
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("betas"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    model = apply_trainable(build_tiny_model(tiny_tokenizer, seed=0), ModelConfig(freeze_layers=1))
+    config = TrainConfig(learning_rate=1e-3, batch_size=4, max_steps=1, warmup_ratio=0.0, adam_beta2=0.95)
+    train_judge(model, tiny_tokenizer, toy_pairs(4, seed=3), config, EncodeConfig(max_length=512, order="both"))
+    assert seen == [(0.9, 0.95)]
+    with pytest.raises(ConfigError, match="adam_beta2"):
+        TrainConfig(adam_beta2=1.0)
