@@ -117,9 +117,11 @@ def _preflight(config: Any) -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     with _preflight(_config(args)):
+        from flows.parameters import private_overrides
         from flows.pipeline import gram_pipeline
 
-        summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = gram_pipeline(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -131,9 +133,11 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
 
     began = time.time()
     with _preflight(_config(args)):
+        from flows.parameters import private_overrides
         from flows.study import gram_study
 
-        summary = gram_study(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = gram_study(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
     minutes = (time.time() - began) / 60
     report = Path(summary["report"]).read_text()
     print(report)
@@ -162,9 +166,11 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
     with _preflight(config):
         from flows.adapt import adapt
+        from flows.parameters import private_overrides
 
-        summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
-                        refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=overrides or None,
+                            refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -343,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    from tasks.redaction import install_log_redaction, remember
+
+    remember(*(sys.argv[1:] if argv is None else argv), os.environ.get("MLFLOW_TRACKING_URI", ""))
+    install_log_redaction()
     from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
 
     debug = getattr(args, "debug", False)

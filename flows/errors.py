@@ -13,7 +13,13 @@ def is_expected(err: BaseException) -> bool:
 
 
 def error_line(command: str, err: BaseException) -> str:
-    """The one line `gram` prints for a failure (without --debug)."""
+    """The one line `gram` prints for a failure (without --debug), credentials redacted."""
+    from tasks.redaction import redact
+
+    return redact(_error_line(command, err))
+
+
+def _error_line(command: str, err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename:
         text = f"{err.strerror or type(err).__name__}: {err.filename}"
     else:

@@ -51,6 +51,7 @@ from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
 from tasks.locks import file_lock
+from tasks.redaction import redact
 from tasks.settings import MlflowConfig
 from tasks.tracking import model_version_url, use_tracking_uri
 
@@ -255,7 +256,7 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
             version = str(registered.version)
         else:
             version, logged_uri = str(existing.version), existing.source
-        version_tags = {**{k: str(v) for k, v in (tags or {}).items()}, CONTENT_TAG: sha,
+        version_tags = {**{k: redact(str(v)) for k, v in (tags or {}).items()}, CONTENT_TAG: sha,
                         "eval_set_id": eval_set_id, **{k: repr(v) for k, v in metrics.items()}}
         for key, value in version_tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)

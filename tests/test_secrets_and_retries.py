@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tasks.tracking import redact
@@ -94,3 +97,84 @@ def test_unreachable_tracking_server_is_reported_with_what_to_do():
     with pytest.raises(TrackingServerUnreachable, match=r"http://\*\*\*@127\.0\.0\.1:9 is unreachable after 2 "
                                                         r"tries.*nothing was run.*MLFLOW_TRACKING_URI"):
         check_tracking_server("http://user:pw@127.0.0.1:9", attempts=2, timeout_s=2, backoff_s=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drill 1 (canary): a secret in every URI and override form never leaves the process.
+# --------------------------------------------------------------------------------------------------
+CANARY = "Canary7f3eb9"
+SECRET_FORMS = {
+    "password with @ and /": f"postgresql://gram:p@ss/{CANARY}@db.invalid:5432/mlflow",
+    "token as user": f"https://{CANARY}@mlflow.invalid",
+    "query token": f"https://data.invalid/e.parquet?region=eu&token={CANARY}",
+    "presigned signature": f"s3://bucket/store?X-Amz-Signature={CANARY}&region=eu",
+    "fragment token": f"https://data.invalid/e.parquet#access_token={CANARY}",
+    "libpq password": f"host=db.invalid user=gram password={CANARY} dbname=mlflow",
+    "libpq quoted password": f"host=db.invalid password='a b {CANARY}'",
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_every_secret_form_is_redacted(form):
+    out = redact(SECRET_FORMS[form])
+    assert CANARY not in out and "***" in out
+
+
+def _hits(root, secret: str) -> list[str]:
+    """Files under ``root`` whose bytes contain ``secret`` (plain, or as UTF-16 as SQLite may store it)."""
+    needles = (secret.encode(), secret.encode("utf-16-le"))
+    return [str(p) for p in Path(root).rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
+
+
+def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_path, monkeypatch, capsys):
+    """`gram run` and `gram study` with the canary in every URI and --set form, then MLflow's own channels
+    (params, start-run tags, the gram.artifact tag, text artifacts); grep the state folder (MLflow's database,
+    Prefect's results), Prefect's database and the console: zero hits. The secrets reach the runs (their
+    redacted forms are in Prefect's parameters and the error lines), so the drill can fail."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cli import main
+    from tasks import tracking
+    from tasks.settings import MlflowConfig
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("GRAM_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    in_flow = [f"--set=data.eval.path={SECRET_FORMS['query token']}",
+               f"--set=data.preferences.path={SECRET_FORMS['fragment token']}",
+               f"--set=data.prompts.path=https://gram:p@ss/{CANARY}@data.invalid/p.jsonl",
+               f"--set=mlflow.model_name={SECRET_FORMS['libpq password']}"]
+    with prefect_test_harness(server_startup_timeout=120):
+        db_url = PREFECT_API_DATABASE_CONNECTION_URL.value()
+        codes = [main(["run", "--preset", "smoke", *in_flow]),
+                 main(["study", "--preset", "smoke", *in_flow]),
+                 main(["run", "--preset", "smoke",
+                       f"--set=mlflow.tracking_uri=http://gram:p@ss/{CANARY}@127.0.0.1:9/#token={CANARY}"])]
+        cfg = MlflowConfig(experiment="canary")
+        with tracking.start_pipeline_run(cfg, home, "canary", params={"forms": {f"form{i}": v for i, v in enumerate(SECRET_FORMS.values())}},
+                                         tags={"where": SECRET_FORMS["password with @ and /"]}) as run:
+            with tracking.stage_run("stage", tags={"gram.artifact": SECRET_FORMS["presigned signature"]},
+                                    parent=run):
+                pass
+            summary = tmp_path / "summary.json"
+            summary.write_text(json.dumps({"report": f"{SECRET_FORMS['token as user']}/report.md"}))
+            tracking.log_artifact_file(summary, run_id=run.run_id)
+        APILogWorker.drain_all(timeout=30)
+        with get_client(sync_client=True) as client:
+            parameters = json.dumps([r.parameters for r in client.read_flow_runs()])
+            messages = [r.state.message or "" for r in client.read_flow_runs()]
+    console = capsys.readouterr()
+    data = MlflowClient(run.tracking_uri).get_run(run.run_id).data
+    prefect_db = Path(db_url.split(":///", 1)[1])
+    hits = _hits(home, CANARY) + _hits(prefect_db.parent, CANARY) + [
+        name for name, text in (("stdout", console.out), ("stderr", console.err)) if CANARY in text]
+    assert hits == [], hits  # the canary count
+    assert codes[0] in (1, 2) and codes[1] in (1, 2) and codes[2] == 3, (codes, console.err)
+    assert parameters.count("***") >= 8, parameters  # both flows ran and got the redacted overrides
+    assert "***" in data.tags["where"]
+    assert sum("no such file or folder" in m and "***" in m for m in messages) == 2, messages  # failed in a task
