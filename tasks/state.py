@@ -24,6 +24,7 @@ from tasks.locks import LockHeldError, file_lock
 from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
 SCRATCH = ".scratch"  # workers' local checkpoint folders, under the Ray storage folder
 STAGING_PREFIXES = (".staging-", ".tmp-", ".dl-")
 
@@ -186,15 +187,30 @@ def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> lis
     if ray_root is not None and ray_root.is_dir():
         cutoff = time.time() - keep_ray_runs_days * 86400
         for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name != SCRATCH):
-            checkpoints = sorted((c for c in run.glob("checkpoint-*") if c.is_dir()),
-                                 key=lambda c: int(c.name.rsplit("-", 1)[-1]) if c.name.rsplit("-", 1)[-1].isdigit() else -1)
             if run.stat().st_mtime < cutoff:
                 garbage.append(Garbage(str(run), _size(run), f"interrupted Ray run older than {keep_ray_runs_days:g} days"))
                 continue
-            garbage += [Garbage(str(c), _size(c), "Ray checkpoint older than its run's latest") for c in checkpoints[:-1]]
+            committed = committed_checkpoints(run)
+            if committed is None:  # no readable snapshot: a resume may need any of them
+                continue
+            garbage += [Garbage(str(c), _size(c), "Ray checkpoint not in its run's snapshot (superseded or torn)")
+                        for c in sorted(run.glob("checkpoint-*")) if c.is_dir() and c.name not in committed]
     for path in unreadable:
         garbage.append(Garbage(str(path), 0, "KEPT: unreadable cached result, so no artifact is pruned"))
     return garbage
+
+
+def committed_checkpoints(run: Path) -> set[str] | None:
+    """The checkpoint folder names Ray Train's run snapshot lists (what a resume restores from: the kept
+    results, the latest, those awaiting validation), or None when there is no readable snapshot. A folder
+    that is not listed was superseded, or written but never committed (torn by a kill)."""
+    try:
+        state = json.loads((run / RAY_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None
+    results = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result") or {},
+               *state.get("pending_training_results", [])]
+    return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")}
 
 
 def collect_garbage(config: PipelineConfig, apply: bool = False, keep_ray_runs_days: float = 7.0) -> list[Garbage]:

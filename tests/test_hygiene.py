@@ -149,6 +149,7 @@ def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     for step in (1, 2, 3):
         (ray_run / f"checkpoint-{step}").mkdir(parents=True)
         (ray_run / f"checkpoint-{step}" / "w").write_bytes(b"0" * 100)
+    _ray_snapshot(ray_run, ["checkpoint-3"])
 
     registered = Path(str(paths.home)) / "registered"  # the CLI's registered-model cache
     for folder in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", ".download-x1"):
@@ -162,7 +163,7 @@ def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     assert plan[Path(unused.uri).name].bytes == orphan_bytes and Path(unused.uri).exists()  # dry run only
     collect_garbage(cfg, apply=True)
     assert not Path(unused.uri).exists() and Path(used.uri).exists()
-    assert sorted(p.name for p in ray_run.iterdir()) == ["checkpoint-3"]
+    assert sorted(p.name for p in ray_run.iterdir()) == ["checkpoint-3", "checkpoint_manager_snapshot.json"]
     assert sorted(p.name for p in registered.iterdir()) == ["aaaaaaaaaaaaaaaa", "by-version"]
     assert json.loads((Path(used.uri) / MANIFEST).read_text())["sha256"] == used.sha256
 
@@ -196,3 +197,47 @@ def test_eval_set_id_is_the_rows_not_the_file(tmp_path):
     assert eval_set_id(changed, judge) not in ids
     assert eval_set_id(table, JudgeConfig(max_length=512)) not in ids
     assert eval_set_id(table, JudgeConfig(batch_size=2)) in ids  # batch size does not change scores
+
+
+def _ray_snapshot(run: Path, committed: list[str]) -> None:
+    """Ray Train's own run snapshot (its pydantic state, as its CheckpointManager writes it) listing ``committed``."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    results = [_TrainingResultState(checkpoint_dir_name=name, metrics={"step": i}) for i, name in enumerate(committed)]
+    state = _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=list(range(len(results))),
+        latest_checkpoint_result=results[-1] if results else None, pending_training_results=[],
+        pending_validation_specs=[], current_report_index=len(results), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
+    (run / "checkpoint_manager_snapshot.json").write_text(state.model_dump_json())
+
+
+def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkeypatch, capsys):
+    """A committed checkpoint plus a torn newer one (written, killed before Ray recorded it): `gram gc --apply`
+    keeps what Ray Train's snapshot lists, so the resume that reads the snapshot finds its checkpoint. (Unit
+    level: the resume itself is Ray's, from the snapshot; the process-level kill drill covers a real resume.)"""
+    from flows.cli import main
+    from tasks.state import committed_checkpoints
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("GRAM_HOME", str(home))
+    run = home / "ray_storage" / "finetune-0123456789abcdef"
+    for name in ("checkpoint-2026-12-06_00-00-01.000001", "checkpoint-2026-12-06_00-00-09.000002"):
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.json").write_text(json.dumps({"step": 8}))
+    committed, torn = "checkpoint-2026-12-06_00-00-01.000001", "checkpoint-2026-12-06_00-00-09.000002"
+    (run / torn / "trainer_state.json").unlink()  # torn: half written
+    _ray_snapshot(run, [committed])
+    assert main(["gc", "--preset", "smoke", "--apply"]) == 0
+    assert "not in its run's snapshot" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == [committed, "checkpoint_manager_snapshot.json"]
+    # What the resume restores: every checkpoint the snapshot lists is still there, whole.
+    assert all((run / name / "trainer_state.json").is_file() for name in committed_checkpoints(run))
+    # Without a readable snapshot nothing is pruned: a resume might need any checkpoint.
+    (run / "checkpoint_manager_snapshot.json").write_text("{torn")
+    (run / torn).mkdir()
+    assert main(["gc", "--preset", "smoke", "--apply"]) == 0
+    assert (run / torn).is_dir() and (run / committed).is_dir()
