@@ -128,11 +128,40 @@ def _score(tags: Mapping[str, str], metric: str) -> float | None:
     return float(tags[metric]) if metric in tags else None
 
 
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", "ip6-localhost"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def registry_key(tracking_uri: str) -> str:
+    """One spelling per registry, for keying its lock: credentials, query and fragment dropped, scheme and host
+    lower-cased, loopback aliases (127.0.0.1, ::1) as 'localhost', default ports and trailing slashes dropped,
+    a SQLite or file path resolved (symlinks, '..', '//')."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("sqlite", "file") or "://" not in tracking_uri:
+        path = tracking_uri.split("://", 1)[-1].split("?", 1)[0].split("#", 1)[0]
+        path = path[1:] if scheme == "sqlite" and path.startswith("/") else path  # sqlite:///x -> x
+        return f"{scheme or 'file'}:///{os.path.realpath(path or '.').lstrip('/')}"
+    host = (parts.hostname or "").lower()
+    host = "localhost" if host in LOOPBACK else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port_text = f":{port}" if port and port != DEFAULT_PORTS.get(scheme) else ""
+    path = "/" + "/".join(p for p in parts.path.split("/") if p)
+    return f"{scheme}://{host}{port_text}{path.rstrip('/')}"
+
+
 def promotion_lock_path(tracking_uri: str, name: str) -> Path:
-    """The lock file that serializes registration and promotion of model ``name`` in one registry."""
-    digest = hashlib.sha256(f"{tracking_uri}\0{name}".encode()).hexdigest()[:16]
-    if tracking_uri.startswith("sqlite:///"):  # everyone who can write the database can lock beside it
-        folder = Path(tracking_uri[len("sqlite:///"):]).parent / ".gram-locks"
+    """The lock file that serializes registration and promotion of model ``name`` in one registry, keyed by
+    ``registry_key`` (so a trailing slash, a loopback alias or credentials do not give a second lock)."""
+    key = registry_key(tracking_uri)
+    digest = hashlib.sha256(f"{key}\0{name}".encode()).hexdigest()[:16]
+    if key.startswith("sqlite:///"):  # everyone who can write the database can lock beside it
+        folder = Path(key[len("sqlite://"):]).parent / ".gram-locks"
     else:
         folder = Path(os.environ.get("GRAM_LOCK_DIR") or Path.home() / ".cache" / "gram" / "locks")
     return folder / f"promote-{digest}.lock"
@@ -165,6 +194,10 @@ def _decide(name: str, version: str, score: float, champion: Any, metric: str, m
     return False, f"{metric} {score:.6g} <= champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
 
 
+class PromotionConflict(RuntimeError):
+    """The champion alias changed under the gate (a writer that did not take the promotion lock)."""
+
+
 def promote_if_better(client: MlflowClient, name: str, version: str | int, metric: str, margin: float,
                       eval_set_id: str) -> PromotionDecision:
     """Move alias ``champion`` to ``version`` iff there is no champion, or the champion was evaluated on
@@ -193,6 +226,12 @@ def promote_if_better(client: MlflowClient, name: str, version: str | int, metri
         champ_score = _score(champion.tags, metric) if champion else None
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
+            after = _alias_version(client, name, CHAMPION)  # verify: a writer outside the lock may have won
+            if after is None or str(after.version) != version:
+                raise PromotionConflict(f"model {name!r}: this gate moved alias {CHAMPION!r} to version {version}, but "
+                                        f"it now points at {after.version if after else 'nothing'}: another writer "
+                                        "(not holding this registry's promotion lock) changed it; check the "
+                                        "registry and re-run the gate")
             if champion is not None:
                 client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
         decision = PromotionDecision("promoted" if promote else "kept", name, version, metric, score,
