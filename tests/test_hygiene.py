@@ -241,3 +241,81 @@ def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkey
     (run / torn).mkdir()
     assert main(["gc", "--preset", "smoke", "--apply"]) == 0
     assert (run / torn).is_dir() and (run / committed).is_dir()
+
+
+LIVE_RUN = """
+import sys, time
+from pathlib import Path
+from tasks.artifacts import open_store
+from tasks.settings import load_preset
+from tasks.state import hold_state_folder
+
+home, store, signal = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+cfg = load_preset("smoke", [f"home={home}", f"artifact_store={store}"]).resolved()
+with hold_state_folder(cfg) as paths, open_store(paths).staging("finetune") as folder:
+    (folder / "weights.bin").write_bytes(b"live")
+    (signal / "staging").write_text(str(folder))
+    while not (signal / "done").exists():
+        time.sleep(0.05)
+"""
+
+
+def test_drill_two_state_folders_sharing_a_store_never_clean_or_gc_each_others_files(tmp_path, capsys):
+    """Drill 3: two processes, two homes, one store. A (another process) is mid-run with a live staging
+    folder; B starts on the same store: its start-up cleanup leaves A's staging alone, its `gram gc --apply`
+    keeps the artifact A's cached result refers to and removes only a true orphan. Once A is gone, a
+    killed run's staging in the store is cleaned again."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect import flow, task
+
+    from tasks.caching import STAGE_CACHE_POLICY, bind
+    from tasks.settings import load_preset, state_paths
+    from tasks.state import collect_garbage, hold_state_folder
+
+    store_root = tmp_path / "store"
+
+    def config(home):
+        return load_preset("smoke", [f"home={home}", f"artifact_store={store_root}"]).resolved()
+
+    cfg_a, cfg_b = config(tmp_path / "home-a"), config(tmp_path / "home-b")
+    paths_a = state_paths(cfg_a)
+    store = ArtifactStore(paths_a.artifact_store)
+
+    @task(name="make_shared", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+    def make(data: bytes):
+        return _publish_local(store, data)
+
+    @flow
+    def once():
+        return bind(make, paths_a.prefect_results)(b"used by A only")
+
+    with hold_state_folder(cfg_a):
+        used_by_a = once()  # A's cached result refers to this artifact; B's results do not
+    orphan = _publish_local(store, b"nobody's")
+    signal = tmp_path / "signal"
+    signal.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", LIVE_RUN, str(paths_a.home), str(store_root), str(signal)],
+                            cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (signal / "staging").exists():
+            assert live.poll() is None, live.communicate()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        staging = Path((signal / "staging").read_text())
+        with hold_state_folder(cfg_b):  # B's start-up cleanup
+            assert staging.is_dir(), "B removed the live staging folder of A's run"
+        collect_garbage(cfg_b, apply=True)
+        assert staging.is_dir() and Path(used_by_a.uri).is_dir(), "B's gc removed what A uses"
+        assert not Path(orphan.uri).exists()
+    finally:
+        (signal / "done").touch()
+        live.wait(60)
+    killed = store_root / "finetune" / ".staging-killed"  # A is gone: a leftover is a leftover again
+    killed.mkdir(parents=True)
+    with hold_state_folder(cfg_b):
+        assert not killed.exists()
+    assert (tmp_path / "home-b").stat().st_mode & 0o777 == 0o700
