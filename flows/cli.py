@@ -243,6 +243,8 @@ def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
 
 def read_candidates(path: str) -> list[dict[str, Any]]:
     """JSONL lines {prompt, candidates|responses: [...]}; errors name the line."""
+    from flows.errors import InputError
+
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -250,15 +252,15 @@ def read_candidates(path: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"{path}:{number}: not valid JSON ({err})") from err
+            raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
         candidates = row.get("candidates", row.get("responses"))
         if not isinstance(row.get("prompt"), str) or not isinstance(candidates, list) or not candidates \
                 or not all(isinstance(c, str) for c in candidates):
-            raise SystemExit(f"{path}:{number}: expected {{\"prompt\": str, \"candidates\": [str, ...]}} "
+            raise InputError(f"{path}:{number}: expected {{\"prompt\": str, \"candidates\": [str, ...]}} "
                              f"(non-empty), got keys {sorted(row)}")
         rows.append({"prompt": row["prompt"], "candidates": candidates, "line": number})
     if not rows:
-        raise SystemExit(f"{path}: no candidate lines")
+        raise InputError(f"{path}: no candidate lines")
     return rows
 
 
@@ -279,6 +281,7 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
+    from flows.errors import InputError
     from gram_core.comparison_report import comparison_markdown, eval_metrics
     from gram_core.sources import limit_rows
     from tasks.evaluate import score_table
@@ -290,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
         scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
                                            progress=True)
     except FileNotFoundError as err:
-        raise SystemExit(f"gram eval: --model {args.model}: {err}") from err
+        raise InputError(f"--model {args.model}: {err}") from err
     if args.output:
         write_table(scores, args.output, "scores")
     scalar = [args.model] if scalar_model else []

@@ -381,12 +381,35 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
     found = find_version(model_uri, tracking_uri)
     resolved = f"models:/{found.name}/{found.version}"
     index = cache / CACHE_INDEX / found.name / f"{found.version}.json"
-    if index.is_file():
-        entry = json.loads(index.read_text())
-        folder = cache / entry["folder"]
-        if entry.get("source") == found.source and _sizes_match(folder, entry["sizes"]):
-            return folder, resolved
+    cached = _cached_folder(cache, index, found.source)
+    if cached is not None:
+        return cached, resolved
     cache.mkdir(parents=True, exist_ok=True)
+    # One writer at a time (threads and processes; `gram gc` takes it too): two cold `gram judge` calls
+    # download once, and gc never removes a download in progress.
+    with file_lock(registered_cache_lock(cache), "registered-model cache", owner_thread=True):
+        cached = _cached_folder(cache, index, found.source)  # the other caller may have fetched it meanwhile
+        if cached is not None:
+            return cached, resolved
+        return _download_into_cache(found, resolved, tracking_uri, cache, index), resolved
+
+
+def registered_cache_lock(cache: Path) -> Path:
+    return Path(cache) / ".cache.lock"
+
+
+def _cached_folder(cache: Path, index: Path, source: str) -> Path | None:
+    if not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    folder = cache / entry["folder"]
+    return folder if entry.get("source") == source and _sizes_match(folder, entry["sizes"]) else None
+
+
+def _download_into_cache(found: Any, resolved: str, tracking_uri: str, cache: Path, index: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
         source, _ = download_registered_model(resolved, tracking_uri, Path(tmp))
         sha = folder_sha256(source)
@@ -401,10 +424,13 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
         if not folder.is_dir():
             os.rename(source, folder)  # same filesystem: atomic; a concurrent call may have won (then reuse it)
     index.parent.mkdir(parents=True, exist_ok=True)
-    staged = index.with_suffix(".tmp")
-    staged.write_text(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
+    fd, staged = tempfile.mkstemp(prefix=f".{index.name}.", suffix=".tmp", dir=index.parent)  # a unique name
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(staged, index)
-    return folder, resolved
+    return folder
 
 
 def _sizes_match(folder: Path, sizes: Mapping[str, int]) -> bool:

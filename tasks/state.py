@@ -296,8 +296,10 @@ def committed_checkpoints(run: Path) -> set[str] | None:
 
 def collect_garbage(config: PipelineConfig, apply: bool = False, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
     """Find (and with ``apply``, remove) garbage while holding the state folder; returns the list."""
-    with hold_state_folder(config, clean=False):
-        garbage = find_garbage(config, keep_ray_runs_days)
+    registered = Path(str(state_paths(config).home)) / "registered"
+    with hold_state_folder(config, clean=False), \
+            file_lock(registered / ".cache.lock", "registered-model cache (gc)", owner_thread=True):
+        garbage = find_garbage(config, keep_ray_runs_days)  # no `gram judge` download runs meanwhile
         if apply:
             store = open_store(state_paths(config))
             for item in garbage:

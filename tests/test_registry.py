@@ -393,3 +393,50 @@ def test_gate_reports_a_writer_that_moved_the_alias_outside_the_lock(store, monk
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", hijacked)
     with pytest.raises(model_registry.PromotionConflict, match=f"now points at {base}: another writer"):
         model_registry.promote_if_better(client, name, candidate, metric, 0.0, "set-a")
+
+
+def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, model_dir, tmp_path, monkeypatch):
+    """Two `gram judge` calls on a cold registered-model cache (threads here, the lock also spans processes)
+    download once and get the same whole folder; `gram gc` started during a download waits for it instead of
+    removing its `.download-*` folder."""
+    import threading
+
+    from tasks.artifacts import folder_sha256
+    from tasks.settings import load_preset
+    from tasks.state import collect_garbage
+
+    cfg, uri = MlflowConfig(model_name="judge-cold"), mlflow_uri()
+    _register(store, model_dir, cfg, 0.5)
+    home = tmp_path / "home"
+    cache = home / "registered"
+    real, calls, downloading, gc_done = model_registry.download_registered_model, [], threading.Event(), threading.Event()
+
+    def slow_download(*args, **kwargs):
+        calls.append(1)
+        fetched = real(*args, **kwargs)
+        downloading.set()
+        # Files fetched, not yet moved into place: the window for a second caller, or gc (which, holding the
+        # cache lock as it must, cannot finish before this download does: then the wait times out).
+        gc_done.wait(5)
+        return fetched
+
+    monkeypatch.setattr(model_registry, "download_registered_model", slow_download)
+    results, errors = [], []
+
+    def judge():
+        try:
+            results.append(model_registry.registered_model_dir("models:/judge-cold@champion", uri, cache)[0])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=judge) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    assert downloading.wait(60)
+    collect_garbage(load_preset("smoke", [f"home={home}"]).resolved(), apply=True)  # gc during the download
+    gc_done.set()
+    for thread in threads:
+        thread.join(120)
+    assert errors == [] and len(calls) == 1 and results[0] == results[1]
+    assert folder_sha256(results[0]) == folder_sha256(model_dir)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".download-")]

@@ -86,6 +86,12 @@ def test_only_transient_failures_are_retried():
     assert not is_transient(chained(DatasetNotCachedError("offline"), ConnectionError()))
     assert not is_transient(ValueError("bad config")) and not is_transient(None)
     assert not is_transient(MlflowException("a plain MLflow error"))  # INTERNAL_ERROR by default
+    from sqlalchemy.exc import OperationalError
+
+    assert is_transient(chained(MlflowException("register failed"),
+                                OperationalError("INSERT", {}, Exception("database is locked"))))
+    for permanent in ("database or disk is full", "no such table: model_versions", "disk I/O error"):
+        assert not is_transient(OperationalError("INSERT", {}, Exception(permanent))), permanent
     for options in (HUB_RETRIES, REGISTRY_RETRIES):
         assert options["retries"] >= 2 and options["retry_delay_seconds"] == sorted(options["retry_delay_seconds"])
 
