@@ -42,24 +42,44 @@ def test_params_and_tags_logged_to_mlflow_are_redacted(mlflow_root):
     assert data.params["mlflow.tracking_uri"] == "postgresql://***@db/x"
 
 
-def test_ray_token_auth_is_left_on(monkeypatch):
-    """The local runtime is started without touching RAY_AUTH_MODE (Ray's default: token auth on)."""
-    import ray
+RAY_PROBE = """
+import json, ray
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+from tasks.ray_runtime import ray_runtime
+from tasks.settings import RayConfig
+
+with ray_runtime(RayConfig(object_store_memory_mb=100)):
+    @ray.remote
+    def worker_sees():
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+        return is_token_auth_enabled()
+
+    print(json.dumps({"driver": is_token_auth_enabled(), "worker": ray.get(worker_sees.remote())}))
+"""
+
+
+def test_drill_a_real_local_ray_runtime_has_token_auth_on(tmp_path):
+    """Drill 7: a real local runtime, started as `gram run` starts it (RAY_AUTH_MODE unset, no RAY_ADDRESS),
+    has token auth on in the driver and in a worker, with its token under the user's ~/.ray."""
+    import os
+    import subprocess
+    import sys
 
     from flows.cli import OFFLINE_DEFAULTS
-    from tasks.ray_runtime import ray_runtime
-    from tasks.settings import RayConfig
 
     assert "RAY_AUTH_MODE" not in OFFLINE_DEFAULTS
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw, auth=__import__("os").environ.get("RAY_AUTH_MODE")))
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
-    with ray_runtime(RayConfig()):
-        pass
-    assert seen["auth"] is None and "num_cpus" in seen
+    ray_tmp = Path(f"/tmp/gr-auth-{os.getpid()}")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        out = subprocess.run([sys.executable, "-c", RAY_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"driver": True, "worker": True}
+    assert (tmp_path / ".ray" / "auth_token").is_file()
 
 
 def test_only_transient_failures_are_retried():
