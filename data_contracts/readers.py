@@ -30,6 +30,15 @@ class _ValueTypeErrors(Exception):
         self.violations = violations
 
 
+# Violations that concern a whole record or the file, not one column.
+RECORD, FILE = "(record)", "(file)"
+INT64 = (-(2**63), 2**63)
+
+
+def _file_violation(problem: str, expected: str) -> _ValueTypeErrors:
+    return _ValueTypeErrors([Violation(FILE, problem, expected)])
+
+
 class DatasetNotCachedError(FileNotFoundError):
     """A Hub dataset was asked for while offline (or the Hub is unreachable) and is not in the local cache."""
 
@@ -40,61 +49,95 @@ def _read_parquet(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
 
 
 def _read_jsonl(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    records, bad = [], []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append((len(records), f"line {number}: not UTF-8 (byte {exc.start} of the line)"))
+                records.append(None)
+                continue
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+                bad.append((len(records), f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"))
+                records.append(None)
+    if bad:
+        raise _ValueTypeErrors([Violation(RECORD, f"unreadable record(s): {'; '.join(p for _, p in bad[:3])}",
+                                          "one JSON object per line, UTF-8", len(bad), tuple(r for r, _ in bad[:5]))])
     return _records_table(records, types, path)
 
 
 def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise _file_violation(f"not UTF-8 text (line {line}, byte {exc.start})", "a UTF-8 JSON file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _file_violation(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+                              "a JSON list of records or an object {\"data\": [...]}") from None
     records = data.get("data") if isinstance(data, dict) else data
     if not isinstance(records, list):
         keys = sorted(data)[:10] if isinstance(data, dict) else []
-        raise ValueError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}, "
-                         f"got a {type(data).__name__} (keys {keys})")
+        raise _file_violation(f"a JSON {type(data).__name__} (keys {keys})",
+                              "a JSON list of records or an object {\"data\": [...]}")
     return _records_table(records, types, path)
 
 
-def _json_type_ok(value: Any, typ: pa.DataType) -> bool:
-    """Whether a JSON value is of the column's type as written (no coercion: 1 is not "1", "1" is not 1)."""
+def _json_problem(value: Any, typ: pa.DataType) -> str | None:
+    """What is wrong with a JSON value for the column's type as written (no coercion: 1 is not "1", "1" is not
+    1), or None when it fits."""
     if value is None:
-        return True  # nulls are reported by validate()
+        return None  # nulls are reported by validate()
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        return isinstance(value, str)
+        if not isinstance(value, str):
+            return "wrong value type"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid Unicode (a lone surrogate)"
+        return None
     if pa.types.is_boolean(typ):
-        return isinstance(value, bool)
+        return None if isinstance(value, bool) else "wrong value type"
     if pa.types.is_integer(typ):
-        return isinstance(value, int) and not isinstance(value, bool)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "wrong value type"
+        return None if INT64[0] <= value < INT64[1] else "integer out of range"
     if pa.types.is_floating(typ):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return True
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "wrong value type"
+    return None
 
 
 def _records_table(records: list, types: dict[str, pa.DataType], path: Path) -> pa.Table:
     """JSON records -> a table of the wanted columns in their contract types; values of another JSON type
     are a ContractError naming the column and rows (never coerced, never a crash)."""
     keys: set[str] = set()
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {i} is a {type(record).__name__}, expected an object {{column: value}}")
+    not_objects = [i for i, record in enumerate(records) if not isinstance(record, dict)]
+    if not_objects:
+        shown = tuple(type(records[i]).__name__ for i in not_objects[:5])
+        raise _ValueTypeErrors([Violation(RECORD, "not a JSON object", "an object {column: value} per record",
+                                          len(not_objects), tuple(not_objects[:5]), shown)])
+    for record in records:
         keys.update(record)
     # Only the wanted columns are built, so odd extra fields (nested, mixed) never get in the way.
     columns, violations = {}, []
     for name in sorted(keys & set(types)):
         values = [record.get(name) for record in records]
-        bad = [i for i, v in enumerate(values) if not _json_type_ok(v, types[name])]
-        if bad:
-            shown = tuple(repr(values[i])[:40] for i in bad[:5])
-            violations.append(Violation(name, "wrong value type", f"{types[name]} values (JSON values are not "
-                                        "converted)", len(bad), tuple(bad[:5]), shown))
+        problems = [(i, _json_problem(v, types[name])) for i, v in enumerate(values)]
+        problems = [(i, p) for i, p in problems if p]
+        for problem in dict.fromkeys(p for _, p in problems):
+            bad = [i for i, p in problems if p == problem]
+            shown = tuple(ascii(values[i])[:40] for i in bad[:5])
+            violations.append(Violation(name, problem, f"{types[name]} values (JSON values are not converted)",
+                                        len(bad), tuple(bad[:5]), shown))
+        if problems:
             continue
         columns[name] = pa.array(values, type=types[name])
     if violations:
@@ -153,8 +196,14 @@ def _read_file(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
         renamed = {src: name for name, src in sources.items()}  # report contract column names
         raise ContractError(str(path), contract, [dataclasses.replace(v, column=renamed.get(v.column, v.column))
                                                   for v in exc.violations]) from None
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read as {suffix[1:].upper()}: {exc}") from exc
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+            raise
+        raise ContractError(str(path), contract, [Violation(
+            FILE, f"cannot be read as {suffix[1:].upper()}: {str(exc).splitlines()[0][:300]}",
+            f"a valid {suffix[1:].upper()} file")]) from None
+    if raw.num_rows == 0:  # a header-only CSV, an empty list: never a silent empty input
+        raise ContractError(str(path), contract, [Violation(FILE, "no rows", "at least one row")])
     return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path))
 
 
@@ -164,12 +213,19 @@ def _read_path(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a {'/'.join(SUPPORTED_SUFFIXES)} "
                                 f"file or a folder of them)")
-    visible = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith((".", "_")))
+    visible = [p for p in entries if p.is_file()]
+    folders = [p.name for p in entries if p.is_dir()]
     unsupported = [p.name for p in visible if p.suffix.lower() not in SUPPORTED_SUFFIXES]
-    if unsupported:  # never skipped silently: a stray file may be data in a format we cannot read
-        raise ValueError(f"{path}: folder holds file(s) of unsupported type {unsupported[:10]}; supported: "
-                         f"{', '.join(SUPPORTED_SUFFIXES)}. Move them out (names starting with '.' or '_' are "
-                         "ignored) or point the source at the data files")
+    # Never skipped silently: a stray file or subfolder may be data in a form we do not read.
+    stray = [Violation("(folder)", f"holds file(s) of unsupported type {unsupported[:10]}",
+                       f"only {', '.join(SUPPORTED_SUFFIXES)} files (names starting with '.' or '_' are ignored)")
+             ] if unsupported else []
+    if folders:
+        stray.append(Violation("(folder)", f"holds subfolder(s) {folders[:10]}, which are not read",
+                               "data files only (move the subfolders out, or name them with a leading '_')"))
+    if stray:
+        raise ContractError(str(path), contract, stray)
     files = [p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")

@@ -147,6 +147,8 @@ REWARDBENCH = Contract(
     ),
     id_column="id",
     non_empty=("prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset"),
+    checks=(Check("rejected", "a response different from 'chosen'", _chosen_equals_rejected,
+                  show=("id", "rejected")),),
 )
 
 SCORES = Contract(

@@ -16,6 +16,9 @@ from data_contracts.schemas import Contract, get_contract
 
 MAX_ROWS_SHOWN = 5
 MAX_VALUE_CHARS = 40
+# Characters that show nothing: whitespace (any script), NUL and the other C0 controls, zero-width space,
+# joiners, word joiner, BOM. A text made only of them is blank.
+INVISIBLE = r"[\s\pZ\x{0}-\x{8}\x{E}-\x{1F}\x{7F}\x{200B}-\x{200D}\x{2060}\x{FEFF}]"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,23 @@ def _conform_type(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArr
         return None
 
 
+def _invalid_utf8_rows(column: pa.ChunkedArray) -> list[int]:
+    """Rows of a string column whose bytes are not UTF-8 (pyarrow does not check this when reading)."""
+    bad, offset = [], 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for i, value in enumerate(chunk.cast(pa.binary()).to_pylist()):
+                if value is not None:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad.append(offset + i)
+        offset += len(chunk)
+    return bad
+
+
 def _structure(table: pa.Table, contract: Contract) -> tuple[dict[str, pa.ChunkedArray], list[Violation]]:
     """Present, correctly typed columns (cast where lossless) and the missing/mistyped ones."""
     columns: dict[str, pa.ChunkedArray] = {}
@@ -116,6 +136,11 @@ def _structure(table: pa.Table, contract: Contract) -> tuple[dict[str, pa.Chunke
             violations.append(Violation(field.name, f"wrong type {table.schema.field(field.name).type}",
                                         f"{field.type} (or a type that casts to it losslessly)"))
             continue
+        bad_utf8 = _invalid_utf8_rows(conformed) if pa.types.is_string(field.type) else []
+        if bad_utf8:  # e.g. from a Parquet file written without checks; every later check would crash on it
+            violations.append(Violation(field.name, "invalid UTF-8", "text encoded as UTF-8", len(bad_utf8),
+                                        tuple(bad_utf8[:MAX_ROWS_SHOWN])))
+            continue
         columns[field.name] = conformed
     return columns, violations
 
@@ -131,18 +156,21 @@ def _values(table: pa.Table, contract: Contract) -> list[Violation]:
     for name in contract.non_empty:
         if name in names:
             col = table[name]
-            # utf8_is_space is false for "", so empty strings are tested separately.
-            blank = pc.fill_null(pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col)), False)
-            found.append(_rows_violation(table, blank, name, "empty or whitespace-only string",
-                                         "a non-empty string", show=(name,)))
+            visible = pc.replace_substring_regex(col, INVISIBLE, "")
+            blank = pc.fill_null(pc.equal(pc.utf8_length(visible), 0), False)
+            found.append(_rows_violation(table, blank, name, "empty or whitespace-only string", "a non-empty string "
+                                         "(NUL, control and zero-width characters count as whitespace)", show=(name,)))
     id_col = contract.id_column
     if id_col and id_col in names:
-        counts = pc.value_counts(table[id_col].drop_null())
+        ids = table[id_col]
+        # Ids that differ only by whitespace or invisible characters name the same row to a person.
+        key = pc.replace_substring_regex(ids, INVISIBLE, "") if pa.types.is_string(ids.type) else ids
+        counts = pc.value_counts(key.drop_null())
         repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
         if len(repeated):
-            mask = pc.is_in(table[id_col], value_set=repeated)
-            found.append(_rows_violation(table, mask, id_col, f"duplicate id ({len(repeated)} value(s) repeated)",
-                                         "unique ids", show=(id_col,)))
+            mask = pc.is_in(key, value_set=repeated)
+            found.append(_rows_violation(table, mask, id_col, f"duplicate id ({len(repeated)} value(s) repeated, "
+                                         "whitespace ignored)", "unique ids", show=(id_col,)))
     for check in contract.checks:
         try:
             mask = check.bad_rows(table)

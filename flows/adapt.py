@@ -16,6 +16,7 @@ from flows.pipeline import Runner
 from gram_core.sources import SourceConfig
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
+from tasks.redaction import errors_redacted
 from tasks.register import fetch_registered_model, register, version_tags
 from tasks.run_record import pipeline_params, record_run, summarize
 from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
@@ -37,7 +38,11 @@ def adapt_config(preset: str, overrides: Any, data: str | None) -> PipelineConfi
 def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = DEFAULT_PRESET,
           overrides: ConfigOverrides | None = None, refresh: bool = False) -> dict[str, Any]:
     """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register."""
-    cfg = adapt_config(preset, overrides, data)
+    with errors_redacted():
+        return _adapt(model, adapt_config(preset, overrides, data), refresh)
+
+
+def _adapt(model: str, cfg: PipelineConfig, refresh: bool) -> dict[str, Any]:
     run = Runner(cfg, refresh)
     state = run.paths
     with hold_state_folder(cfg), \

@@ -117,9 +117,11 @@ def _preflight(config: Any) -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     with _preflight(_config(args)):
+        from flows.parameters import private_overrides
         from flows.pipeline import gram_pipeline
 
-        summary = gram_pipeline(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = gram_pipeline(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -131,9 +133,11 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
 
     began = time.time()
     with _preflight(_config(args)):
+        from flows.parameters import private_overrides
         from flows.study import gram_study
 
-        summary = gram_study(preset=args.preset, overrides=args.overrides or None, refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = gram_study(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
     minutes = (time.time() - began) / 60
     report = Path(summary["report"]).read_text()
     print(report)
@@ -162,9 +166,11 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
     with _preflight(config):
         from flows.adapt import adapt
+        from flows.parameters import private_overrides
 
-        summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=args.overrides or None,
-                        refresh=args.refresh)
+        with private_overrides(args.overrides) as overrides:
+            summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=overrides or None,
+                            refresh=args.refresh)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -237,6 +243,8 @@ def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
 
 def read_candidates(path: str) -> list[dict[str, Any]]:
     """JSONL lines {prompt, candidates|responses: [...]}; errors name the line."""
+    from flows.errors import InputError
+
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -244,15 +252,15 @@ def read_candidates(path: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"{path}:{number}: not valid JSON ({err})") from err
+            raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
         candidates = row.get("candidates", row.get("responses"))
         if not isinstance(row.get("prompt"), str) or not isinstance(candidates, list) or not candidates \
                 or not all(isinstance(c, str) for c in candidates):
-            raise SystemExit(f"{path}:{number}: expected {{\"prompt\": str, \"candidates\": [str, ...]}} "
+            raise InputError(f"{path}:{number}: expected {{\"prompt\": str, \"candidates\": [str, ...]}} "
                              f"(non-empty), got keys {sorted(row)}")
         rows.append({"prompt": row["prompt"], "candidates": candidates, "line": number})
     if not rows:
-        raise SystemExit(f"{path}: no candidate lines")
+        raise InputError(f"{path}: no candidate lines")
     return rows
 
 
@@ -273,6 +281,7 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from data_contracts import REWARDBENCH, read_table, write_table
+    from flows.errors import InputError
     from gram_core.comparison_report import comparison_markdown, eval_metrics
     from gram_core.sources import limit_rows
     from tasks.evaluate import score_table
@@ -284,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
         scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
                                            progress=True)
     except FileNotFoundError as err:
-        raise SystemExit(f"gram eval: --model {args.model}: {err}") from err
+        raise InputError(f"--model {args.model}: {err}") from err
     if args.output:
         write_table(scores, args.output, "scores")
     scalar = [args.model] if scalar_model else []
@@ -343,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    from tasks.redaction import install_log_redaction, remember
+
+    remember(*(sys.argv[1:] if argv is None else argv), os.environ.get("MLFLOW_TRACKING_URI", ""))
+    install_log_redaction()
     from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
 
     debug = getattr(args, "debug", False)

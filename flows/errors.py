@@ -5,7 +5,11 @@ from __future__ import annotations
 # Failures a user can fix (bad config, a missing model, file, column or alias): one line, exit code 2.
 # Matched by class name through the MRO, so classifying an error imports nothing (e.g. not MLflow).
 EXPECTED_ERRORS = {"ConfigError", "ContractError", "ModelSourceError", "ModelNotFoundError", "ArtifactError",
-                   "JudgeInputError", "ChatTemplateError", "NonFiniteLossError", "OSError"}
+                   "JudgeInputError", "ChatTemplateError", "NonFiniteLossError", "OSError", "InputError"}
+
+
+class InputError(ValueError):
+    """A command-line input the user can fix (a candidates file, a --model); `gram <cmd>: ...`, exit 2."""
 
 
 def is_expected(err: BaseException) -> bool:
@@ -13,7 +17,13 @@ def is_expected(err: BaseException) -> bool:
 
 
 def error_line(command: str, err: BaseException) -> str:
-    """The one line `gram` prints for a failure (without --debug)."""
+    """The one line `gram` prints for a failure (without --debug), credentials redacted."""
+    from tasks.redaction import redact
+
+    return redact(_error_line(command, err))
+
+
+def _error_line(command: str, err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename:
         text = f"{err.strerror or type(err).__name__}: {err.filename}"
     else:

@@ -10,10 +10,13 @@ fields a user sets override the chosen preset, as ``--set key.path=value`` does 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import pydantic
@@ -23,11 +26,16 @@ from tasks.settings import (
     DEFAULT_PRESET,
     PipelineConfig,
     parse_overrides,
+    parse_value,
     preset_names,
     preset_path,
 )
 
 NOT_OVERRIDABLE = ("preset",)  # chosen by the `preset` parameter itself
+# --set values that carry a credential (a tracking URI with a password, a store URL with a token): Prefect
+# stores a flow's parameters in its database and shows them in the UI, so the CLI passes the redacted text
+# and the real value stays here, in this process, for the flow body to read (``overrides_dict``).
+_PRIVATE: dict[tuple[str, ...], str] = {}
 
 
 def _config_class(tp: Any) -> type | None:
@@ -116,9 +124,51 @@ Preset = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def private_overrides(overrides: list[str] | None) -> Iterator[list[str] | None]:
+    """The --set list as Prefect may store it (credentials redacted); inside the block, flows started in this
+    process read the real values back (``overrides_dict``)."""
+    from tasks.redaction import redact
+
+    if not overrides:
+        yield overrides
+        return
+    public, private = [], {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        clean = redact(value)
+        if sep and clean != value:
+            private[tuple(key.strip().split("."))] = value
+        public.append(f"{key}={clean}" if sep else item)
+    before = dict(_PRIVATE)
+    _PRIVATE.update(private)
+    try:
+        yield public
+    finally:
+        _PRIVATE.clear()
+        _PRIVATE.update(before)
+
+
+def _restore_private(overrides: dict[str, Any]) -> dict[str, Any]:
+    from tasks.redaction import redact
+
+    out = copy.deepcopy(overrides)
+    for path, raw in _PRIVATE.items():
+        node = out
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(path[-1]) == parse_value(redact(raw)):
+            node[path[-1]] = parse_value(raw)
+    return out
+
+
 def overrides_dict(overrides: Any) -> dict[str, Any] | list[str] | None:
-    """What ``load_preset`` takes, from a validated view (or a plain mapping / --set list when called directly)."""
-    return overrides.to_dict() if isinstance(overrides, OverridesView) else overrides
+    """What ``load_preset`` takes, from a validated view (or a plain mapping / --set list when called directly);
+    values redacted by ``private_overrides`` come back as the real ones."""
+    plain = overrides.to_dict() if isinstance(overrides, OverridesView) else overrides
+    if not _PRIVATE or not plain:
+        return plain
+    return _restore_private(parse_overrides(plain) if isinstance(plain, (list, tuple)) else plain)
 
 
-__all__ = ["ConfigOverrides", "DEFAULT_PRESET", "Preset", "overrides_dict", "overrides_view"]
+__all__ = ["ConfigOverrides", "DEFAULT_PRESET", "Preset", "overrides_dict", "overrides_view", "private_overrides"]

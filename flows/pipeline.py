@@ -25,6 +25,7 @@ from tasks.caching import bind
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
+from tasks.redaction import errors_redacted
 from tasks.register import register, version_tags
 from tasks.run_record import StageRecord, pipeline_params, record_params, record_run, summarize
 from tasks.settings import (
@@ -165,13 +166,15 @@ def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | 
                   refresh: bool = False) -> dict[str, Any]:
     """The full GRAM pipeline: build pairs, pre-train, fine-tune (and the BT baseline when enabled), evaluate,
     register (+ champion gate)."""
-    return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
+    with errors_redacted():
+        return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
 
 
 def _stage_flow(stage: str):
     def body(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
              refresh: bool = False) -> dict[str, Any]:
-        return _tracked(_config(preset, overrides), refresh, stage, f"gram-{preset}-{stage}")
+        with errors_redacted():
+            return _tracked(_config(preset, overrides), refresh, stage, f"gram-{preset}-{stage}")
 
     body.__doc__ = f"The GRAM pipeline up to stage {stage!r} (upstream stages served from cache)."
     return flow(name=f"gram-{stage.replace('_', '-')}")(body)

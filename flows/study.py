@@ -18,12 +18,14 @@ from typing import Any
 
 from prefect import flow
 
+from flows.parameters import overrides_dict
 from flows.pipeline import Runner, load_inputs
 from tasks.baseline import bradley_terry
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
+from tasks.redaction import errors_redacted, redact_value
 from tasks.run_record import pipeline_params
 from tasks.settings import load_preset
 from tasks.stage1_pairs import build_stage1_pairs
@@ -59,7 +61,11 @@ def run_study(run: Runner) -> dict[str, Any]:
 def gram_study(preset: str = DEFAULT_STUDY_PRESET, overrides: dict[str, Any] | list[str] | None = None,
                refresh: bool = False) -> dict[str, Any]:
     """Zero-shot | BT | judge without stage 1 | GRAM (ε) | GRAM (ε = 0) on one eval set, one MLflow run per arm."""
-    config = load_preset(preset, overrides).resolved()
+    with errors_redacted():
+        return _study(preset, load_preset(preset, overrides_dict(overrides)).resolved(), refresh)
+
+
+def _study(preset: str, config: Any, refresh: bool) -> dict[str, Any]:
     run = Runner(config, refresh)
     with hold_state_folder(config), \
             start_pipeline_run(config.mlflow, run.paths.home, f"gram-study-{preset}", params=pipeline_params(config),
@@ -67,7 +73,8 @@ def gram_study(preset: str = DEFAULT_STUDY_PRESET, overrides: dict[str, Any] | l
         out = run_study(run)
         record_study(out["report"], out["models"], out["scores"], run.paths, tracking)
     report = out["report"]
-    return {"report": report.file("quality.md"), "chart": report.file("quality.png"), "arms": report.meta["arms"],
-            "eval_rows": report.meta.get("eval_rows"), "mlflow_run": tracking.url or tracking.run_id,
-            "tracking_uri": tracking.tracking_uri, "stages": {r.name: r.state for r in run.records},
-            "artifact_store": run.paths.artifact_store}
+    return redact_value({  # printed by `gram study` and kept by Prefect as the flow's result
+        "report": report.file("quality.md"), "chart": report.file("quality.png"), "arms": report.meta["arms"],
+        "eval_rows": report.meta.get("eval_rows"), "mlflow_run": tracking.url or tracking.run_id,
+        "tracking_uri": tracking.tracking_uri, "stages": {r.name: r.state for r in run.records},
+        "artifact_store": run.paths.artifact_store})

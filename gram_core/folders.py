@@ -24,6 +24,25 @@ def write_folder(target: str | Path, write: Callable[[Path], Any], *, keep_exist
     return target
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str | Path) -> None:
+    """fsync every file and folder under ``folder`` (itself included): after a crash the renamed folder holds
+    what was written, not empty or truncated files."""
+    folder = Path(folder)
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
 def move_folder(src: str | Path, dst: str | Path, *, keep_existing: str | None = None) -> None:
     """Rename ``src`` to ``dst`` (atomic on one filesystem).
 
@@ -34,15 +53,18 @@ def move_folder(src: str | Path, dst: str | Path, *, keep_existing: str | None =
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    sync_folder(src)  # the data is on disk before the rename makes it visible
     if keep_existing is not None:
         try:
             os.rename(src, dst)
         except OSError:
             if not (dst / keep_existing).exists():
                 raise
+        _fsync(dst.parent)
         return
     if dst.exists() and any(dst.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.replace(dst, old / "x")
         shutil.rmtree(old)
     os.replace(src, dst)
+    _fsync(dst.parent)  # the rename itself is durable

@@ -8,11 +8,13 @@ from prefect import task
 
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.redaction import scrub_errors
 from tasks.settings import StageSettings
 from tasks.train_stage import base_model_dir, train_stage
 
 
 @task(name="bradley_terry", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@scrub_errors
 def bradley_terry(preferences: ArtifactRef, settings: StageSettings) -> ArtifactRef:
     """The BT reward model (HF folder + reward head artifact) on stage 2's pairs, from the base model, with
     stage 2's optimizer steps and sequences per micro-batch (``bt_train_config``; ``settings.train`` is

@@ -15,6 +15,7 @@ from gram_core.config import JudgeConfig, ModelConfig
 from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
+from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import RayConfig, StatePaths
 from tasks.train_stage import base_model_dir, model_folder, model_label
@@ -43,6 +44,7 @@ def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: Ra
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
+@scrub_errors
 def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: JudgeConfig, label: str,
              state: StatePaths, actors: int = 0, ray: RayConfig | None = None) -> ArtifactRef:
     """Scores of one model on the eval set (a judge: both orders; a BT model: one), as a scores-contract table.
@@ -77,6 +79,7 @@ REPORT_META_KEYS = ("columns", "eval_set", "eval_rows", "evidence")  # report me
 
 
 @task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@scrub_errors
 def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, state: StatePaths,
                 eval_name: str = "eval set", names: dict[str, str] | None = None) -> ArtifactRef:
     """report.md + chart.png + metrics.json comparing models side by side.

@@ -6,6 +6,7 @@ from prefect import task
 
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY
+from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StageSettings
 from tasks.tracking import RunHandle
@@ -13,6 +14,7 @@ from tasks.train_stage import base_model_dir, train_stage
 
 
 @task(name="finetune", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
+@scrub_errors
 def finetune(preferences: ArtifactRef, start: ArtifactRef | None, settings: StageSettings,
              tracking: RunHandle | None = None) -> ArtifactRef:
     """The judge (HF folder artifact): label-smoothed A/B loss, from ``start`` (stage 1) or the base model."""

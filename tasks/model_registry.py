@@ -51,6 +51,7 @@ from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
 from tasks.locks import file_lock
+from tasks.redaction import redact
 from tasks.settings import MlflowConfig
 from tasks.tracking import model_version_url, use_tracking_uri
 
@@ -127,11 +128,40 @@ def _score(tags: Mapping[str, str], metric: str) -> float | None:
     return float(tags[metric]) if metric in tags else None
 
 
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0", "ip6-localhost"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def registry_key(tracking_uri: str) -> str:
+    """One spelling per registry, for keying its lock: credentials, query and fragment dropped, scheme and host
+    lower-cased, loopback aliases (127.0.0.1, ::1) as 'localhost', default ports and trailing slashes dropped,
+    a SQLite or file path resolved (symlinks, '..', '//')."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("sqlite", "file") or "://" not in tracking_uri:
+        path = tracking_uri.split("://", 1)[-1].split("?", 1)[0].split("#", 1)[0]
+        path = path[1:] if scheme == "sqlite" and path.startswith("/") else path  # sqlite:///x -> x
+        return f"{scheme or 'file'}:///{os.path.realpath(path or '.').lstrip('/')}"
+    host = (parts.hostname or "").lower()
+    host = "localhost" if host in LOOPBACK else host
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port_text = f":{port}" if port and port != DEFAULT_PORTS.get(scheme) else ""
+    path = "/" + "/".join(p for p in parts.path.split("/") if p)
+    return f"{scheme}://{host}{port_text}{path.rstrip('/')}"
+
+
 def promotion_lock_path(tracking_uri: str, name: str) -> Path:
-    """The lock file that serializes registration and promotion of model ``name`` in one registry."""
-    digest = hashlib.sha256(f"{tracking_uri}\0{name}".encode()).hexdigest()[:16]
-    if tracking_uri.startswith("sqlite:///"):  # everyone who can write the database can lock beside it
-        folder = Path(tracking_uri[len("sqlite:///"):]).parent / ".gram-locks"
+    """The lock file that serializes registration and promotion of model ``name`` in one registry, keyed by
+    ``registry_key`` (so a trailing slash, a loopback alias or credentials do not give a second lock)."""
+    key = registry_key(tracking_uri)
+    digest = hashlib.sha256(f"{key}\0{name}".encode()).hexdigest()[:16]
+    if key.startswith("sqlite:///"):  # everyone who can write the database can lock beside it
+        folder = Path(key[len("sqlite://"):]).parent / ".gram-locks"
     else:
         folder = Path(os.environ.get("GRAM_LOCK_DIR") or Path.home() / ".cache" / "gram" / "locks")
     return folder / f"promote-{digest}.lock"
@@ -164,6 +194,10 @@ def _decide(name: str, version: str, score: float, champion: Any, metric: str, m
     return False, f"{metric} {score:.6g} <= champion v{champ_version} {champ_score:.6g} + margin {margin:g}"
 
 
+class PromotionConflict(RuntimeError):
+    """The champion alias changed under the gate (a writer that did not take the promotion lock)."""
+
+
 def promote_if_better(client: MlflowClient, name: str, version: str | int, metric: str, margin: float,
                       eval_set_id: str) -> PromotionDecision:
     """Move alias ``champion`` to ``version`` iff there is no champion, or the champion was evaluated on
@@ -192,6 +226,12 @@ def promote_if_better(client: MlflowClient, name: str, version: str | int, metri
         champ_score = _score(champion.tags, metric) if champion else None
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
+            after = _alias_version(client, name, CHAMPION)  # verify: a writer outside the lock may have won
+            if after is None or str(after.version) != version:
+                raise PromotionConflict(f"model {name!r}: this gate moved alias {CHAMPION!r} to version {version}, but "
+                                        f"it now points at {after.version if after else 'nothing'}: another writer "
+                                        "(not holding this registry's promotion lock) changed it; check the "
+                                        "registry and re-run the gate")
             if champion is not None:
                 client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
         decision = PromotionDecision("promoted" if promote else "kept", name, version, metric, score,
@@ -255,7 +295,7 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
             version = str(registered.version)
         else:
             version, logged_uri = str(existing.version), existing.source
-        version_tags = {**{k: str(v) for k, v in (tags or {}).items()}, CONTENT_TAG: sha,
+        version_tags = {**{k: redact(str(v)) for k, v in (tags or {}).items()}, CONTENT_TAG: sha,
                         "eval_set_id": eval_set_id, **{k: repr(v) for k, v in metrics.items()}}
         for key, value in version_tags.items():
             client.set_model_version_tag(cfg.model_name, version, key, value)
@@ -341,12 +381,35 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
     found = find_version(model_uri, tracking_uri)
     resolved = f"models:/{found.name}/{found.version}"
     index = cache / CACHE_INDEX / found.name / f"{found.version}.json"
-    if index.is_file():
-        entry = json.loads(index.read_text())
-        folder = cache / entry["folder"]
-        if entry.get("source") == found.source and _sizes_match(folder, entry["sizes"]):
-            return folder, resolved
+    cached = _cached_folder(cache, index, found.source)
+    if cached is not None:
+        return cached, resolved
     cache.mkdir(parents=True, exist_ok=True)
+    # One writer at a time (threads and processes; `gram gc` takes it too): two cold `gram judge` calls
+    # download once, and gc never removes a download in progress.
+    with file_lock(registered_cache_lock(cache), "registered-model cache", owner_thread=True):
+        cached = _cached_folder(cache, index, found.source)  # the other caller may have fetched it meanwhile
+        if cached is not None:
+            return cached, resolved
+        return _download_into_cache(found, resolved, tracking_uri, cache, index), resolved
+
+
+def registered_cache_lock(cache: Path) -> Path:
+    return Path(cache) / ".cache.lock"
+
+
+def _cached_folder(cache: Path, index: Path, source: str) -> Path | None:
+    if not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    folder = cache / entry["folder"]
+    return folder if entry.get("source") == source and _sizes_match(folder, entry["sizes"]) else None
+
+
+def _download_into_cache(found: Any, resolved: str, tracking_uri: str, cache: Path, index: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
         source, _ = download_registered_model(resolved, tracking_uri, Path(tmp))
         sha = folder_sha256(source)
@@ -361,10 +424,13 @@ def registered_model_dir(model_uri: str, tracking_uri: str, cache: Path) -> tupl
         if not folder.is_dir():
             os.rename(source, folder)  # same filesystem: atomic; a concurrent call may have won (then reuse it)
     index.parent.mkdir(parents=True, exist_ok=True)
-    staged = index.with_suffix(".tmp")
-    staged.write_text(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
+    fd, staged = tempfile.mkstemp(prefix=f".{index.name}.", suffix=".tmp", dir=index.parent)  # a unique name
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(staged, index)
-    return folder, resolved
+    return folder
 
 
 def _sizes_match(folder: Path, sizes: Mapping[str, int]) -> bool:

@@ -6,6 +6,7 @@ from prefect import task
 
 from tasks.artifacts import ArtifactRef
 from tasks.caching import STAGE_CACHE_POLICY
+from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StageSettings
 from tasks.tracking import RunHandle
@@ -13,6 +14,7 @@ from tasks.train_stage import base_model_dir, train_stage
 
 
 @task(name="pretrain", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
+@scrub_errors
 def pretrain(pairs: ArtifactRef, settings: StageSettings, tracking: RunHandle | None = None) -> ArtifactRef:
     """The stage-1 model (HF folder artifact), trained with the LM loss on both responses of each pair."""
     return train_stage(pairs, base_model_dir(settings.model), settings, tracking)

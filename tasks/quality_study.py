@@ -8,6 +8,7 @@ from prefect import task
 
 from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, open_store, read_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.redaction import scrub_errors
 from tasks.settings import StatePaths
 
 STUDY_FILE = "quality.md"
@@ -16,6 +17,7 @@ STUDY_METRICS = "metrics.json"
 
 
 @task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
+@scrub_errors
 def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: StatePaths, eval_name: str) -> ArtifactRef:
     """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact)."""
     from gram_core.study_report import SCALAR_ARMS, arm_metrics, study_markdown, write_study_chart
@@ -37,6 +39,7 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
 
 
 @task(name="record_study")
+@scrub_errors
 def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: dict[str, ArtifactRef], state: StatePaths,
                  tracking) -> None:
     """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run."""

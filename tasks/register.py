@@ -19,6 +19,7 @@ from gram_core.config import JudgeConfig
 from tasks.artifacts import ArtifactRef, open_store
 from tasks.caching import code_version, stage_logger
 from tasks.model_registry import download_registered_model
+from tasks.redaction import scrub_errors
 from tasks.retries import REGISTRY_RETRIES
 from tasks.run_record import StageRecord
 from tasks.settings import MlflowConfig, StatePaths
@@ -45,6 +46,7 @@ def eval_set_id(table: Any, judge: JudgeConfig) -> str:
 # Never cached: registration is a side effect on a registry the cache key cannot see (a new tracking URI
 # must get its version). It is idempotent by model content instead, which also makes its retries safe.
 @task(name="register", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
+@scrub_errors
 def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlflow: MlflowConfig,
              judge: JudgeConfig, tags: dict[str, str], state: StatePaths,
              tracking: RunHandle | None = None) -> dict[str, Any]:
@@ -77,6 +79,7 @@ def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlf
 
 
 @task(name="fetch_registered_model", cache_policy=NO_CACHE, **REGISTRY_RETRIES)
+@scrub_errors
 def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, state: StatePaths) -> ArtifactRef:
     """A registered judge (by alias or version) as a model artifact in the store, to fine-tune further."""
     import shutil

@@ -20,7 +20,10 @@ TRANSIENT_MLFLOW_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EX
 # (they do not all derive from the built-in ConnectionError, and importing each library here is not needed).
 TRANSIENT_NAMES = frozenset({"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ProtocolError",
                              "ChunkedEncodingError", "RemoteDisconnected", "ConnectError", "ReadError",
-                             "RetryError", "MaxRetryError", "OperationalError"})
+                             "RetryError", "MaxRetryError"})
+# A database error is transient only when it says the database is busy: "database is locked" (SQLite), not
+# "database or disk is full", a missing table or a bad password.
+TRANSIENT_DB_MESSAGES = ("database is locked", "database table is locked", "database is busy")
 NEVER_RETRIED = (ContractError, DatasetNotCachedError, FileNotFoundError, PermissionError)
 
 
@@ -34,10 +37,14 @@ def is_transient(exc: BaseException | None) -> bool:
         if isinstance(exc, NEVER_RETRIED):
             return False
         if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in TRANSIENT_NAMES \
-                or getattr(exc, "error_code", None) in TRANSIENT_MLFLOW_CODES:
+                or getattr(exc, "error_code", None) in TRANSIENT_MLFLOW_CODES or _busy_database(exc):
             transient = True
         exc = exc.__cause__ or exc.__context__
     return transient
+
+
+def _busy_database(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OperationalError" and any(m in str(exc).lower() for m in TRANSIENT_DB_MESSAGES)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

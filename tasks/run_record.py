@@ -26,8 +26,9 @@ from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open
 from tasks.caching import code_version
 from tasks.evaluate import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from tasks.model_registry import current_aliases
+from tasks.redaction import redact, redact_value, scrub_errors
 from tasks.settings import StageSettings, StatePaths
-from tasks.tracking import RunHandle, redact
+from tasks.tracking import RunHandle
 
 # Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
 LIVE_STAGES = ("pretrain", "finetune", "register")
@@ -118,6 +119,7 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
 
 
 @task(name="record_run")
+@scrub_errors
 def record_run(records: list[StageRecord], report: ArtifactRef, registration: dict[str, Any] | None,
                state: StatePaths, tracking: RunHandle) -> None:
     """Child runs for the stages (cached ones included) and the outcome on the parent run."""
@@ -138,6 +140,7 @@ def record_run(records: list[StageRecord], report: ArtifactRef, registration: di
 
 
 @task(name="summarize")
+@scrub_errors
 def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records: list[StageRecord],
               state: StatePaths, tracking: RunHandle | None) -> dict[str, Any]:
     """The run's outcome as a dict (printed by `gram run`), also published as Prefect artifacts. ``columns``:
@@ -164,7 +167,8 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
         summary["registered"] = {**registration, "tracking_uri": redact(registration["tracking_uri"]),
                                  "aliases": current_aliases(registration["name"], registration["version"],
                                                             registration["tracking_uri"])}
-    publish_prefect_artifacts(summary, open_store(state).read_text(report, REPORT_FILE))
+    summary = redact_value(summary)  # what is printed, returned to Prefect (its result) and published
+    publish_prefect_artifacts(summary, redact(open_store(state).read_text(report, REPORT_FILE)))
     return summary
 
 

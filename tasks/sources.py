@@ -18,6 +18,7 @@ from data_contracts import get_contract
 from gram_core.sources import SourceConfig, read_source
 from tasks.artifacts import ArtifactRef, open_store, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
 
@@ -45,6 +46,7 @@ class SourceFiles(CachePolicy):
 
 
 @task(name="load_source", cache_policy=STAGE_CACHE_POLICY + SourceFiles(), persist_result=True, **HUB_RETRIES)
+@scrub_errors
 def load_source(role: str, source: SourceConfig, contract: str, state: StatePaths, limit: int = 0, seed: int = 0,
                 stratify: str | None = None, whole: tuple[str, ...] = ()) -> ArtifactRef:
     """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval)."""

@@ -12,6 +12,7 @@ from gram_core.sampling import SamplingConfig
 from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
+from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
 
@@ -57,6 +58,7 @@ def pool_pairs(pool, pairing: PairingConfig):
 
 
 @task(name="build_pairs", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
+@scrub_errors
 def build_stage1_pairs(prompts: ArtifactRef | None, pools: list[ArtifactRef], pair_sets: list[ArtifactRef],
                        sampling: SamplingConfig, pairing: PairingConfig, state: StatePaths) -> ArtifactRef:
     """Unlabeled pairs (stage-1 data): sampled responses and pools paired up, plus ready-made pair sets."""

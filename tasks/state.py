@@ -5,14 +5,22 @@ same folder fails at once with "another run holds this state folder" (who, since
 the lock when its process dies, ``kill -9`` included. Holding it, nothing else writes the folder, so the
 leftovers of killed runs are safe to remove: staging folders of unfinished artifacts, partial downloads,
 and the workers' local checkpoint scratch. ``collect_garbage`` (``gram gc``) goes further: artifacts no cached
-stage refers to, cache entries, and Ray checkpoints that are not the latest of their run.
+stage refers to, cache entries, and Ray checkpoints that Ray Train's run snapshot does not list.
+
+An artifact store or Ray storage folder may be shared by several state folders. Each one that uses it holds a
+lock file ``<root>/.gram-users/<hash of home>.lock`` for its run (the home's path beside it, ``.home``), so
+start-up cleanup skips a shared root's staging and scratch folders while another state folder's run is
+live, and gc keeps every artifact that any registered state folder's cached results refer to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,6 +32,7 @@ from tasks.locks import LockHeldError, file_lock
 from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
 SCRATCH = ".scratch"  # workers' local checkpoint folders, under the Ray storage folder
 STAGING_PREFIXES = (".staging-", ".tmp-", ".dl-")
 
@@ -42,6 +51,8 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
     """
     paths = state_paths(config)
     paths.home.mkdir(parents=True, exist_ok=True)
+    if paths.home.stat().st_uid == os.getuid():
+        os.chmod(paths.home, 0o700)  # Prefect's results under it are pickles that gc and Prefect load
     lock = paths.home / LOCK_FILE
     with contextlib.ExitStack() as stack:
         try:
@@ -49,7 +60,12 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
         except LockHeldError as err:
             raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
                                   "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
-        removed = clean_leftovers(paths) if clean else []
+        with contextlib.ExitStack() as registering:  # no other state folder registers while this one cleans
+            for root in shared_roots(paths):
+                registering.enter_context(file_lock(root / USERS / ".register.lock", f"registering {paths.home}"))
+                stack.enter_context(file_lock(_user_lock(root, paths.home), f"state folder {paths.home}",
+                                              wait=False))
+            removed = clean_leftovers(paths) if clean else []
         if removed:
             import logging
 
@@ -58,17 +74,77 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
         yield paths
 
 
+USERS = ".gram-users"  # in a shared root: one lock file per state folder that uses it
+
+
+def shared_roots(paths: StatePaths) -> list[Path]:
+    """The local folders this state folder may share with others: the artifact store and the Ray storage."""
+    store = open_store(paths)
+    roots = [Path(store.uri)] if store.local else []
+    ray = _local(paths.ray_storage)
+    if ray is not None:
+        roots.append(ray.expanduser().resolve())
+    return list(dict.fromkeys(roots))
+
+
+def _user_lock(root: Path, home: Path) -> Path:
+    """This state folder's lock file in a shared root (created with its home's path beside it)."""
+    home = Path(home).resolve()
+    users = root / USERS
+    users.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(home).encode()).hexdigest()[:16]
+    (users / f"{name}.home").write_text(str(home))
+    return users / f"{name}.lock"
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds ``lock`` (a flock taken by another open of the file, in any process)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+    return False
+
+
+def other_users(root: Path, home: Path) -> list[Path]:
+    """Homes of the other state folders registered in ``root`` (live or not)."""
+    mine = Path(home).resolve()
+    homes = []
+    for entry in sorted((root / USERS).glob("*.home")):
+        try:
+            other = Path(entry.read_text().strip())
+        except OSError:
+            continue
+        if other != mine:
+            homes.append(other)
+    return homes
+
+
+def _live_elsewhere(root: Path, home: Path) -> bool:
+    mine = _user_lock(root, home).name
+    return any(_held(lock) for lock in (root / USERS).glob("*.lock")
+               if lock.name != mine and not lock.name.startswith("."))
+
+
 def _leftovers(paths: StatePaths) -> list[Path]:
+    """Leftovers of killed runs; in a shared root only while no other state folder's run is live there."""
     found: list[Path] = []
     store = open_store(paths)
-    if store.local and Path(store.uri).is_dir():
-        found += [p for stage in Path(store.uri).iterdir() if stage.is_dir() for p in stage.iterdir()
-                  if p.name.startswith(STAGING_PREFIXES)]
+    if store.local and Path(store.uri).is_dir() and not _live_elsewhere(Path(store.uri), paths.home):
+        found += [p for stage in Path(store.uri).iterdir() if stage.is_dir() and stage.name != USERS
+                  for p in stage.iterdir() if p.name.startswith(STAGING_PREFIXES)]
     cache = paths.artifact_cache
     if cache.is_dir():
         found += [p for p in cache.iterdir() if p.name.startswith(STAGING_PREFIXES) or p.name == "staging"]
     scratch = _local(paths.ray_storage)
-    if scratch is not None and (scratch / SCRATCH).is_dir():
+    if scratch is not None and (scratch / SCRATCH).is_dir() and not _live_elsewhere(scratch.expanduser().resolve(),
+                                                                                      paths.home):
         found += list((scratch / SCRATCH).iterdir())
     return found
 
@@ -169,6 +245,12 @@ def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> lis
     paths = state_paths(config)
     garbage = [Garbage(str(p), _size(p), "leftover of an interrupted run") for p in _leftovers(paths)]
     refs, unreadable = cached_refs(paths.prefect_results)
+    store = open_store(paths)
+    if store.local:  # what the other state folders sharing this store still use
+        for other in other_users(Path(store.uri), paths.home):
+            other_refs, other_unreadable = cached_refs(other / "prefect-results")
+            refs += other_refs
+            unreadable += other_unreadable
     keep_uris = {r.uri.rstrip("/") for r in refs}
     keep_sha = {r.sha256 for r in refs}
     store = open_store(paths)
@@ -185,22 +267,39 @@ def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> lis
     ray_root = _local(paths.ray_storage)
     if ray_root is not None and ray_root.is_dir():
         cutoff = time.time() - keep_ray_runs_days * 86400
-        for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name != SCRATCH):
-            checkpoints = sorted((c for c in run.glob("checkpoint-*") if c.is_dir()),
-                                 key=lambda c: int(c.name.rsplit("-", 1)[-1]) if c.name.rsplit("-", 1)[-1].isdigit() else -1)
+        for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name not in (SCRATCH, USERS)):
             if run.stat().st_mtime < cutoff:
                 garbage.append(Garbage(str(run), _size(run), f"interrupted Ray run older than {keep_ray_runs_days:g} days"))
                 continue
-            garbage += [Garbage(str(c), _size(c), "Ray checkpoint older than its run's latest") for c in checkpoints[:-1]]
+            committed = committed_checkpoints(run)
+            if committed is None:  # no readable snapshot: a resume may need any of them
+                continue
+            garbage += [Garbage(str(c), _size(c), "Ray checkpoint not in its run's snapshot (superseded or torn)")
+                        for c in sorted(run.glob("checkpoint-*")) if c.is_dir() and c.name not in committed]
     for path in unreadable:
         garbage.append(Garbage(str(path), 0, "KEPT: unreadable cached result, so no artifact is pruned"))
     return garbage
 
 
+def committed_checkpoints(run: Path) -> set[str] | None:
+    """The checkpoint folder names Ray Train's run snapshot lists (what a resume restores from: the kept
+    results, the latest, those awaiting validation), or None when there is no readable snapshot. A folder
+    that is not listed was superseded, or written but never committed (torn by a kill)."""
+    try:
+        state = json.loads((run / RAY_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None
+    results = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result") or {},
+               *state.get("pending_training_results", [])]
+    return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")}
+
+
 def collect_garbage(config: PipelineConfig, apply: bool = False, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
     """Find (and with ``apply``, remove) garbage while holding the state folder; returns the list."""
-    with hold_state_folder(config, clean=False):
-        garbage = find_garbage(config, keep_ray_runs_days)
+    registered = Path(str(state_paths(config).home)) / "registered"
+    with hold_state_folder(config, clean=False), \
+            file_lock(registered / ".cache.lock", "registered-model cache (gc)", owner_thread=True):
+        garbage = find_garbage(config, keep_ray_runs_days)  # no `gram judge` download runs meanwhile
         if apply:
             store = open_store(state_paths(config))
             for item in garbage:

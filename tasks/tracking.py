@@ -36,18 +36,16 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from tasks.redaction import install_log_redaction, redact
 from tasks.settings import MlflowConfig
+
+install_log_redaction()  # what MLflow, Prefect and our own loggers write passes through redact()
 
 # Quiet by default: no "Downloading artifacts" bars when registering or fetching a model (set it to true to see them).
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _log = logging.getLogger(__name__)
 TRUNCATION_MARK = "...[truncated]"
-# Credentials inside URIs: user:password@ (or a token as the user) and secret-looking query parameters.
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(r"(?i)([?&;][^=&\s]*(?:token|key|secret|passw|pwd|signature|sig|credential|auth)[^=&\s]*=)"
-                           r"[^&\s]*")
-REDACTED = "***"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")  # MLflow allows only these in param/metric names
 
 
@@ -96,12 +94,6 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def redact(text: str) -> str:
-    """``text`` with credentials in any URI replaced by ***: 'postgresql://u:pw@db/x' -> 'postgresql://***@db/x',
-    '...?token=abc&x=1' -> '...?token=***&x=1'. What MLflow params, tags and printed summaries get."""
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\g<scheme>{REDACTED}@", text))
-
-
 class TrackingServerUnreachable(RuntimeError):
     """The MLflow tracking server did not answer; raised before anything runs."""
 
@@ -112,6 +104,8 @@ def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, b
     if not is_http(uri):
         return
     import requests
+
+    shown = redact(uri)  # first: it learns the credential, which the error text below may quote in pieces
 
     last = ""
     for attempt in range(attempts):
@@ -125,7 +119,7 @@ def check_tracking_server(uri: str, attempts: int = 3, timeout_s: float = 5.0, b
         if attempt + 1 < attempts:
             time.sleep(backoff_s * 2 ** attempt)
     raise TrackingServerUnreachable(
-        f"MLflow tracking server {redact(uri)} is unreachable after {attempts} tries ({last}); nothing was run. "
+        f"MLflow tracking server {shown} is unreachable after {attempts} tries ({last}); nothing was run. "
         "Start the server, fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, or unset both to use the local "
         "sqlite store under GRAM_HOME.")
 
@@ -178,8 +172,7 @@ def start_pipeline_run(cfg: MlflowConfig, gram_home: str | Path, run_name: str,
     The run ends FINISHED on normal exit and FAILED when the body raises (MLflow's context manager).
     """
     uri, experiment_id = ensure_experiment(cfg, gram_home)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          tags={k: str(v) for k, v in (tags or {}).items()}) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_fit_tags(tags)) as run:
         handle = RunHandle(run.info.run_id, experiment_id, uri, run_url(uri, experiment_id, run.info.run_id))
         if params:
             log_params_flat(params, run_id=handle.run_id)
@@ -199,7 +192,7 @@ def stage_run(stage_name: str, params: Mapping[str, Any] | None = None,
         parent = RunHandle(active.info.run_id, active.info.experiment_id, uri, None)
     elif mlflow.get_tracking_uri() != parent.tracking_uri:
         use_tracking_uri(parent.tracking_uri)
-    all_tags = {"gram.stage": stage_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = _fit_tags({"gram.stage": stage_name, **(tags or {})})
     with mlflow.start_run(experiment_id=parent.experiment_id, run_name=stage_name, nested=True,
                           parent_run_id=parent.run_id, tags=all_tags) as run:
         handle = RunHandle(run.info.run_id, parent.experiment_id, parent.tracking_uri,
@@ -243,6 +236,10 @@ def _fit_key(key: str) -> str:
     return f"{key[: MAX_ENTITY_KEY_LENGTH - 9]}-{digest}"
 
 
+def _fit_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    return {_fit_key(k): _fit_value(v, MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+
+
 def _fit_value(value: Any, limit: int) -> str:
     """The value as text, credentials in URIs redacted, cut to ``limit``."""
     text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(
@@ -272,6 +269,10 @@ def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(rid, _fit_key(key), _fit_value(value, MAX_TAG_VAL_LENGTH))
+
+
+# Text artifacts are redacted on the way out (a summary or report may name a store or tracking URI).
+_TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv", ".html", ".log")
 
 
 def _as_metric_value(value: Any, where: str) -> float:
@@ -351,10 +352,38 @@ def log_artifact_file(path: str | Path, artifact_path: str | None = None, run_id
     if not path.exists():
         raise FileNotFoundError(f"log_artifact_file: {path} does not exist")
     client = MlflowClient()
-    if path.is_dir():
-        client.log_artifacts(rid, str(path), artifact_path)
-    else:
-        client.log_artifact(rid, str(path), artifact_path)
+    with _redacted_copy(path) as upload:
+        if upload.is_dir():
+            client.log_artifacts(rid, str(upload), artifact_path)
+        else:
+            client.log_artifact(rid, str(upload), artifact_path)
     root = client.get_run(rid).info.artifact_uri.rstrip("/")
     return "/".join(p for p in (root, artifact_path, path.name) if p)
 
+
+
+@contextlib.contextmanager
+def _redacted_copy(path: Path) -> Iterator[Path]:
+    """``path`` itself when no text file in it names a credential, else a temporary copy with them redacted."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    dirty = {}
+    for file in files:
+        if file.suffix.lower() in _TEXT_SUFFIXES:
+            text = file.read_text(errors="replace")
+            if redact(text) != text:
+                dirty[file] = redact(text)
+    if not dirty:
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gram-redacted-") as tmp:
+        copy = Path(tmp) / path.name
+        if path.is_dir():
+            shutil.copytree(path, copy)
+        else:
+            shutil.copy2(path, copy)
+        for file, text in dirty.items():
+            (copy / file.relative_to(path) if path.is_dir() else copy).write_text(text)
+        yield copy

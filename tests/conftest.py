@@ -10,6 +10,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_servers():
+    """Stop Prefect's temporary API servers inside the session: left to its atexit hook, the server logs its
+    shutdown after pytest has closed the output ("--- Logging error ---" after the summary)."""
+    yield
+    import sys
+
+    server = sys.modules.get("prefect.server.api.server")  # only if a test started one
+    if server is not None:
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from gram_core.models import build_tiny_tokenizer

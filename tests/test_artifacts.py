@@ -202,3 +202,29 @@ def test_hub_source_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DatasetNotCachedError, match=r"gram-test/no-such-set.*local file"):
         read_source(SourceConfig(hub="gram-test/no-such-set", split="train"), "rewardbench")
+
+
+def test_publish_fsyncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """Durability: after a crash a published artifact holds what was written. Every file, its folders and the
+    staging folder are fsynced before the rename, the parent folder after it."""
+    import os
+
+    from gram_core import folders
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(folders.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                         real_fsync(fd))[1])
+    monkeypatch.setattr(folders.os, "rename", lambda a, b: (events.append(("rename", str(a))), real_rename(a, b))[1])
+    store = ArtifactStore(tmp_path / "store")
+    with store.staging("eval") as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "a.bin").write_bytes(b"a")
+        (folder / "b.txt").write_text("b")
+        ref = store.publish("eval", folder, "report")
+    renamed = next(i for i, e in enumerate(events) if e[0] == "rename")
+    before = {p for kind, p in events[:renamed] if kind == "fsync"}
+    staged = events[renamed][1]
+    for rel in ("sub/a.bin", "b.txt", "_artifact.json", "sub", ""):
+        assert os.path.normpath(os.path.join(staged, rel)) in before, rel
+    assert ("fsync", os.path.dirname(ref.uri)) in events[renamed:]

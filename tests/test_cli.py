@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows import cli
+from flows.errors import InputError
 
 
 def test_parser_reads_run_options():
@@ -44,12 +45,24 @@ def test_read_candidates_names_the_bad_line(tmp_path):
     assert [r["line"] for r in cli.read_candidates(str(good))] == [1, 3]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "candidates": ["a"]}\n{"prompt": "q", "candidates": []}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: expected"):
+    with pytest.raises(InputError, match=r"bad.jsonl:2: expected"):
         cli.read_candidates(str(bad))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{nope\n")
-    with pytest.raises(SystemExit, match=r"broken.jsonl:1: not valid JSON"):
+    with pytest.raises(InputError, match=r"broken.jsonl:1: not valid JSON"):
         cli.read_candidates(str(broken))
+
+
+def test_input_errors_use_the_one_line_format_and_exit_2(tmp_path, capsys):
+    """No SystemExit(text) paths: a bad candidates file is `gram rank: <file>:<line>: ...`, exit 2."""
+    import inspect
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{nope\n")
+    assert cli.main(["rank", "--model", "tiny", "--input", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gram rank: {broken}:1: not valid JSON")
+    assert "SystemExit(" not in inspect.getsource(cli)
 
 
 def test_summary_shows_table_version_aliases_and_locations():

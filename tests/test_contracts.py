@@ -124,7 +124,9 @@ def test_wrong_type(column, values, got):
 
 @pytest.mark.parametrize("ids", [pa.array([1.5, 2.0]), pa.array([2**63, 1], pa.uint64())])
 def test_lossy_cast_is_a_violation(ids):
-    table = pa.table({n: ["x", "y"] for n in REWARDBENCH.columns if n != "id"}).append_column("id", ids)
+    table = pa.table({n: ["x", "y"] for n in REWARDBENCH.columns if n != "id"})
+    table = table.set_column(table.schema.get_field_index("rejected"), "rejected", pa.array(["z", "w"]))
+    table = table.append_column("id", ids)
     violation, _ = only_violation(table, REWARDBENCH)
     assert violation.column == "id" and violation.problem.startswith("wrong type")
 

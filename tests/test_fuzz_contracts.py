@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +26,16 @@ from data_contracts import PREFERENCE_PAIRS, ContractError, read_table, validate
 
 COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source")
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` shows something (the contract's blank rule: whitespace, NUL, zero-width are nothing)."""
+    return bool(re.sub(r"[\s\x00-\x08\x0e-\x1f\x7f\u200b-\u200d\u2060\ufeff]", "",
+                       "".join(c for c in text if unicodedata.category(c) != "Zs")))
+
+
 # Any unicode text but lone surrogates (not encodable as UTF-8), never blank.
-TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12).filter(lambda s: s.strip())
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12).filter(visible)
 
 
 @st.composite
@@ -121,3 +131,137 @@ def test_csv_reader_names_column_and_row_and_keeps_text_as_written(case):
         if defect and defect[0] == "null":  # CSV cannot tell null from empty: an empty field is "blank"
             defect = ("blank", *defect[1:])
         expect(lambda: read_table(path, PREFERENCE_PAIRS), rows if defect else rows, defect)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drill 5: each confirmed crash and silent slip is a contract error naming the file, row and column.
+# --------------------------------------------------------------------------------------------------
+def _pair(pair_id="p-0", **values):
+    return {"pair_id": pair_id, "prompt": "Which?", "chosen": "yes", "rejected": "no", "source": "s", **values}
+
+
+def _bench(row_id=0, **values):
+    return {"id": row_id, "prompt": "Which?", "chosen": "yes", "chosen_model": "m", "rejected": "no",
+            "rejected_model": "n", "subset": "chat", **values}
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()  # ensure_ascii: a surrogate stays "\ud800"
+
+
+def _bad_utf8_parquet(path: Path) -> None:
+    text = pa.array([b"yes", b"caf\xe9"], pa.binary()).view(pa.string())  # not checked by pyarrow
+    table = pa.table({"pair_id": ["p-0", "p-1"], "prompt": ["a", "b"], "chosen": text,
+                      "rejected": ["n", "m"], "source": ["s", "s"]})
+    pq.write_table(table, path)
+
+
+BAD_INPUT = {  # name: (contract, file name, writer(path) or bytes, column, row or None)
+    "lone surrogate": ("preference_pairs", "d.jsonl", _jsonl([_pair(), _pair("p-1", prompt="\ud800")]), "prompt", 1),
+    "id 2**70": ("rewardbench", "d.jsonl", _jsonl([_bench(), _bench(2**70)]), "id", 1),
+    "invalid UTF-8 in Parquet": ("preference_pairs", "d.parquet", _bad_utf8_parquet, "chosen", 1),
+    "malformed JSON line": ("preference_pairs", "d.jsonl", _jsonl([_pair()]) + b"{not json\n", "(record)", 1),
+    "non-UTF-8 JSONL line": ("preference_pairs", "d.jsonl", _jsonl([_pair()]) + b'{"prompt": "caf\xe9"}\n',
+                             "(record)", 1),
+    "non-UTF-8 JSON file": ("preference_pairs", "d.json", b'[{"prompt": "caf\xe9"}]', "(file)", None),
+    "malformed JSON file": ("preference_pairs", "d.json", b'[{"prompt": ', "(file)", None),
+    "non-object record": ("preference_pairs", "d.json", json.dumps([_pair(), ["p-1"]]).encode(), "(record)", 1),
+    "RewardBench chosen == rejected": ("rewardbench", "d.jsonl", _jsonl([_bench(), _bench(1, rejected="yes")]),
+                                       "rejected", 1),
+    "NUL-only text": ("preference_pairs", "d.jsonl", _jsonl([_pair(), _pair("p-1", chosen="\x00\x00")]), "chosen", 1),
+    "zero-width-only text": ("preference_pairs", "d.jsonl", _jsonl([_pair("p-1", prompt="\u200b\u200d\ufeff")]),
+                             "prompt", 0),
+    "ids differing only by whitespace": ("preference_pairs", "d.jsonl",
+                                         _jsonl([_pair("p 1"), _pair("p1"), _pair("p-2")]), "pair_id", 1),
+    "header-only CSV": ("preference_pairs", "d.csv", b"pair_id,prompt,chosen,rejected,source\n", "(file)", None),
+    "subfolder in a data folder": ("preference_pairs", "data/d.jsonl", _jsonl([_pair()]), "(folder)", None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_drill_bad_input_is_a_contract_error_naming_file_row_and_column(case, tmp_path):
+    """Each one crashed (UnicodeEncodeError, OverflowError, a raw ArrowInvalid), was "unexpected" (exit 1) or
+    passed silently; now a ContractError (the CLI's exit 2) names the file, the column and the row."""
+    from flows.errors import is_expected
+
+    contract, name, content, column, row = BAD_INPUT[case]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content(path) if callable(content) else path.write_bytes(content)
+    source = path
+    if case == "subfolder in a data folder":
+        (path.parent / "more").mkdir()
+        source = path.parent
+    with pytest.raises(ContractError) as info:
+        read_table(source, contract)
+    err = info.value
+    assert is_expected(err) and str(source) in str(err)
+    named = [v for v in err.violations if v.column == column]
+    assert named, str(err)
+    if row is not None:
+        assert any(row in v.rows for v in named), str(err)
+
+
+def _any_text(long: bool = False):
+    """Full Unicode, lone surrogates included, sometimes long."""
+    return st.text(st.characters(codec=None, exclude_categories=()), max_size=3000 if long else 16)
+
+
+def _value(field: pa.Field):
+    if pa.types.is_string(field.type):
+        return st.one_of(_any_text(), _any_text(long=True), st.sampled_from(["\ud800", "\x00", "\u200b", " "]))
+    if pa.types.is_integer(field.type):
+        return st.one_of(st.integers(-5, 5), st.integers())  # unbounded: beyond int64 too
+    if pa.types.is_floating(field.type):
+        return st.floats(0, 1)
+    if pa.types.is_boolean(field.type):
+        return st.booleans()
+    raise AssertionError(f"no strategy for {field.type}")
+
+
+@st.composite
+def contract_rows(draw):
+    """(contract, rows): 0-5 rows of any contract with arbitrary values; sometimes a duplicated row."""
+    from data_contracts.schemas import CONTRACTS
+
+    contract = CONTRACTS[draw(st.sampled_from(sorted(CONTRACTS)))]
+    rows = [{f.name: draw(_value(f)) for f in contract.schema} for _ in range(draw(st.integers(0, 5)))]
+    if rows and draw(st.booleans()):
+        rows.append(dict(rows[0]))  # a duplicate
+    return contract, rows
+
+
+def _write(path: Path, fmt: str, rows: list[dict], contract) -> None:
+    if fmt == "jsonl":
+        path.write_bytes(_jsonl(rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogatepass") as handle:
+            writer = csv.DictWriter(handle, fieldnames=contract.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        columns = {f.name: [r[f.name] for r in rows] for f in contract.schema}
+        pq.write_table(pa.table({k: pa.array([v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v
+                                              for v in vals]) for k, vals in columns.items()}), path)
+
+
+@FUZZ
+@given(contract_rows(), st.sampled_from(["jsonl", "json", "csv", "parquet"]))
+def test_every_contract_and_reader_gives_a_table_or_a_contract_error(case, fmt):
+    """Any values (surrogates, NUL, huge ints, long texts, duplicates, no rows) in any contract and format: the
+    reader returns the rows or raises ContractError; nothing else."""
+    contract, rows = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"data.{fmt}"
+        try:
+            _write(path, fmt, rows, contract)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return  # pyarrow cannot even write it (an int beyond int64 in Parquet): no file to read
+        try:
+            table = read_table(path, contract)
+        except ContractError as err:
+            assert err.violations and str(path) in str(err)
+            return
+        assert rows and table.num_rows == len(rows)

@@ -368,9 +368,12 @@ def test_bad_input_fails_before_training_and_leaves_no_artifact(case, run1, env,
     assert set((env / "artifacts" / "sources").iterdir()) == sources_before
 
 
-def test_shared_data_evaluate_and_build_pairs(shared_data, env):
+def test_shared_data_evaluate_and_build_pairs(shared_data, env, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from prefect import flow
 
+    from data_contracts import ContractError, read_table
     from gram_core.config import JudgeConfig, ModelConfig
     from gram_core.pairs import PairingConfig
     from gram_core.sampling import SamplingConfig
@@ -383,13 +386,21 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env):
     from tasks.stage1_pairs import build_stage1_pairs
 
     paths = state_paths(load_preset("smoke"))
+    # The shared pool holds four responses that are a lone zero-width space: a contract error (issue 16); the
+    # stages below run on the pool without them.
+    defects = (5303, 12339, 14545, 14779)
+    with pytest.raises(ContractError, match=r"column 'response': empty .* rows \[5303, 12339, 14545, 14779\]"):
+        read_table(shared_data / "response_pool.parquet", "response_pool")
+    raw = pq.read_table(shared_data / "response_pool.parquet")
+    pool_file = tmp_path / "response_pool.parquet"
+    pq.write_table(raw.filter(pa.array([i not in defects for i in range(raw.num_rows)])), pool_file)
 
     @flow
     def real_data():
         load = bind(load_source, paths.prefect_results)
         lite = load("eval", SourceConfig(path=str(shared_data / "rewardbench_lite.parquet")), "rewardbench",
                     paths, limit=30, seed=1, stratify="subset")
-        pool = load("pool", SourceConfig(path=str(shared_data / "response_pool.parquet"), limit=400, seed=1),
+        pool = load("pool", SourceConfig(path=str(pool_file), limit=400, seed=1),
                     "response_pool", paths)
         scores = bind(evaluate, paths.prefect_results)(ModelConfig(source="tiny"), lite, JudgeConfig(max_length=768),
                                                       "base", paths)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray  # a plain import: an import bug must fail, not skip
 import torch
 from toy_data import better_pairs
 from transformers import AutoModelForCausalLM
@@ -15,10 +16,6 @@ from transformers import AutoModelForCausalLM
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
 from gram_core.models import tiny_model_dir
 from tasks.settings import RayConfig, StageSettings, StatePaths
-
-ray = pytest.importorskip("ray")
-
-
 
 
 def state_at(home, ray_storage):

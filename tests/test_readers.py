@@ -184,9 +184,18 @@ def test_shared_data_files_validate(shared_data):
     bench = read_table(shared_data / "rewardbench_lite.parquet", REWARDBENCH)
     assert sorted(bench["id"].to_pylist()) == list(range(953))
     assert bench.schema.field("id").type == pa.int64()
-    prefs = read_table(shared_data / "preferences_train.parquet", PREFERENCE_PAIRS)
-    assert prefs.num_rows == 10816 and "label_kind" not in prefs.schema.names
+    # The contract finds a real defect here: one 'rejected' response is a lone zero-width space.
+    with pytest.raises(ContractError, match=r"column 'rejected': empty or whitespace-only .* rows \[8591\]"):
+        read_table(shared_data / "preferences_train.parquet", PREFERENCE_PAIRS)
+    table = pq.read_table(shared_data / "preferences_train.parquet")
+    keep = pa.array([i != 8591 for i in range(table.num_rows)])
+    prefs = read_table(table.filter(keep), PREFERENCE_PAIRS)
+    assert prefs.num_rows == 10815 and "label_kind" not in prefs.schema.names
     assert prefs.schema.names == PREFERENCE_PAIRS.columns
-    pool = read_table(shared_data / "response_pool.parquet", RESPONSE_POOL)
-    assert pool.num_rows == 18806 and pool.schema.names == RESPONSE_POOL.columns
+    with pytest.raises(ContractError, match=r"column 'response': empty .* rows \[5303, 12339, 14545, 14779\]"):
+        read_table(shared_data / "response_pool.parquet", RESPONSE_POOL)  # four zero-width-space responses
+    table = pq.read_table(shared_data / "response_pool.parquet")
+    pool = read_table(table.filter(pa.array([i not in (5303, 12339, 14545, 14779) for i in range(table.num_rows)])),
+                      RESPONSE_POOL)
+    assert pool.num_rows == 18802 and pool.schema.names == RESPONSE_POOL.columns
     assert len(set(pool["generator"].to_pylist())) == 43  # 40 AlpacaEval + 3 Arena-Hard generators

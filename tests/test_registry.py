@@ -288,42 +288,155 @@ def test_drill_same_content_registers_once_and_the_gate_reruns(store, variants):
     assert client.get_model_version(name, "1").tags["promotion/margin"] == "0.5"
 
 
-@pytest.mark.parametrize("slow_score", [0.65, 0.70])
-def test_drill_concurrent_promotions_keep_the_better_model(store, monkeypatch, slow_score):
-    """Drill 1: two gates race against a 0.60 champion (0.70 and 0.65, in both orders). The slow one pauses
-    after its decision, right before moving the alias; the better model must end as champion."""
-    import threading
+GATE_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from tasks import model_registry
+
+uri, name, version, pause, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), Path(sys.argv[5])
+client = MlflowClient(uri)
+real = MlflowClient.set_registered_model_alias
+
+def paused(self, model, alias, v):  # the window in which an unlocked gate lets the other read the old champion
+    if alias == "champion" and pause:
+        out.with_suffix(".decided").touch()
+        time.sleep(pause)
+    return real(self, model, alias, v)
+
+MlflowClient.set_registered_model_alias = paused
+go = out.with_suffix(".go")
+out.with_suffix(".ready").touch()
+while not go.exists():
+    time.sleep(0.02)
+start = time.time()
+decision = model_registry.promote_if_better(client, name, version, "rewardbench/overall", 0.0, "set-a")
+out.write_text(json.dumps({"start": start, "end": time.time(), "decision": decision.decision,
+                           "champion_version": decision.champion_version}))
+"""
+
+
+def _wait_for(path: Path, proc, timeout: float = 120.0) -> None:
     import time
 
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("slow_score", [0.65, 0.70])
+def test_drill_concurrent_promotions_keep_the_better_model(store, tmp_path, slow_score):
+    """Drill 1: two gate *processes* race against a 0.60 champion (0.70 and 0.65, in both orders), each naming
+    the registry with another spelling of its URI. The first pauses inside the gate, after its decision and
+    right before moving the alias; the second starts then. It must wait for the first (its gate ends after
+    the first's and reads the champion the first set) and the better model must end as champion."""
+    import json
+    import os
+    import subprocess
+    import sys
+
     client, metric = MlflowClient(), "rewardbench/overall"
+    uri = mlflow_uri()
+    db = Path(uri[len("sqlite:///"):])
+    alias_uri = f"sqlite:///{db.parent}/../{db.parent.name}//{db.name}"  # the same file, spelled otherwise
+    assert model_registry.promotion_lock_path(alias_uri, "x") == model_registry.promotion_lock_path(uri, "x")
     name = f"judge-race-{int(slow_score * 100)}"
     champion = _new_version(client, name, 0.60, "set-a", metric)
     assert model_registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
     fast_score = 0.70 if slow_score == 0.65 else 0.65
     versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
-    set_alias = MlflowClient.set_registered_model_alias
-    slow_read = threading.Event()
-
-    def paused_set_alias(self, model, alias, version):
-        if threading.current_thread().name == "slow" and alias == "champion" and not slow_read.is_set():
-            slow_read.set()
-            time.sleep(1.0)  # the window in which an unlocked gate lets the other run read the old champion
-        return set_alias(self, model, alias, version)
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", paused_set_alias)
-    # The slow gate reaches the alias move only if it decided to promote (0.65 and 0.70 both beat 0.60).
-    decisions = {}
-
-    def gate(score):
-        decisions[score] = model_registry.promote_if_better(MlflowClient(), name, versions[score], metric, 0.0, "set-a")
-
-    slow = threading.Thread(target=gate, args=(slow_score,), name="slow")
-    slow.start()
-    assert slow_read.wait(30)
-    fast = threading.Thread(target=gate, args=(fast_score,), name="fast")
-    fast.start()
-    slow.join(60)
-    fast.join(60)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    outs = {s: tmp_path / f"gate-{s}.json" for s in versions}
+    procs = {s: subprocess.Popen([sys.executable, "-c", GATE_PROCESS, u, name, versions[s], p, str(outs[s])],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s, u, p in ((slow_score, uri, "2.0"), (fast_score, alias_uri, "0"))}
+    try:
+        for s in versions:  # both processes have imported MLflow and wait at the start line
+            _wait_for(outs[s].with_suffix(".ready"), procs[s])
+        outs[slow_score].with_suffix(".go").touch()
+        _wait_for(outs[slow_score].with_suffix(".decided"), procs[slow_score])
+        outs[fast_score].with_suffix(".go").touch()  # the second gate starts while the first holds the lock
+        for proc in procs.values():
+            assert proc.wait(120) == 0, proc.communicate()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    first, second = (json.loads(outs[s].read_text()) for s in (slow_score, fast_score))
+    assert second["start"] < first["end"] <= second["end"]  # it started during the first gate, and waited
+    assert first["decision"] == "promoted" and second["champion_version"] == versions[slow_score]
     assert _alias(client, name, "champion") == versions[0.70]
-    assert decisions[0.70].promoted
-    assert decisions[0.65].champion_version in (champion, versions[0.70])
+
+
+def test_gate_lock_key_ignores_spelling_credentials_and_loopback_aliases():
+    lock = model_registry.promotion_lock_path
+    same = ["http://localhost:5000", "http://localhost:5000/", "HTTP://LOCALHOST:5000//",
+            "http://user:pw@127.0.0.1:5000/?token=x", "http://[::1]:5000"]
+    assert len({lock(u, "m") for u in same}) == 1
+    assert lock("http://localhost:5001", "m") != lock(same[0], "m") != lock(same[0], "other")
+    assert lock("https://mlflow.example.com:443/", "m") == lock("https://mlflow.example.com", "m")
+
+
+def test_gate_reports_a_writer_that_moved_the_alias_outside_the_lock(store, monkeypatch):
+    """Verify after moving: another writer (no lock) moves the alias right after this gate did -> reported."""
+    client, metric, name = MlflowClient(), "rewardbench/overall", "judge-verify"
+    base = _new_version(client, name, 0.60, "set-a", metric)
+    candidate = _new_version(client, name, 0.70, "set-a", metric)
+    set_alias = MlflowClient.set_registered_model_alias
+
+    def hijacked(self, model, alias, version):
+        set_alias(self, model, alias, version)
+        set_alias(self, model, alias, base)  # the other writer wins
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", hijacked)
+    with pytest.raises(model_registry.PromotionConflict, match=f"now points at {base}: another writer"):
+        model_registry.promote_if_better(client, name, candidate, metric, 0.0, "set-a")
+
+
+def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, model_dir, tmp_path, monkeypatch):
+    """Two `gram judge` calls on a cold registered-model cache (threads here, the lock also spans processes)
+    download once and get the same whole folder; `gram gc` started during a download waits for it instead of
+    removing its `.download-*` folder."""
+    import threading
+
+    from tasks.artifacts import folder_sha256
+    from tasks.settings import load_preset
+    from tasks.state import collect_garbage
+
+    cfg, uri = MlflowConfig(model_name="judge-cold"), mlflow_uri()
+    _register(store, model_dir, cfg, 0.5)
+    home = tmp_path / "home"
+    cache = home / "registered"
+    real, calls, downloading, gc_done = model_registry.download_registered_model, [], threading.Event(), threading.Event()
+
+    def slow_download(*args, **kwargs):
+        calls.append(1)
+        fetched = real(*args, **kwargs)
+        downloading.set()
+        # Files fetched, not yet moved into place: the window for a second caller, or gc (which, holding the
+        # cache lock as it must, cannot finish before this download does: then the wait times out).
+        gc_done.wait(5)
+        return fetched
+
+    monkeypatch.setattr(model_registry, "download_registered_model", slow_download)
+    results, errors = [], []
+
+    def judge():
+        try:
+            results.append(model_registry.registered_model_dir("models:/judge-cold@champion", uri, cache)[0])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=judge) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    assert downloading.wait(60)
+    collect_garbage(load_preset("smoke", [f"home={home}"]).resolved(), apply=True)  # gc during the download
+    gc_done.set()
+    for thread in threads:
+        thread.join(120)
+    assert errors == [] and len(calls) == 1 and results[0] == results[1]
+    assert folder_sha256(results[0]) == folder_sha256(model_dir)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".download-")]

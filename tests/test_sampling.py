@@ -40,7 +40,7 @@ def test_k_rows_per_prompt_with_contract_columns(tiny_model, tiny_tokenizer):
 
 
 def test_validates_against_response_pool_contract(tiny_model, tiny_tokenizer):
-    dc = pytest.importorskip("data_contracts")
+    import data_contracts as dc
     table = _sample(tiny_model, tiny_tokenizer, k=1)
     assert dc.validate(table, dc.RESPONSE_POOL).num_rows == table.num_rows
 

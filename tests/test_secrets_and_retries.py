@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tasks.tracking import redact
@@ -39,24 +42,44 @@ def test_params_and_tags_logged_to_mlflow_are_redacted(mlflow_root):
     assert data.params["mlflow.tracking_uri"] == "postgresql://***@db/x"
 
 
-def test_ray_token_auth_is_left_on(monkeypatch):
-    """The local runtime is started without touching RAY_AUTH_MODE (Ray's default: token auth on)."""
-    import ray
+RAY_PROBE = """
+import json, ray
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+from tasks.ray_runtime import ray_runtime
+from tasks.settings import RayConfig
+
+with ray_runtime(RayConfig(object_store_memory_mb=100)):
+    @ray.remote
+    def worker_sees():
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+        return is_token_auth_enabled()
+
+    print(json.dumps({"driver": is_token_auth_enabled(), "worker": ray.get(worker_sees.remote())}))
+"""
+
+
+def test_drill_a_real_local_ray_runtime_has_token_auth_on(tmp_path):
+    """Drill 7: a real local runtime, started as `gram run` starts it (RAY_AUTH_MODE unset, no RAY_ADDRESS),
+    has token auth on in the driver and in a worker, with its token under the user's ~/.ray."""
+    import os
+    import subprocess
+    import sys
 
     from flows.cli import OFFLINE_DEFAULTS
-    from tasks.ray_runtime import ray_runtime
-    from tasks.settings import RayConfig
 
     assert "RAY_AUTH_MODE" not in OFFLINE_DEFAULTS
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw, auth=__import__("os").environ.get("RAY_AUTH_MODE")))
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
-    with ray_runtime(RayConfig()):
-        pass
-    assert seen["auth"] is None and "num_cpus" in seen
+    ray_tmp = Path(f"/tmp/gr-auth-{os.getpid()}")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        out = subprocess.run([sys.executable, "-c", RAY_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"driver": True, "worker": True}
+    assert (tmp_path / ".ray" / "auth_token").is_file()
 
 
 def test_only_transient_failures_are_retried():
@@ -83,6 +106,12 @@ def test_only_transient_failures_are_retried():
     assert not is_transient(chained(DatasetNotCachedError("offline"), ConnectionError()))
     assert not is_transient(ValueError("bad config")) and not is_transient(None)
     assert not is_transient(MlflowException("a plain MLflow error"))  # INTERNAL_ERROR by default
+    from sqlalchemy.exc import OperationalError
+
+    assert is_transient(chained(MlflowException("register failed"),
+                                OperationalError("INSERT", {}, Exception("database is locked"))))
+    for permanent in ("database or disk is full", "no such table: model_versions", "disk I/O error"):
+        assert not is_transient(OperationalError("INSERT", {}, Exception(permanent))), permanent
     for options in (HUB_RETRIES, REGISTRY_RETRIES):
         assert options["retries"] >= 2 and options["retry_delay_seconds"] == sorted(options["retry_delay_seconds"])
 
@@ -94,3 +123,84 @@ def test_unreachable_tracking_server_is_reported_with_what_to_do():
     with pytest.raises(TrackingServerUnreachable, match=r"http://\*\*\*@127\.0\.0\.1:9 is unreachable after 2 "
                                                         r"tries.*nothing was run.*MLFLOW_TRACKING_URI"):
         check_tracking_server("http://user:pw@127.0.0.1:9", attempts=2, timeout_s=2, backoff_s=0.01)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drill 1 (canary): a secret in every URI and override form never leaves the process.
+# --------------------------------------------------------------------------------------------------
+CANARY = "Canary7f3eb9"
+SECRET_FORMS = {
+    "password with @ and /": f"postgresql://gram:p@ss/{CANARY}@db.invalid:5432/mlflow",
+    "token as user": f"https://{CANARY}@mlflow.invalid",
+    "query token": f"https://data.invalid/e.parquet?region=eu&token={CANARY}",
+    "presigned signature": f"s3://bucket/store?X-Amz-Signature={CANARY}&region=eu",
+    "fragment token": f"https://data.invalid/e.parquet#access_token={CANARY}",
+    "libpq password": f"host=db.invalid user=gram password={CANARY} dbname=mlflow",
+    "libpq quoted password": f"host=db.invalid password='a b {CANARY}'",
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_every_secret_form_is_redacted(form):
+    out = redact(SECRET_FORMS[form])
+    assert CANARY not in out and "***" in out
+
+
+def _hits(root, secret: str) -> list[str]:
+    """Files under ``root`` whose bytes contain ``secret`` (plain, or as UTF-16 as SQLite may store it)."""
+    needles = (secret.encode(), secret.encode("utf-16-le"))
+    return [str(p) for p in Path(root).rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
+
+
+def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_path, monkeypatch, capsys):
+    """`gram run` and `gram study` with the canary in every URI and --set form, then MLflow's own channels
+    (params, start-run tags, the gram.artifact tag, text artifacts); grep the state folder (MLflow's database,
+    Prefect's results), Prefect's database and the console: zero hits. The secrets reach the runs (their
+    redacted forms are in Prefect's parameters and the error lines), so the drill can fail."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cli import main
+    from tasks import tracking
+    from tasks.settings import MlflowConfig
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("GRAM_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    in_flow = [f"--set=data.eval.path={SECRET_FORMS['query token']}",
+               f"--set=data.preferences.path={SECRET_FORMS['fragment token']}",
+               f"--set=data.prompts.path=https://gram:p@ss/{CANARY}@data.invalid/p.jsonl",
+               f"--set=mlflow.model_name={SECRET_FORMS['libpq password']}"]
+    with prefect_test_harness(server_startup_timeout=120):
+        db_url = PREFECT_API_DATABASE_CONNECTION_URL.value()
+        codes = [main(["run", "--preset", "smoke", *in_flow]),
+                 main(["study", "--preset", "smoke", *in_flow]),
+                 main(["run", "--preset", "smoke",
+                       f"--set=mlflow.tracking_uri=http://gram:p@ss/{CANARY}@127.0.0.1:9/#token={CANARY}"])]
+        cfg = MlflowConfig(experiment="canary")
+        with tracking.start_pipeline_run(cfg, home, "canary", params={"forms": {f"form{i}": v for i, v in enumerate(SECRET_FORMS.values())}},
+                                         tags={"where": SECRET_FORMS["password with @ and /"]}) as run:
+            with tracking.stage_run("stage", tags={"gram.artifact": SECRET_FORMS["presigned signature"]},
+                                    parent=run):
+                pass
+            summary = tmp_path / "summary.json"
+            summary.write_text(json.dumps({"report": f"{SECRET_FORMS['token as user']}/report.md"}))
+            tracking.log_artifact_file(summary, run_id=run.run_id)
+        APILogWorker.drain_all(timeout=30)
+        with get_client(sync_client=True) as client:
+            parameters = json.dumps([r.parameters for r in client.read_flow_runs()])
+            messages = [r.state.message or "" for r in client.read_flow_runs()]
+    console = capsys.readouterr()
+    data = MlflowClient(run.tracking_uri).get_run(run.run_id).data
+    prefect_db = Path(db_url.split(":///", 1)[1])
+    hits = _hits(home, CANARY) + _hits(prefect_db.parent, CANARY) + [
+        name for name, text in (("stdout", console.out), ("stderr", console.err)) if CANARY in text]
+    assert hits == [], hits  # the canary count
+    assert codes[0] in (1, 2) and codes[1] in (1, 2) and codes[2] == 3, (codes, console.err)
+    assert parameters.count("***") >= 8, parameters  # both flows ran and got the redacted overrides
+    assert "***" in data.tags["where"]
+    assert sum("no such file or folder" in m and "***" in m for m in messages) == 2, messages  # failed in a task
