@@ -229,3 +229,20 @@ def test_past_the_queue_bound_503_with_retry_after_at_once(server):
     assert all("queue full" in r[1]["error"] and int(r[2]["Retry-After"]) >= 1 for r in rejected)
     assert min(r[3] for r in rejected) < min(r[3] for r in ok)  # turned away before any was scored
     assert call(url, "/get_reward", body)[0] == 200  # and it recovers
+
+
+def test_trl_and_verl_adapters_through_the_server(server, local_judge, tmp_path, monkeypatch):
+    from test_reward_functions import two_grpo_steps
+
+    from gram_core.reward_scoring import rewards_vs_reference
+    from tasks.reward_functions import GramReward, compute_score
+
+    url, _ = server
+    logged = two_grpo_steps(tmp_path, [GramReward(url=url, token=TOKEN),
+                                       GramReward(url=url, token=TOKEN, mode="reference")])
+    assert len(logged) == 2 and all(np.isfinite(h["rewards/gram_group/mean"]) for h in logged)
+    monkeypatch.setenv("GRAM_REWARD_URL", url)
+    monkeypatch.setenv("GRAM_REWARD_TOKEN", TOKEN)
+    score = compute_score("demo", COMPLETIONS[0], REFERENCE, {"question": PROMPT})
+    assert score == pytest.approx(rewards_vs_reference(local_judge, [PROMPT], [COMPLETIONS[0]], [REFERENCE])[0],
+                                  abs=1e-4)
