@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-group", type=int, default=16,
                        help="completions per GRPO group (a group costs n(n-1)/2 pairs)")
     serve.add_argument("--max-request-tokens", type=int, default=2**18, help="tokens per request (413 beyond)")
+    serve.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                       help="cache only the judge template, not each prompt's/reference's prefix (for comparison)")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="request body size cap (413 beyond)")
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
@@ -338,7 +340,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve_forever(folder, config.judge, limits, host=args.host, port=args.port, replicas=args.replicas,
                   max_replicas=args.max_replicas, token=token, batch_wait_ms=args.batch_wait_ms,
                   forward_rows=args.forward_rows, forward_tokens=args.forward_tokens,
-                  cpus_per_replica=args.cpus_per_replica, say=lambda line: print(line, flush=True))
+                  cpus_per_replica=args.cpus_per_replica, share_prefix=args.share_prefix,
+                  say=lambda line: print(line, flush=True))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

@@ -63,12 +63,13 @@ class RewardServer:
     """One replica: a judge, an admission bound, and a dynamic batcher by judge sequences."""
 
     def __init__(self, folder: str, judge_config: JudgeConfig, limits: ServeLimits, token: str | None,
-                 cpus: float, batch_wait_s: float, forward_rows: int, forward_tokens: int | None) -> None:
+                 cpus: float, batch_wait_s: float, forward_rows: int, forward_tokens: int | None,
+                 share_prefix: bool = True) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))  # the replica's CPUs, not the host's
         self.limits, self.token = limits, token
-        self.forward_rows, self.forward_tokens = forward_rows, forward_tokens
+        self.forward_rows, self.forward_tokens, self.share_prefix = forward_rows, forward_tokens, share_prefix
         self.judge: Any = None
         self.load_error: str | None = None
         self.pending_rows = 0
@@ -111,7 +112,8 @@ class RewardServer:
 
         stats = ScoreStats()
         prompts, r1, r2 = (list(col) for col in zip(*pairs, strict=True))
-        options = {"max_rows": self.forward_rows, "max_tokens": self.forward_tokens, "stats": stats} \
+        options = {"max_rows": self.forward_rows, "max_tokens": self.forward_tokens, "stats": stats,
+                   "share": self.share_prefix} \
             if hasattr(self.judge, "encoder") else {}
         return pairwise(self.judge, prompts, r1, r2, **options), stats
 
@@ -264,7 +266,8 @@ def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
 def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *, host: str = "127.0.0.1",
                   port: int = 8000, replicas: int = 1, max_replicas: int | None = None, token: str | None = None,
                   batch_wait_ms: float = 5.0, forward_rows: int = 32, forward_tokens: int | None = 32768,
-                  cpus_per_replica: float | None = None, say: Callable[[str], Any] = print) -> None:
+                  cpus_per_replica: float | None = None, share_prefix: bool = True,
+                  say: Callable[[str], Any] = print) -> None:
     """Start Ray (local, or RAY_ADDRESS) and the server; print the URL and the OpenRLHF flag; on SIGTERM or
     Ctrl-C drain in-flight requests (Serve's graceful shutdown) and stop."""
     import ray
@@ -284,8 +287,8 @@ def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.run(deployment.bind(folder, judge_config, limits, token, cpus, batch_wait_ms / 1000, forward_rows,
-                                  forward_tokens), name=APP_NAME, route_prefix="/", blocking=False,
-                  logging_config=quiet)
+                                  forward_tokens, share_prefix),
+                  name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
         url = f"http://{host}:{port}"
         device = "GPU" if actor["num_gpus"] else f"CPU ({int(cpus)} threads)"
         say(f"GRAM reward server: {url}  ({replicas} replica(s), {device}; loading the model, GET {url}/ready)")
