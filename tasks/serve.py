@@ -72,6 +72,7 @@ class RewardServer:
         self.forward_rows, self.forward_tokens, self.share_prefix = forward_rows, forward_tokens, share_prefix
         self.judge: Any = None
         self.load_error: str | None = None
+        self.load_stage = "importing torch and transformers"
         self.pending_rows = 0
         self.stats: dict[str, Any] = {"batches": 0, "pairs": 0, "rows_histogram": collections.Counter(),
                                       "queue_s": 0.0, "compute_s": 0.0, "rejected": 0, "prefix_tokens": 0,
@@ -84,9 +85,13 @@ class RewardServer:
         try:
             from gram_core.scorers import load_scorer
 
-            # Tests hold the replica in its loading state a known while (after the slow imports), to see the
-            # 503s a client meets then.
-            time.sleep(float(os.environ.get("GRAM_SERVE_TEST_LOAD_DELAY_S", "0")))
+            self.load_stage = "loading the weights"
+            # Tests hold the replica here (imports done, weights not loaded) until the file named by
+            # GRAM_SERVE_TEST_LOAD_GATE exists, to see what a client meets while a server loads.
+            gate = os.environ.get("GRAM_SERVE_TEST_LOAD_GATE")
+            deadline = time.monotonic() + 300
+            while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.judge = load_scorer(folder, judge_config)
         except Exception as err:  # noqa: BLE001 - reported by /ready and every scoring call
             self.load_error = f"{type(err).__name__}: {err}"
@@ -165,7 +170,7 @@ class RewardServer:
     async def _body(self, request: Request) -> dict:
         self._authorize(request)
         if self.judge is None:
-            raise RequestError(503, f"model not loaded{': ' + self.load_error if self.load_error else ' yet'}",
+            raise RequestError(503, f"model not loaded: {self.load_error or self.load_stage}",
                                retry_after_s=LOAD_RETRY_AFTER_S)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
@@ -224,7 +229,8 @@ class RewardServer:
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
         if self.judge is None:
-            return _error(RequestError(503, self.load_error or "loading the model", LOAD_RETRY_AFTER_S))
+            return _error(RequestError(503, f"model not loaded: {self.load_error or self.load_stage}",
+                                       LOAD_RETRY_AFTER_S))
         return JSONResponse({"status": "ready"})
 
     @app.get("/v1/stats")

@@ -25,7 +25,6 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
-LOAD_DELAY_S = 2.5  # within OpenRLHF's 5 tries 1 s apart
 PROMPT = "Write a very short poem about the sea. "
 COMPLETIONS = ["Waves roll in.", "The sea is big and blue.", "Salt.", "Gulls cry over grey water."]
 REFERENCE = "The sea sings softly under a pale moon."
@@ -78,7 +77,7 @@ def server():
     token_file = work / "token"
     token_file.write_text(TOKEN + "\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(work / "r"), "RAY_AUTH_MODE": "disabled",
-           "GRAM_SERVE_TEST_LOAD_DELAY_S": str(LOAD_DELAY_S), "GRAM_HOME": str(work / "home")}
+           "GRAM_SERVE_TEST_LOAD_GATE": str(work / "gate"), "GRAM_HOME": str(work / "home")}
     log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
     cmd = [sys.executable, "-m", "flows.cli", "serve", "tiny", "--port", str(port), "--token-file", str(token_file),
            "--max-batch", "64", "--max-queue", "64", "--max-group", "4", "--max-request-tokens", "3000",
@@ -98,11 +97,17 @@ def server():
             time.sleep(0.5)
         else:
             pytest.fail("gram serve did not come up in 300 s:\n" + (work / "serve.log").read_text()[-3000:])
+        while "loading the weights" not in call(url, "/ready")[1].get("error", ""):  # imports done, gate shut
+            assert time.monotonic() < deadline, (work / "serve.log").read_text()[-3000:]
+            time.sleep(0.2)
         body = {"query": [PROMPT + COMPLETIONS[0]], "prompts": [PROMPT], "labels": [REFERENCE]}
         early["loading"] = call(url, "/get_reward", body)
-        assert early["loading"][0] == 503, (early["loading"], (work / "serve.log").read_text()[-3000:])
         early["ready_while_loading"] = call(url, "/ready")[0]
-        early["openrlhf"] = openrlhf_request(url + "/get_reward", body, TOKEN)
+        with ThreadPoolExecutor(1) as pool:  # OpenRLHF's client meets the loading server, retries, then gets rewards
+            client = pool.submit(openrlhf_request, url + "/get_reward", body, TOKEN)
+            time.sleep(1.5)
+            (work / "gate").touch()
+            early["openrlhf"] = client.result()
         yield url, early
     finally:
         os.kill(proc.pid, signal.SIGTERM)
