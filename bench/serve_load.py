@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +174,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def load(url: str, bodies: list[dict], concurrency: int, budget_s: float) -> dict:

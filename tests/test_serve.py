@@ -1,6 +1,6 @@
 """`gram serve` as a process: started on a tiny model on a free loopback port, called like OpenRLHF calls it
 (the byte-exact request shape and retry loop of openrlhf/utils/remote_rm_utils.py), good and bad requests for
-every error code, scores equal to the in-process judge, stopped by PID."""
+every error code, scores equal to the in-process judge, stopped by PID with a request in flight (drained)."""
 
 from __future__ import annotations
 
@@ -109,8 +109,19 @@ def server():
             (work / "gate").touch()
             early["openrlhf"] = client.result()
         yield url, early
+        # SIGTERM with a request in flight: it is answered in full, then the server exits 0.
+        bulk = {"query": [PROMPT + c for c in COMPLETIONS * 8], "prompts": [PROMPT] * 32,
+                "labels": [REFERENCE] * 32}
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(call, url, "/get_reward", bulk)
+            time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGTERM)
+            status, answer, _ = in_flight.result()
+        assert status == 200 and len(answer["rewards"]) == 32
+        assert proc.wait(timeout=120) == 0
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
