@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_MAX_GROUP", "ScoreStats", "best_of_n", "extend_prefix", "gro
            "prob_a", "reward_logit", "rewards_vs_reference"]
 
 DEFAULT_MAX_GROUP = 16  # a group of n costs n(n−1)/2 pairs: 16 -> 120 pairs, 240 sequences
+MIN_SAVED_TOKENS = 128  # a group's own prefix forward must save this many tokens, else it is pooled
 LOGIT_CLIP = 1e-6  # logit(P) is finite: P is clipped to [1e-6, 1 − 1e-6] (|logit| <= 13.8)
 
 
@@ -88,13 +89,24 @@ def extend_prefix(model, base: PrefixCache | None, ids: Sequence[int]) -> Prefix
     return PrefixCache(prefix_ids=ids, layers=tuple((layer.keys, layer.values) for layer in cache.layers))
 
 
-def _groups(full: list[list[int]], a_starts: list[int], b_starts: list[int]) -> list[tuple[int, list[int]]]:
-    """(shared length, sequence indices): sequences sharing template + prompt + response A form a group when
-    two or more do; the rest of a prompt's sequences share template + prompt. First-seen order."""
+def _groups(full: list[list[int]], a_starts: list[int], b_starts: list[int], template: int,
+            min_saved: int) -> list[tuple[int, list[int]]]:
+    """(shared length, sequence indices), first-seen order. Sequences sharing template + prompt + response A
+    form a group when two or more do; the rest of a prompt's sequences share template + prompt. A group runs
+    its own prefix only when that saves at least ``min_saved`` tokens ((members − 1) × its length beyond the
+    template); the others are pooled behind the template alone, so unrelated one-pair requests still fill
+    one forward batch together instead of one small forward each."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, seq in enumerate(full):
         by_prompt.setdefault(tuple(seq[:a_starts[i]]), []).append(i)
-    groups = []
+    groups, pool = [], []
+
+    def place(shared: int, members: list[int]) -> None:
+        if (len(members) - 1) * (shared - template) >= max(min_saved, 1):
+            groups.append((shared, members))
+        else:
+            pool.extend(members)
+
     for key, members in by_prompt.items():
         by_a: dict[tuple[int, ...], list[int]] = {}
         for i in members:
@@ -102,12 +114,12 @@ def _groups(full: list[list[int]], a_starts: list[int], b_starts: list[int]) -> 
         rest = []
         for a_key, same_a in by_a.items():
             if len(same_a) >= 2 and len(a_key) > len(key):
-                groups.append((len(a_key), same_a))
+                place(len(a_key), same_a)
             else:
                 rest += same_a
         if rest:
-            groups.append((len(key), rest))
-    return groups
+            place(len(key), rest)
+    return groups + ([(template, sorted(pool))] if pool else [])
 
 
 def _row_batches(lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
@@ -128,11 +140,12 @@ def _row_batches(lengths: list[int], max_rows: int, max_tokens: int | None) -> l
 
 def prob_a(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
            share: bool = True, max_rows: int | None = None, max_tokens: int | None = None,
-           stats: ScoreStats | None = None) -> np.ndarray:
+           stats: ScoreStats | None = None, min_saved_tokens: int = MIN_SAVED_TOKENS) -> np.ndarray:
     """P(A) per sequence (float64, input order) as ``Judge.prob_a``, with shared parts run once per group.
 
     ``share=False`` caches only the judge's template (today's path, for comparison). Batches hold at most
-    ``max_rows`` sequences (default: the judge's batch_size × 2) and ``max_tokens`` padded tokens.
+    ``max_rows`` sequences (default: the judge's batch_size × 2) and ``max_tokens`` padded tokens. A shared
+    part runs on its own only when it saves ``min_saved_tokens`` (an extra batch-1 forward has a fixed cost).
     """
     n = _check_lengths("prob_a", prompts=prompts, responses_a=responses_a, responses_b=responses_b)
     out = np.full(n, np.nan, dtype=np.float64)
@@ -148,7 +161,7 @@ def prob_a(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], res
         full.append(encoder.full_ids(enc))
         a_starts.append(template + enc.a_start)
         b_starts.append(template + enc.b_start)
-    groups = _groups(full, a_starts, b_starts) if share else [(template, list(range(n)))]
+    groups = _groups(full, a_starts, b_starts, template, min_saved_tokens) if share else [(template, list(range(n)))]
     base = judge.prefix if judge.prefix is not None else build_prefix_cache(judge.model, encoder.prefix_ids)
     rows = max_rows or 2 * judge.config.batch_size
     stats.sequences += n

@@ -42,9 +42,13 @@ def test_shared_prefix_matches_naive_full_forward(tiny_model, tiny_tokenizer):
     want = naive.prob_a(prompts, a, b)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert np.ptp(got) > 1e-4  # an input-dependent readout
-    # The 8 sequences with the reference in slot A share template + prompt + reference; the rest are alone.
-    assert stats.groups == 3 and stats.sequences == 10
+    # The 8 sequences with the reference in slot A share template + prompt + reference; the two unrelated ones
+    # are pooled behind the template (a prefix of their own would save nothing).
+    assert stats.groups == 2 and stats.sequences == 10
     assert stats.prefix_tokens + stats.suffix_tokens < stats.naive_tokens
+    pooled = ScoreStats()  # no group saves 10^9 tokens: everything behind the template, as share=False
+    np.testing.assert_allclose(prob_a(shared, prompts, a, b, stats=pooled, min_saved_tokens=10**9), want, atol=1e-4)
+    assert pooled.groups == 1 and pooled.prefix_tokens == 0
 
 
 def test_rewards_vs_reference_and_pairwise_equal_judge_preference(tiny_model, tiny_tokenizer):
