@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -75,7 +76,8 @@ class RewardServer:
         self.load_stage = "importing torch and transformers"
         self.pending_rows = 0
         self.stats: dict[str, Any] = {"batches": 0, "pairs": 0, "rows_histogram": collections.Counter(),
-                                      "queue_s": 0.0, "compute_s": 0.0, "rejected": 0, "prefix_tokens": 0,
+                                      "queue_s": 0.0, "compute_s": 0.0, "batch_compute_s": 0.0,
+                                      "rejected": 0, "prefix_tokens": 0,
                                       "suffix_tokens": 0, "naive_tokens": 0, "truncated": 0}
         self._score.set_max_batch_size(limits.max_rows)
         self._score.set_batch_wait_timeout_s(batch_wait_s)
@@ -131,6 +133,7 @@ class RewardServer:
         s["rows_histogram"][1 << max(0, math.ceil(math.log2(rows)))] += 1  # power-of-two buckets
         s["queue_s"] += sum(started - t for _, t in jobs)
         s["compute_s"] += (now - started) * len(jobs)
+        s["batch_compute_s"] += now - started
         for key in ("prefix_tokens", "suffix_tokens", "naive_tokens", "truncated"):
             s[key] += getattr(stats, key, 0)
 
@@ -143,6 +146,8 @@ class RewardServer:
 
     async def _run(self, pairs: list) -> tuple[Any, Any]:
         rows = 2 * len(pairs)
+        if not pairs:  # e.g. an OpenRLHF request with empty lists: an empty answer, not a batch
+            return np.empty(0), np.empty(0)
         if self.pending_rows + rows > self.limits.max_queue_rows:
             self.stats["rejected"] += 1
             raise RequestError(503, f"queue full ({self.pending_rows} sequences pending, bound "
@@ -154,7 +159,7 @@ class RewardServer:
             self.pending_rows -= rows
 
     def _retry_after(self) -> float:
-        busy = self.stats["compute_s"] / max(self.stats["batches"], 1)
+        busy = self.stats["batch_compute_s"] / max(self.stats["batches"], 1)  # seconds per full batch, roughly
         return max(1.0, min(30.0, busy * self.pending_rows / max(self.limits.max_rows, 1)))
 
     async def _check_tokens(self, texts: list[str]) -> None:

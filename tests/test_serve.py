@@ -219,6 +219,8 @@ def test_bad_json_big_body_and_missing_token(server):
     status, answer, _ = call(url, "/get_reward", {"query": [], "prompts": [], "labels": []}, token=None)
     assert status == 401
     assert call(url, "/health", token=None)[0] == 200
+    status, answer, _ = call(url, "/get_reward", {"query": [], "prompts": [], "labels": []})
+    assert status == 200 and answer["rewards"] == [] and answer["scores"] == []
 
 
 def test_past_the_queue_bound_503_with_retry_after_at_once(server):
