@@ -175,12 +175,11 @@ def grpo_job(body: dict, limits: ServeLimits) -> Job:
         if not isinstance(group, dict):
             raise RequestError(422, f"groups[{g}]: expected an object {{prompt, completions}}")
         prompt = _string(f"groups[{g}].prompt", group.get("prompt"))
-        completions = _strings(group, "completions") if isinstance(group.get("completions"), list) else None
-        if not completions:
+        completions = group.get("completions")
+        if not isinstance(completions, list) or not completions:
             raise RequestError(422, f"groups[{g}].completions: expected a non-empty list of strings")
-        bad = [i for i, c in enumerate(completions) if not isinstance(c, str)]
-        if bad:
-            raise RequestError(422, f"groups[{g}].completions[{bad[0]}]: expected a string")
+        for i, completion in enumerate(completions):
+            _string(f"groups[{g}].completions[{i}]", completion)
         reference = group.get("reference")
         if reference is not None:
             _string(f"groups[{g}].reference", reference)

@@ -200,6 +200,8 @@ def test_pairwise_grpo_and_best_of_n(server, local_judge):
     ("/get_reward", {"query": ["xa"], "prompts": ["a"], "labels": ["r"]}, 422, "query[0]: does not start"),
     ("/v1/pairwise", {"items": [{"prompt": "p", "a": "x", "b": "y"}, {"prompt": "p", "a": "x"}]}, 422, "items[1].b"),
     ("/v1/grpo", {"groups": [{"prompt": "p", "completions": ["a"] * 5}]}, 413, "max_group=4"),
+    ("/v1/grpo", {"groups": [{"prompt": "p", "completions": ["a"]}, {"prompt": "p", "completions": ["a", None]}]},
+     422, "groups[1].completions[1]"),
     ("/get_reward", {"query": ["a"] * 33, "prompts": [""] * 33, "labels": ["b"] * 33}, 413, "33 pairs"),
     ("/get_reward", {"query": ["a " * 2500], "prompts": [""], "labels": ["b " * 1000]}, 413, "tokens"),
     ("/v1/best_of_n", {"prompt": "p", "candidates": []}, 422, "candidates"),
