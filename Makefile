@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/judge_prefix.py
 	$(BIN)/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 24
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/serve_load.py --model tiny
 
 # On a GPU machine with a CUDA build of torch in $(VENV): bf16 training, judge throughput, bf16-vs-fp32 scores.
 gpu-check:

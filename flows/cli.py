@@ -5,6 +5,7 @@
     gram judge --model MODEL --prompt TEXT --a TEXT --b TEXT
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet
+    gram serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas 1] [--token-file F] [--reward probability|logit]
     gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md]
     gram presets [--fields]
     gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
@@ -82,6 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
     study.add_argument("--out", help="also write the report (with this command and its wall time) to this "
                        "Markdown file, and the chart beside it as <name>.png")
+
+    serve = sub.add_parser("serve", help="a batched reward server (Ray Serve): OpenRLHF /get_reward, pairwise, "
+                           "GRPO group rewards, best-of-n; see docs/serving.md")
+    config_args(serve)
+    serve.add_argument("model", help="MODEL as for `gram judge` (registry URI, folder, .gguf, smollm2, tiny)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="judge replicas (each loads the model)")
+    serve.add_argument("--max-replicas", type=int, default=None,
+                       help="Ray Serve autoscaling from --replicas up to this many (on a cluster: RAY_ADDRESS)")
+    serve.add_argument("--cpus-per-replica", type=float, default=None,
+                       help="CPUs (= torch threads) per replica (default: the machine's CPUs / replicas)")
+    serve.add_argument("--token-file", help="require 'Authorization: Bearer <token>' with the token in this file")
+    serve.add_argument("--reward", choices=("probability", "logit"), default="probability",
+                       help="/get_reward 'rewards': P(response ≻ reference) or its logit ('scores' is always P)")
+    serve.add_argument("--max-batch", type=int, default=512,
+                       help="judge sequences (2 per pair) gathered from concurrent requests into one batch; also "
+                       "the most one request may carry (413 beyond)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--forward-rows", type=int, default=32, help="sequences per forward pass")
+    serve.add_argument("--forward-tokens", type=int, default=32768, help="padded tokens per forward pass")
+    serve.add_argument("--max-queue", type=int, default=4096,
+                       help="sequences pending per replica; beyond it requests get 503 with Retry-After at once")
+    serve.add_argument("--max-group", type=int, default=16,
+                       help="completions per GRPO group (a group costs n(n-1)/2 pairs)")
+    serve.add_argument("--max-request-tokens", type=int, default=2**18, help="tokens per request (413 beyond)")
+    serve.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                       help="cache only the judge template, not each prompt's/reference's prefix (for comparison)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="request body size cap (413 beyond)")
 
     presets = sub.add_parser("presets", help="list the presets and every config field with its help")
     presets.add_argument("--fields", action="store_true", help="also list every config field")
@@ -302,6 +332,27 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     return eval_metrics(scores, bool(scalar))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tasks.serve import serve_forever
+    from tasks.serve_api import ServeLimits
+
+    config = _config(args)
+    limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
+                         max_request_tokens=args.max_request_tokens, max_group=args.max_group,
+                         max_queue_rows=args.max_queue, reward=args.reward)
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise SystemExit(f"gram serve: --token-file {args.token_file} is empty")
+    folder = resolve_model(args.model, config)
+    serve_forever(folder, config.judge, limits, host=args.host, port=args.port, replicas=args.replicas,
+                  max_replicas=args.max_replicas, token=token, batch_wait_ms=args.batch_wait_ms,
+                  forward_rows=args.forward_rows, forward_tokens=args.forward_tokens,
+                  cpus_per_replica=args.cpus_per_replica, share_prefix=args.share_prefix,
+                  say=lambda line: print(line, flush=True))
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from gram_core.config import describe
     from tasks.settings import PRESETS_DIR, PipelineConfig, preset_names
@@ -345,7 +396,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 COMMANDS = {"run": cmd_run, "adapt": cmd_adapt, "judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval,
-            "study": cmd_study, "presets": cmd_presets, "gc": cmd_gc}
+            "study": cmd_study, "presets": cmd_presets, "gc": cmd_gc, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

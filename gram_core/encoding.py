@@ -163,6 +163,8 @@ class JudgeEncoding:
     prompt_shortened: bool
     tokens_removed: int
     prefix_ids: list[int] = dataclasses.field(default_factory=list, repr=False)
+    a_start: int = 0  # where response A begins in suffix_ids (after question, prompt and the A header)
+    b_start: int = 0  # where the text after response A (B header, response B, verdict cue) begins
 
     @property
     def input_ids(self) -> list[int]:
@@ -213,9 +215,10 @@ class JudgeEncoder:
         p_kept, a_kept, b_kept = keep_ends(p, kept[0]), a[:kept[1]], b[:kept[2]]
         suffix = (self.question_ids + p_kept + self.a_head_ids + a_kept + self.between_ids + b_kept
                   + self.end_ids)
+        a_start = len(self.question_ids) + len(p_kept) + len(self.a_head_ids)
         return JudgeEncoding(suffix_ids=suffix, responses_shortened=int(kept[1] < len(a)) + int(kept[2] < len(b)),
                              prompt_shortened=kept[0] < len(p), tokens_removed=len(p) + len(a) + len(b) - sum(kept),
-                             prefix_ids=self.prefix_ids)
+                             prefix_ids=self.prefix_ids, a_start=a_start, b_start=a_start + len(a_kept))
 
     def full_ids(self, encoding: JudgeEncoding) -> list[int]:
         return self.prefix_ids + encoding.suffix_ids

@@ -57,8 +57,10 @@ class GramJudgeModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """p_a_better = ½·(P(A | a in slot A) + P(B | a in slot B)); consistent = both orders agree."""
+        from gram_core.reward_scoring import pairwise  # the reward server's scoring function too
+
         frame = check_input(model_input)
-        scores = self.judge.preference(frame["prompt"].tolist(), frame["response_a"].tolist(),
+        scores = pairwise(self.judge, frame["prompt"].tolist(), frame["response_a"].tolist(),
                                        frame["response_b"].tolist())
         return pd.DataFrame({
             "p_a_better": scores.p,

@@ -1,4 +1,4 @@
-"""The docs run as written: every ```bash block of README.md and docs/operations.md, in order, in a fresh copy
+"""The docs run as written: every ```bash block of README.md, docs/operations.md and docs/serving.md, in order, in a fresh copy
 of the checkout (its own state folder and Prefect home), servers on 127.0.0.1 started and stopped by PID.
 
 A block preceded by ``<!-- docs-test: skip (reason) -->`` is not run (the 14-minute demo run, foreground
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/operations.md")
+DOCS = ("README.md", "docs/operations.md", "docs/serving.md")
 PORTS = ("4200", "5000", "5001")
 DOC_TIMEOUT_S = 1200  # per document; the smoke path takes a few minutes
 SKIP = re.compile(r"<!-- docs-test: skip \((?P<reason>[^)]*)\) -->\s*$")
@@ -129,7 +129,11 @@ def test_docs_run_as_written(tmp_path):
         left = _stop_leftovers(clone)
         assert shell.returncode == 0, f"{doc} failed:\n{out[-6000:]}"
         assert left == [], f"{doc} left processes running: {left}"
-    readme, ops = outputs["README.md"], outputs["docs/operations.md"]
+    readme, ops, serving = outputs["README.md"], outputs["docs/operations.md"], outputs["docs/serving.md"]
+    # the reward server: every endpoint answered, TRL ran two GRPO steps through it, verl's function scored
+    assert re.search(r'\{"rewards":\[0\.[0-9]+\],"scores"', serving), serving[-4000:]
+    assert '"results":[{"p_a_order1"' in serving and '"best_index"' in serving, serving[-4000:]
+    assert "GRPO steps: 2" in serving and re.search(r"verl reward: 0\.[0-9]+", serving), serving[-4000:]
     assert "gram-pipeline/nightly" in readme and "gram-adapt/adapt" in readme
     worker_log = (clone / "prefect-worker.log").read_text()
     assert "Traceback" not in worker_log, worker_log[-3000:]

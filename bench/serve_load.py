@@ -1,0 +1,286 @@
+"""Reward server load test on loopback, bounded in requests and seconds; prints one table per part.
+
+1. Offline (in process, one judge): the same GRPO-shaped pairs (--group completions per prompt, one reference)
+   scored three ways, interleaved, each keeping its fastest of --repeats rounds: naive full forward (no cache),
+   template cache only (today's Judge), shared prefix (gram_core.reward_scoring); pairs/s, ratios, useful-token
+   MFU against this machine's measured fp32 matmul peak, and the largest score difference.
+2. Server (`gram serve MODEL` started here on a free 127.0.0.1 port, stopped by PID): one-item /get_reward
+   requests (OpenRLHF's shape) at concurrency 1/4/16/64, and bulk requests; p50/p95/p99 latency, pairs/s,
+   the server's batch-size histogram and queue vs compute time; the one-item latency of a direct in-process
+   call beside it. Then GRPO-shaped requests (one request = one prompt's completions vs its reference) with the
+   server sharing prefixes and, restarted with --no-share-prefix, without; and a 2x-overload burst.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --model tiny
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --model smollm2 --requests 16 --skip-overload
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gram_core.config import JudgeConfig  # noqa: E402
+from gram_core.judging import Judge  # noqa: E402
+from gram_core.models import resolve_model_source  # noqa: E402
+from gram_core.reward_scoring import ScoreStats, pairwise  # noqa: E402
+from gram_core.scorers import load_scorer  # noqa: E402
+
+WORDS = ("the model answer question because water light energy people often would should explain reason "
+         "simple example first second result value function number list city history science write code "
+         "return error careful small large quickly however therefore also which where when data test").split()
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return text[0].upper() + text[1:] + "."
+
+
+def paragraph(rng: random.Random) -> str:
+    return " ".join(sentence(rng, rng.randint(8, 12)) for _ in range(rng.randint(2, 4)))
+
+
+def grpo_groups(prompts: int, group: int, seed: int) -> list[tuple[str, str, list[str]]]:
+    """(prompt, reference, completions): ~300-token judge sequences for SmolLM2, as in judge_prefix.py."""
+    rng = random.Random(seed)
+    return [(sentence(rng, rng.randint(8, 16)) + " Why?", paragraph(rng), [paragraph(rng) for _ in range(group)])
+            for _ in range(prompts)]
+
+
+def fp32_peak_flops(seconds: float = 1.0) -> float:
+    """This machine's fp32 matmul rate (FLOP/s) with torch's current threads: the best of 1024² matmuls."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024 ** 3 / best
+
+
+def offline(judge: Judge, groups, repeats: int) -> None:
+    prompts = [p for p, _, cs in groups for _ in cs]
+    responses = [c for _, _, cs in groups for c in cs]
+    refs = [r for _, r, cs in groups for _ in cs]
+    naive = Judge(judge.model, judge.tokenizer, JudgeConfig(**{**judge.config.__dict__, "reuse_prefix": False}))
+    def naive_side(s: ScoreStats):  # Judge.preference without a prefix cache: every full sequence
+        s.padded_tokens = 2 * sum(len(naive.encoder.full_ids(naive.encoder.encode(p, a, b)))
+                                  for p, a, b in zip(prompts, responses, refs, strict=True))
+        return naive.preference(prompts, responses, refs)
+
+    sides = {"naive (no cache)": naive_side,
+             "template cache (today)": lambda s: pairwise(judge, prompts, responses, refs, share=False, stats=s),
+             "shared prefix": lambda s: pairwise(judge, prompts, responses, refs, share=True, stats=s)}
+    best, scores, stats = {k: float("inf") for k in sides}, {}, {}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            stats[name] = ScoreStats()
+            start = time.perf_counter()
+            scores[name] = fn(stats[name]).p
+            best[name] = min(best[name], time.perf_counter() - start)
+    params = sum(p.numel() for n, p in judge.model.named_parameters() if "embed" not in n)
+    peak = fp32_peak_flops()
+    template = len(judge.encoder.prefix_ids)
+    useful = stats["shared prefix"].prefix_tokens + stats["shared prefix"].suffix_tokens + template * len(groups)
+    n = len(responses)
+    print(f"\n## Offline, GRPO-shaped: {len(groups)} prompts x {len(groups[0][2])} completions vs one reference "
+          f"= {n} pairs ({2 * n} sequences, {stats['shared prefix'].naive_tokens / (2 * n) + template:.0f} tokens "
+          f"each); {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'scorer':26s} {'seconds':>8s} {'pairs/s':>9s} {'vs naive':>9s} {'tokens run':>11s} {'useful MFU':>10s}")
+    for name in sides:
+        s = stats[name]
+        ran = s.prefix_tokens + s.padded_tokens + (template if name != "naive (no cache)" else 0)
+        mfu = 2 * params * useful / best[name] / peak
+        print(f"{name:26s} {best[name]:8.2f} {n / best[name]:9.2f} {best['naive (no cache)'] / best[name]:8.2f}x "
+              f"{ran:11d} {100 * mfu:9.1f}%")
+    gap = max(float(np.abs(scores[k] - scores["naive (no cache)"]).max()) for k in sides)
+    print(f"shared prefix vs template cache: {best['template cache (today)'] / best['shared prefix']:.2f}x; "
+          f"max |dP| against naive {gap:.1e} (useful tokens: each distinct token once, {useful})")
+
+
+# -------------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, path: str, body: dict, timeout: float = 600) -> tuple[int, dict, float]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read()), time.perf_counter() - start
+    except urllib.error.HTTPError as err:
+        return err.code, {"error": err.read().decode(errors="replace")[:200]}, time.perf_counter() - start
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(url + path, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+class Server:
+    """`gram serve` in a process group of its own, stopped by PID."""
+
+    def __init__(self, model: str, extra: list[str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = Path(tempfile.mkdtemp(prefix="gb", dir="/tmp"))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(self.work / "r")}
+        self.log = open(self.work / "serve.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", model, "--port", str(self.port),
+                                      *extra], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit("gram serve exited:\n" + (self.work / "serve.log").read_text()[-3000:])
+            try:
+                if get(self.url, "/ready").get("status") == "ready":
+                    return
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit("gram serve not ready in 600 s")
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def load(url: str, bodies: list[dict], concurrency: int, budget_s: float) -> dict:
+    """Send ``bodies`` with ``concurrency`` in flight, stopping new sends after ``budget_s``."""
+    deadline = time.monotonic() + budget_s
+
+    def one(body):
+        return post(url, "/get_reward", body) if time.monotonic() < deadline else None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [r for r in pool.map(one, bodies) if r is not None]
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r[0] == 200]
+    lat = np.array([r[2] for r in ok]) * 1000 if ok else np.array([float("nan")])
+    pairs = sum(len(r[1]["rewards"]) for r in ok)
+    return {"sent": len(results), "ok": len(ok), "rejected": sum(r[0] in (429, 503) for r in results),
+            "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99),
+            "pairs_s": pairs / wall, "reject_ms": max((r[2] * 1000 for r in results if r[0] != 200), default=0.0)}
+
+
+def row(name: str, r: dict) -> str:
+    return (f"{name:30s} {r['sent']:5d} {r['ok']:5d} {r['rejected']:5d} {r['p50']:8.0f} {r['p95']:8.0f} "
+            f"{r['p99']:8.0f} {r['pairs_s']:9.2f}")
+
+
+HEADER = f"{'traffic':30s} {'sent':>5s} {'ok':>5s} {'503':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'pairs/s':>9s}"
+
+
+def bodies_for(groups, per_request: int) -> list[dict]:
+    """OpenRLHF-shaped bodies of ``per_request`` items each (query = prompt + response, label = reference)."""
+    items = [(p, c, r) for p, r, cs in groups for c in cs]
+    return [{"query": [p + c for p, c, _ in chunk], "prompts": [p for p, _, _ in chunk],
+             "labels": [r for _, _, r in chunk]}
+            for chunk in (items[i:i + per_request] for i in range(0, len(items), per_request))]
+
+
+def served(args, judge, groups) -> None:
+    server = Server(args.model, ["--cpus-per-replica", str(args.threads), "--max-queue", str(args.max_queue)])
+    try:
+        singles = bodies_for(groups, 1)
+        post(server.url, "/get_reward", singles[0])  # warm-up
+        direct = []
+        for body in singles[:min(16, len(singles))]:
+            start = time.perf_counter()
+            pairwise(judge, body["prompts"], [body["query"][0][len(body["prompts"][0]):]], body["labels"])
+            direct.append(time.perf_counter() - start)
+        print(f"\n## Server {server.url} ({args.model}, 1 replica, {args.threads} CPU threads)")
+        print(HEADER)
+        for c in args.concurrency:
+            print(row(f"one-item, concurrency {c}", load(server.url, singles[:max(args.requests, 2 * c)], c,
+                                                          args.budget_s)), flush=True)
+        bulk = bodies_for(grpo_groups(args.bulk // args.group + 1, args.group, args.seed + 1), args.bulk)[:1] * 3
+        print(row(f"bulk {args.bulk}-item, concurrency 1", load(server.url, bulk, 1, args.budget_s)), flush=True)
+        print(f"direct in-process one-item call: p50 {1000 * np.median(direct):.0f} ms "
+              f"(server one-item at concurrency 1: see p50 above)")
+        stats = get(server.url, "/v1/stats")
+        print(f"server batches {stats['batches']}, rows per batch (power-of-two buckets) {stats['rows_histogram']}, "
+              f"queue {stats['queue_s']:.1f} s vs compute {stats['compute_s']:.1f} s (summed over requests)")
+        grpo = bodies_for(groups, args.group)
+        shared = load(server.url, grpo, 1, args.budget_s)
+        if not args.skip_overload:
+            burst = bodies_for(grpo_groups(args.max_queue // 2 // args.group * 2 + 2, args.group, args.seed + 2),
+                               args.max_queue // 4)  # 2x the queue bound at once
+            over = load(server.url, burst, len(burst), args.budget_s)
+            after = load(server.url, grpo[:2], 1, args.budget_s)
+            print(row("overload burst (2x queue)", over) + f"   slowest rejection {over['reject_ms']:.0f} ms")
+            print(row("after the burst", after))
+    finally:
+        server.stop()
+    server = Server(args.model, ["--cpus-per-replica", str(args.threads), "--no-share-prefix"])
+    try:
+        post(server.url, "/get_reward", grpo[0])
+        unshared = load(server.url, grpo, 1, args.budget_s)
+    finally:
+        server.stop()
+    print(f"\n## Server, GRPO-shaped requests ({args.group} completions of one prompt vs one reference each)")
+    print(HEADER)
+    print(row("shared prefix", shared))
+    print(row("template cache only", unshared))
+    print(f"pairs/s shared / template only: {shared['pairs_s'] / unshared['pairs_s']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="MODEL as for gram serve (tiny, smollm2, a folder)")
+    parser.add_argument("--prompts", type=int, default=4, help="GRPO prompts (each --group completions)")
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--bulk", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=64, help="one-item requests per concurrency level (at least 2c)")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    parser.add_argument("--budget-s", type=float, default=60.0, help="stop sending after this long, per phase")
+    parser.add_argument("--max-queue", type=int, default=1024, help="the server's queue bound (sequences)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--skip-overload", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    judge = load_scorer(resolve_model_source(args.model), JudgeConfig(dtype="float32"))
+    groups = grpo_groups(max(args.prompts, (args.requests + args.group - 1) // args.group), args.group, args.seed)
+    offline(judge, groups[:args.prompts], args.repeats)
+    if not args.skip_server:
+        served(args, judge, groups)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The reward server's request and response shapes, checked without Ray or a model (tasks/serve.py serves them).
+
+Every endpoint reduces to a list of pairs (prompt, y1, y2) scored for P(y1 ≻ y2) in both slot orders; what a
+request asks for is read back from those probabilities. A bad request raises ``RequestError`` with the HTTP
+status and a reason naming the field and index; request texts are never put in a reason or a log line.
+
+OpenRLHF (``--remote_rm_url``, openrlhf/utils/remote_rm_utils.py) posts ``{"query": [...], "prompts": [...],
+"labels": [...]}``: ``query[i]`` is prompt + response, ``labels[i]`` the reference response. It reads
+``rewards`` (and, in newer versions, ``scores`` and ``extra_logs``), with a 180 s timeout and 5 tries on any
+non-2xx answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from gram_core.reward_scoring import DEFAULT_MAX_GROUP, reward_logit
+
+Pair = tuple[str, str, str]  # (prompt, y1, y2): scored for P(y1 ≻ y2)
+
+
+class RequestError(Exception):
+    """An answer other than 200: ``status`` (401, 413, 422, 429, 503) and a one-line reason."""
+
+    def __init__(self, status: int, reason: str, retry_after_s: float | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.retry_after_s = status, reason, retry_after_s
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for; beyond it the answer is 413 (422 for a bad shape)."""
+
+    max_body_bytes: int = 8 * 2**20   # request body
+    max_rows: int = 512               # judge sequences per request (2 per pair); also the batch bound
+    max_request_tokens: int = 2**18   # tokens of all texts of one request
+    max_group: int = DEFAULT_MAX_GROUP  # completions per GRPO group: n(n−1)/2 pairs
+    max_queue_rows: int = 4096        # sequences admitted and not yet answered, per replica; beyond: 503
+    reward: str = "probability"       # /get_reward 'rewards': 'probability' P or 'logit' log(P/(1−P))
+
+    def __post_init__(self) -> None:
+        if self.reward not in ("probability", "logit"):
+            raise ValueError(f"reward must be 'probability' or 'logit', got {self.reward!r}")
+        if self.max_rows < 2 or self.max_queue_rows < self.max_rows:
+            raise ValueError(f"need max_rows >= 2 and max_queue_rows >= max_rows, got {self.max_rows}, "
+                             f"{self.max_queue_rows}")
+        if self.max_group * (self.max_group - 1) > self.max_rows:
+            raise ValueError(f"a GRPO group of max_group={self.max_group} is {self.max_group * (self.max_group - 1)}"
+                             f" sequences, more than max_rows={self.max_rows}")
+
+
+@dataclasses.dataclass
+class Job:
+    """One request as pairs, and how to read its answer from their probabilities."""
+
+    pairs: list[Pair]
+    answer: Callable[[np.ndarray, np.ndarray], dict[str, Any]]  # (P order 1, P order 2) -> JSON body
+    texts: list[str] = dataclasses.field(default_factory=list)  # every text, for the token count
+
+    @property
+    def rows(self) -> int:
+        return 2 * len(self.pairs)
+
+
+def parse_body(raw: bytes, limits: ServeLimits) -> dict[str, Any]:
+    if len(raw) > limits.max_body_bytes:
+        raise RequestError(413, f"request body is {len(raw)} bytes, more than the cap {limits.max_body_bytes}")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(422, f"body: not valid JSON ({err.__class__.__name__} at position "
+                           f"{getattr(err, 'pos', '?')})") from None
+    if not isinstance(body, dict):
+        raise RequestError(422, f"body: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _strings(body: dict, field: str, required: bool = True) -> list[str] | None:
+    value = body.get(field)
+    if value is None and not required:
+        return None
+    if not isinstance(value, list):
+        raise RequestError(422, f"{field}: expected a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RequestError(422, f"{field}[{i}]: expected a string, got {type(item).__name__}")
+    return value
+
+
+def _string(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RequestError(422, f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _finite(values: np.ndarray, where: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):  # never NaN: an internal failure, not a reward
+        raise ArithmeticError(f"{where}: non-finite score")
+    return out
+
+
+def _check_size(job: Job, limits: ServeLimits, what: str) -> Job:
+    if job.rows > limits.max_rows:
+        raise RequestError(413, f"{what}: {len(job.pairs)} pairs ({job.rows} sequences), more than the cap of "
+                           f"{limits.max_rows} sequences per request; split the request")
+    return job
+
+
+def openrlhf_job(body: dict, limits: ServeLimits) -> Job:
+    """POST /get_reward: reward of query[i] − prompts[i] against labels[i] (the reference)."""
+    queries = _strings(body, "query")
+    prompts = _strings(body, "prompts")
+    labels = _strings(body, "labels", required=False)
+    if labels is None:
+        raise RequestError(422, "labels: missing; labels[i] must be the reference response of query i "
+                           "(the reward is P(response ≻ reference))")
+    sizes = {"query": len(queries), "prompts": len(prompts), "labels": len(labels)}
+    if len(set(sizes.values())) != 1:
+        raise RequestError(422, f"query, prompts, labels: lengths disagree {sizes}")
+    responses = []
+    for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
+        if not query.startswith(prompt):
+            raise RequestError(422, f"query[{i}]: does not start with prompts[{i}] (query = prompt + response)")
+        responses.append(query[len(prompt):])
+
+    def answer(p1: np.ndarray, p2: np.ndarray) -> dict[str, Any]:
+        p = (p1 + p2) / 2
+        rewards = reward_logit(p) if limits.reward == "logit" else p
+        return {"rewards": _finite(rewards, "rewards"), "scores": _finite(p, "scores"),
+                "extra_logs": {"gram_p_order1": _finite(p1, "p_order1"), "gram_p_order2": _finite(p2, "p_order2")}}
+
+    pairs = list(zip(prompts, responses, labels, strict=True))
+    return _check_size(Job(pairs, answer, [*queries, *labels]), limits, "query")
+
+
+def pairwise_job(body: dict, limits: ServeLimits) -> Job:
+    """POST /v1/pairwise {"items": [{prompt, a, b}]} -> P(a) in each slot order, their mean, the winner."""
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise RequestError(422, f"items: expected a non-empty list of {{prompt, a, b}}, got {type(items).__name__}")
+    pairs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise RequestError(422, f"items[{i}]: expected an object {{prompt, a, b}}, got {type(item).__name__}")
+        pairs.append(tuple(_string(f"items[{i}].{k}", item.get(k)) for k in ("prompt", "a", "b")))
+
+    def answer(p1: np.ndarray, p2: np.ndarray) -> dict[str, Any]:
+        p = (p1 + p2) / 2
+        return {"results": [{"p_a_order1": a1, "p_a_order2": a2, "p_a": pa, "winner": "a" if pa > 0.5 else "b"}
+                            for a1, a2, pa in zip(_finite(p1, "p"), _finite(p2, "p"), _finite(p, "p"), strict=True)]}
+
+    return _check_size(Job(pairs, answer, [t for pair in pairs for t in pair]), limits, "items")
+
+
+def grpo_job(body: dict, limits: ServeLimits) -> Job:
+    """POST /v1/grpo {"groups": [{prompt, completions, reference?}]} -> one reward list per group.
+
+    With a reference: P(completion ≻ reference). Without: group-relative, mean P(y_i ≻ y_j) over j ≠ i from
+    the n(n−1)/2 pairs (n ≤ max_group).
+    """
+    groups = body.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise RequestError(422, f"groups: expected a non-empty list of {{prompt, completions}}, got "
+                           f"{type(groups).__name__}")
+    pairs: list[Pair] = []
+    plans = []  # per group: (first pair index, n, reference or None)
+    for g, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise RequestError(422, f"groups[{g}]: expected an object {{prompt, completions}}")
+        prompt = _string(f"groups[{g}].prompt", group.get("prompt"))
+        completions = group.get("completions")
+        if not isinstance(completions, list) or not completions:
+            raise RequestError(422, f"groups[{g}].completions: expected a non-empty list of strings")
+        for i, completion in enumerate(completions):
+            _string(f"groups[{g}].completions[{i}]", completion)
+        reference = group.get("reference")
+        if reference is not None:
+            _string(f"groups[{g}].reference", reference)
+            plans.append((len(pairs), len(completions), reference))
+            pairs += [(prompt, c, reference) for c in completions]
+            continue
+        if len(completions) > limits.max_group:
+            raise RequestError(413, f"groups[{g}].completions: {len(completions)} completions, more than "
+                               f"max_group={limits.max_group} (a group costs n(n-1)/2 pairs)")
+        plans.append((len(pairs), len(completions), None))
+        pairs += [(prompt, completions[i], completions[j]) for i in range(len(completions))
+                  for j in range(i + 1, len(completions))]
+
+    def answer(p1: np.ndarray, p2: np.ndarray) -> dict[str, Any]:
+        p = (p1 + p2) / 2
+        out = []
+        for start, n, reference in plans:
+            if reference is not None:
+                out.append(_finite(p[start:start + n], "rewards"))
+                continue
+            wins, k = np.zeros((n, n)), start
+            for i in range(n):
+                for j in range(i + 1, n):
+                    wins[i, j], wins[j, i] = p[k], 1.0 - p[k]
+                    k += 1
+            out.append(_finite(wins.sum(axis=1) / (n - 1) if n > 1 else np.full(n, 0.5), "rewards"))
+        return {"rewards": out}
+
+    texts = [t for pair in pairs for t in pair]
+    return _check_size(Job(pairs, answer, texts), limits, "groups")
+
+
+def best_of_n_request(body: dict, limits: ServeLimits) -> tuple[str, list[str]]:
+    """POST /v1/best_of_n {"prompt", "candidates"}: the knockout of `gram rank` (n − 1 comparisons)."""
+    prompt = _string("prompt", body.get("prompt"))
+    candidates = _strings(body, "candidates")
+    if not candidates:
+        raise RequestError(422, "candidates: expected a non-empty list of strings")
+    if 2 * len(candidates) > limits.max_rows:
+        raise RequestError(413, f"candidates: {len(candidates)}, more than {limits.max_rows // 2} per request")
+    return prompt, candidates
