@@ -333,6 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from flows.errors import InputError
     from tasks.serve import serve_forever
     from tasks.serve_api import ServeLimits
 
@@ -344,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.token_file:
         token = Path(args.token_file).read_text(encoding="utf-8").strip()
         if not token:
-            raise SystemExit(f"gram serve: --token-file {args.token_file} is empty")
+            raise InputError(f"--token-file {args.token_file} is empty")
     folder = resolve_model(args.model, config)
     serve_forever(folder, config.judge, limits, host=args.host, port=args.port, replicas=args.replicas,
                   max_replicas=args.max_replicas, token=token, batch_wait_ms=args.batch_wait_ms,
