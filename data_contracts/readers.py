@@ -183,7 +183,7 @@ def _select(table: pa.Table, contract: Contract, column_map: dict[str, str], sou
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def _read_file(path: Path, contract: Contract, column_map: dict[str, str]) -> pa.Table:
+def _read_file(path: Path, contract: Contract, column_map: dict[str, str], drop_blank: bool = False) -> pa.Table:
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
@@ -204,12 +204,12 @@ def _read_file(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
             f"a valid {suffix[1:].upper()} file")]) from None
     if raw.num_rows == 0:  # a header-only CSV, an empty list: never a silent empty input
         raise ContractError(str(path), contract, [Violation(FILE, "no rows", "at least one row")])
-    return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path))
+    return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path), drop_blank=drop_blank)
 
 
-def _read_path(path: Path, contract: Contract, column_map: dict[str, str]) -> pa.Table:
+def _read_path(path: Path, contract: Contract, column_map: dict[str, str], drop_blank: bool = False) -> pa.Table:
     if path.is_file():
-        return _read_file(path, contract, column_map)
+        return _read_file(path, contract, column_map, drop_blank)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a {'/'.join(SUPPORTED_SUFFIXES)} "
                                 f"file or a folder of them)")
@@ -229,7 +229,7 @@ def _read_path(path: Path, contract: Contract, column_map: dict[str, str]) -> pa
     files = [p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-    tables = [_read_file(p, contract, column_map) for p in files]
+    tables = [_read_file(p, contract, column_map, drop_blank) for p in files]
     # Validate the concatenation too: ids must be unique across files.
     return validate(pa.concat_tables(tables), contract, source=f"{path} ({len(files)} files)")
 
@@ -256,17 +256,18 @@ def _dataset_table(source: Any, split: str | None) -> tuple[pa.Table, str] | Non
 
 
 def read_table(source: Any, contract: Contract | str, column_map: dict[str, str] | None = None,
-               split: str | None = None, *, source_name: str | None = None) -> pa.Table:
+               split: str | None = None, *, source_name: str | None = None, drop_blank: bool = False) -> pa.Table:
     """Read ``source`` into a table validated against ``contract`` (``ContractError`` on violations).
 
     ``source``: a path (file or folder), a ``datasets.Dataset``/``DatasetDict`` (``split`` picks one; it is
     ignored for other sources) or a ``pyarrow.Table``. ``source_name`` overrides the name used in errors.
+    ``drop_blank``: drop (and log) rows whose required text shows nothing instead of a contract error.
     """
     contract = get_contract(contract)
     column_map = dict(column_map or {})
     _check_column_map(contract, column_map)
     if isinstance(source, (str, os.PathLike)):
-        return _read_path(Path(source).expanduser(), contract, column_map)
+        return _read_path(Path(source).expanduser(), contract, column_map, drop_blank)
     if isinstance(source, pa.Table):
         table, name = source, "<pyarrow.Table>"
     else:
@@ -276,7 +277,7 @@ def read_table(source: Any, contract: Contract | str, column_map: dict[str, str]
                             f"datasets.Dataset/DatasetDict or a pyarrow.Table")
         table, name = found
     name = source_name or name
-    return validate(_select(table, contract, column_map, name), contract, source=name)
+    return validate(_select(table, contract, column_map, name), contract, source=name, drop_blank=drop_blank)
 
 
 def _offline() -> bool:

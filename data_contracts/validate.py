@@ -7,6 +7,7 @@ was expected. pyarrow does not enforce ``nullable=False``, so nulls are checked 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pyarrow.compute as pc
 from data_contracts.schemas import Contract, get_contract
 
 MAX_ROWS_SHOWN = 5
+LOG = logging.getLogger("gram.contracts")
 MAX_VALUE_CHARS = 40
 # Characters that show nothing: whitespace (any script), NUL and the other C0 controls, zero-width space,
 # joiners, word joiner, BOM. A text made only of them is blank.
@@ -182,10 +184,30 @@ def _values(table: pa.Table, contract: Contract) -> list[Violation]:
     return [v for v in found if v is not None]
 
 
-def validate(table: pa.Table, contract: Contract | str, source: str = "<in-memory>") -> pa.Table:
+def drop_blank_rows(table: pa.Table, contract: Contract, source: str) -> pa.Table:
+    """``table`` without the rows whose required text shows nothing (empty, whitespace, NUL or zero-width
+    only); each drop is logged with the source, column and row numbers. Opt-in (SourceConfig.drop_blank_rows)."""
+    names = [n for n in contract.non_empty if n in table.schema.names]
+    if not names or table.num_rows == 0:
+        return table
+    mask = None
+    for name in names:
+        visible = pc.replace_substring_regex(table[name], INVISIBLE, "")
+        blank = pc.fill_null(pc.equal(pc.utf8_length(visible), 0), False)
+        mask = blank if mask is None else pc.or_(mask, blank)
+        rows = [i for i, bad in enumerate(blank.to_pylist()) if bad]
+        if rows:
+            LOG.warning("%s: dropped %d row(s) whose %r shows no text (rows %s%s)", source, len(rows), name,
+                        rows[:MAX_ROWS_SHOWN], ", ..." if len(rows) > MAX_ROWS_SHOWN else "")
+    return table.filter(pc.invert(mask))
+
+
+def validate(table: pa.Table, contract: Contract | str, source: str = "<in-memory>",
+             drop_blank: bool = False) -> pa.Table:
     """Check ``table`` against ``contract``; return it with the contract's column order, types and metadata.
 
     Extra columns are dropped. Raises one ``ContractError`` naming ``source`` and listing every violation.
+    ``drop_blank``: drop (and log) rows whose required text shows nothing instead of reporting them.
     """
     contract = get_contract(contract)
     if isinstance(table, pa.RecordBatch):
@@ -194,7 +216,9 @@ def validate(table: pa.Table, contract: Contract | str, source: str = "<in-memor
         raise TypeError(f"{source}: validate() needs a pyarrow.Table, got {type(table).__name__}")
     columns, violations = _structure(table, contract)
     partial = pa.table(columns) if columns else pa.table({})
+    if drop_blank and not violations:
+        partial = drop_blank_rows(partial, contract, source)
     violations += _values(partial, contract)
     if violations:
         raise ContractError(source, contract, violations)
-    return pa.Table.from_arrays([columns[n] for n in contract.columns], schema=contract.schema)
+    return pa.Table.from_arrays([partial[n] for n in contract.columns], schema=contract.schema)

@@ -36,6 +36,9 @@ class SourceConfig:
                                 "assistant turn is the response, the turns before it become the prompt.")
     limit: int = field(0, "Keep at most this many rows (seeded random sample, order kept); 0 = all.")
     seed: int = field(0, "Seed of the `limit` sample.")
+    drop_blank_rows: bool = field(False, "Drop rows whose required text shows nothing (empty, or only whitespace, "
+                                  "NUL or zero-width characters), logging each with its row number, instead of "
+                                  "stopping with a contract error. For public sets known to hold a few such rows.")
 
     def __post_init__(self) -> None:
         check((self.path is None) != (self.hub is None), "source",
@@ -133,8 +136,10 @@ def _read(source: SourceConfig, contract: Contract) -> pa.Table:
         raw = _load_raw_dataset(source)
         if source.conversations:
             raw = flatten_conversations(raw, contract, dict(source.column_map), name)
-        return read_table(raw, contract, column_map=dict(source.column_map), source_name=name)
-    return read_table(Path(str(source.path)).expanduser(), contract, column_map=dict(source.column_map))
+        return read_table(raw, contract, column_map=dict(source.column_map), source_name=name,
+                          drop_blank=source.drop_blank_rows)
+    return read_table(Path(str(source.path)).expanduser(), contract, column_map=dict(source.column_map),
+                      drop_blank=source.drop_blank_rows)
 
 
 def limit_rows(table: pa.Table, limit: int, seed: int, stratify: str | None = None,

@@ -64,7 +64,7 @@ def test_only_the_fields_set_override_the_preset():
     assert overrides == {"finetune": {"learning_rate": 1e-4},
                          "data": {"prompts": None, "response_pools": [
                              {"path": "starter", "hub": None, "name": None, "split": "train", "column_map": {},
-                              "conversations": False, "limit": 8, "seed": 0}]}}
+                              "conversations": False, "limit": 8, "seed": 0, "drop_blank_rows": False}]}}
     config = load_preset("smoke", overrides)
     smoke = load_preset("smoke")
     assert config.finetune.learning_rate == 1e-4 and config.finetune.max_steps == smoke.finetune.max_steps

@@ -199,3 +199,22 @@ def test_shared_data_files_validate(shared_data):
                       RESPONSE_POOL)
     assert pool.num_rows == 18802 and pool.schema.names == RESPONSE_POOL.columns
     assert len(set(pool["generator"].to_pylist())) == 43  # 40 AlpacaEval + 3 Arena-Hard generators
+
+
+def test_drop_blank_rows_drops_and_names_only_the_blank_rows(shared_data, caplog):
+    """SourceConfig.drop_blank_rows (on in the study presets): the shared data's zero-width rows are dropped and
+    logged by file, column and row; every other row is kept, and a default source still stops."""
+    import logging
+
+    from gram_core.sources import SourceConfig, read_source
+    from tasks.settings import load_preset
+
+    path = shared_data / "preferences_train.parquet"
+    with caplog.at_level(logging.WARNING, logger="gram.contracts"):
+        prefs = read_source(SourceConfig(path=str(path), drop_blank_rows=True), PREFERENCE_PAIRS)
+    assert prefs.num_rows == 10815 and "\u200b" not in prefs["rejected"].to_pylist()
+    assert any(str(path) in r.message and "'rejected'" in r.message and "[8591]" in r.message for r in caplog.records)
+    with pytest.raises(ContractError, match=r"rows \[8591\]"):
+        read_source(SourceConfig(path=str(path)), PREFERENCE_PAIRS)
+    study = load_preset("study")
+    assert study.data.preferences.drop_blank_rows and all(p.drop_blank_rows for p in study.data.response_pools)
