@@ -38,20 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.judge_prefix import sentence  # noqa: E402  (the same filler text as the judging bench)
 from gram_core.config import JudgeConfig  # noqa: E402
 from gram_core.judging import Judge  # noqa: E402
 from gram_core.models import resolve_model_source  # noqa: E402
 from gram_core.reward_scoring import ScoreStats, pairwise  # noqa: E402
 from gram_core.scorers import load_scorer  # noqa: E402
-
-WORDS = ("the model answer question because water light energy people often would should explain reason "
-         "simple example first second result value function number list city history science write code "
-         "return error careful small large quickly however therefore also which where when data test").split()
-
-
-def sentence(rng: random.Random, words: int) -> str:
-    text = " ".join(rng.choice(WORDS) for _ in range(words))
-    return text[0].upper() + text[1:] + "."
 
 
 def paragraph(rng: random.Random) -> str:
