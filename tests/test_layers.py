@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ("data_contracts", "gram_core", "tasks", "flows")  # ground floor first
 RAY_MODULES = {"tasks/ray_train.py", "tasks/ray_worker.py", "tasks/ray_runtime.py", "tasks/ray_judge.py",
                "tasks/serve.py"}
-MLFLOW_MODULES = {"tasks/tracking.py", "tasks/model_registry.py", "tasks/judge_pyfunc.py"}
+MLFLOW_MODULES = {"tasks/tracking.py", "tasks/model_registry.py", "tasks/promotion_gate.py", "tasks/judge_pyfunc.py"}
 
 
 def imported_modules(source: str) -> set[str]:
