@@ -158,8 +158,7 @@ def _values(table: pa.Table, contract: Contract) -> list[Violation]:
     for name in contract.non_empty:
         if name in names:
             col = table[name]
-            visible = pc.replace_substring_regex(col, INVISIBLE, "")
-            blank = pc.fill_null(pc.equal(pc.utf8_length(visible), 0), False)
+            blank = _blank(col)
             found.append(_rows_violation(table, blank, name, "empty or whitespace-only string", "a non-empty string "
                                          "(NUL, control and zero-width characters count as whitespace)", show=(name,)))
     id_col = contract.id_column
@@ -184,6 +183,12 @@ def _values(table: pa.Table, contract: Contract) -> list[Violation]:
     return [v for v in found if v is not None]
 
 
+def _blank(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where a text shows nothing: empty, or only whitespace, NUL, control or zero-width characters."""
+    visible = pc.replace_substring_regex(column, INVISIBLE, "")
+    return pc.fill_null(pc.equal(pc.utf8_length(visible), 0), False)
+
+
 def drop_blank_rows(table: pa.Table, contract: Contract, source: str) -> pa.Table:
     """``table`` without the rows whose required text shows nothing (empty, whitespace, NUL or zero-width
     only); each drop is logged with the source, column and row numbers. Opt-in (SourceConfig.drop_blank_rows)."""
@@ -192,8 +197,7 @@ def drop_blank_rows(table: pa.Table, contract: Contract, source: str) -> pa.Tabl
         return table
     mask = None
     for name in names:
-        visible = pc.replace_substring_regex(table[name], INVISIBLE, "")
-        blank = pc.fill_null(pc.equal(pc.utf8_length(visible), 0), False)
+        blank = _blank(table[name])
         mask = blank if mask is None else pc.or_(mask, blank)
         rows = [i for i, bad in enumerate(blank.to_pylist()) if bad]
         if rows:
