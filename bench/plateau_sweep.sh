@@ -32,10 +32,10 @@ for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm
 done
 
 # Full set (FULL=1): every starter pair, eps = 0.1, the demo's batch, scored on the leak-free starter eval
-# (120 in-distribution pairs, stratified, plus every held-out pair) at steps 30 and 60.
+# (120 in-distribution pairs, stratified, plus every held-out pair) every EVAL_EVERY steps (30).
 for name in ${FULL_SETTINGS:-}; do
   # shellcheck disable=SC2086
-  $PY bench/stage2_sweep.py --name "full${FULL_STEPS:-60}-$name" --eval-limit 120 --eval-every 30 --set encode.order=both \
+  $PY bench/stage2_sweep.py --name "full${FULL_STEPS:-60}-$name" --eval-limit 120 --eval-every ${EVAL_EVERY:-30} --set encode.order=both \
     --set finetune.max_steps=${FULL_STEPS:-60} --set finetune.batch_size=8 --set finetune.grad_accum_steps=1 \
     --set finetune.label_smoothing=0.1 --set finetune.learning_rate=1e-3 ${SET[$name]}
 done
