@@ -354,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from tasks.redaction import install_log_redaction, remember
+    from tasks.redaction import console_redacted, install_log_redaction, remember
 
     remember(*(sys.argv[1:] if argv is None else argv), os.environ.get("MLFLOW_TRACKING_URI", ""))
     install_log_redaction()
+    with console_redacted():  # what we and the libraries print, as the log records: credentials hidden
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
 
     debug = getattr(args, "debug", False)

@@ -1,6 +1,8 @@
 """One redaction path for every value that leaves the process: MLflow params, tags and text artifacts, Prefect
 flow parameters and logs, the console. ``redact`` hides credentials wherever a URI or a connection string
-carries them; ``install_log_redaction`` applies it to every log record this process creates."""
+carries them; ``install_log_redaction`` applies it to every log record this process creates, and
+``console_redacted`` to every write to ``sys.stdout``/``sys.stderr`` (libraries print too: MLflow writes
+"View run <name> at: <tracking URI>/#/..." to stdout, the URI's password included)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import contextlib
 import functools
 import logging
 import re
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TextIO, TypeVar
+from urllib.parse import unquote
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,7 +45,9 @@ def _learn(secret: str) -> None:
 
 def _userinfo(match: re.Match) -> str:
     user, sep, password = match.group("info").partition(":")
-    _learn(password if sep else user)  # a user name is no secret (and may be a common word); a lone token is
+    secret = password if sep else user  # a user name is no secret (and may be a common word); a lone token is
+    _learn(secret)
+    _learn(unquote(secret))  # 'p%40ss%2Fword' is the password 'p@ss/word', which a library may quote decoded
     return f"{match.group('scheme')}{REDACTED}@"
 
 
@@ -147,3 +153,40 @@ def install_log_redaction() -> None:
     base = logging.getLogRecordFactory()
     if not getattr(base, "gram_redacts", False):
         logging.setLogRecordFactory(_redacting_factory(base))
+
+
+class _RedactingStream:
+    """A text stream that passes ``redact(text)`` on to the stream it wraps; everything else is the wrapped
+    stream's. Each ``write`` is redacted whole (libraries write a URI in one call)."""
+
+    gram_redacts = True
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def console_redacted() -> Iterator[None]:
+    """Inside the block, every write to ``sys.stdout`` and ``sys.stderr`` (ours, a library's print, Ray's
+    forwarded worker output) is redacted; the streams are put back after it. Writes to the file descriptors
+    themselves (C code) do not pass through Python and are not covered."""
+    saved = sys.stdout, sys.stderr
+    if not getattr(sys.stdout, "gram_redacts", False):
+        sys.stdout = _RedactingStream(sys.stdout)  # type: ignore[assignment]
+    if not getattr(sys.stderr, "gram_redacts", False):
+        sys.stderr = _RedactingStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tasks.tracking import redact
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("uri, secret", [
@@ -129,6 +135,7 @@ def test_unreachable_tracking_server_is_reported_with_what_to_do():
 # Drill 1 (canary): a secret in every URI and override form never leaves the process.
 # --------------------------------------------------------------------------------------------------
 CANARY = "Canary7f3eb9"
+PASSWORD = f"p@ss/{CANARY}"  # '@' and '/' in a password: percent-encoded in a URI
 SECRET_FORMS = {
     "password with @ and /": f"postgresql://gram:p@ss/{CANARY}@db.invalid:5432/mlflow",
     "token as user": f"https://{CANARY}@mlflow.invalid",
@@ -146,61 +153,166 @@ def test_every_secret_form_is_redacted(form):
     assert CANARY not in out and "***" in out
 
 
-def _hits(root, secret: str) -> list[str]:
-    """Files under ``root`` whose bytes contain ``secret`` (plain, or as UTF-16 as SQLite may store it)."""
-    needles = (secret.encode(), secret.encode("utf-16-le"))
+def test_a_percent_encoded_password_is_known_decoded_too():
+    from urllib.parse import quote
+
+    secret = "Hidden9q2xk"  # not the canary, which other tests teach redact() first
+    assert redact(f"http://gram:{quote(f'p@ss/{secret}', safe='')}@127.0.0.1:5000") == "http://***@127.0.0.1:5000"
+    assert secret not in redact(f"a library quoting the decoded password p@ss/{secret}")
+
+
+def test_console_writes_are_redacted_inside_the_block(capsys):
+    import sys
+
+    from tasks.redaction import console_redacted
+
+    with console_redacted():
+        sys.stdout.write("View run r at: http://gram:Zq8pw77xy@127.0.0.1:5000/#/experiments/1\n")
+        print("token=Zq8pw77xy", file=sys.stderr)
+    print("after the block: written as-is")
+    out, err = capsys.readouterr()
+    assert "Zq8pw77xy" not in out + err and "http://***@127.0.0.1:5000/#/experiments/1" in out
+    assert "after the block" in out and not getattr(sys.stdout, "gram_redacts", False)
+
+
+def _hits(root, needles: tuple[bytes, ...]) -> list[str]:
+    """Files under ``root`` whose bytes contain any of ``needles``."""
     return [str(p) for p in Path(root).rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
 
 
-def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_path, monkeypatch, capsys):
-    """`gram run` and `gram study` with the canary in every URI and --set form, then MLflow's own channels
-    (params, start-run tags, the gram.artifact tag, text artifacts); grep the state folder (MLflow's database,
-    Prefect's results), Prefect's database and the console: zero hits. The secrets reach the runs (their
-    redacted forms are in Prefect's parameters and the error lines), so the drill can fail."""
-    from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
-    from prefect.testing.utilities import prefect_test_harness
+def _free_port() -> int:
+    import socket
 
-    from flows.cli import main
-    from tasks import tracking
-    from tasks.settings import MlflowConfig
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    home = tmp_path / "home"
-    monkeypatch.setenv("GRAM_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    in_flow = [f"--set=data.eval.path={SECRET_FORMS['query token']}",
-               f"--set=data.preferences.path={SECRET_FORMS['fragment token']}",
-               f"--set=data.prompts.path=https://gram:p@ss/{CANARY}@data.invalid/p.jsonl",
-               f"--set=mlflow.model_name={SECRET_FORMS['libpq password']}"]
-    with prefect_test_harness(server_startup_timeout=120):
-        db_url = PREFECT_API_DATABASE_CONNECTION_URL.value()
-        codes = [main(["run", "--preset", "smoke", *in_flow]),
-                 main(["study", "--preset", "smoke", *in_flow]),
-                 main(["run", "--preset", "smoke",
-                       f"--set=mlflow.tracking_uri=http://gram:p@ss/{CANARY}@127.0.0.1:9/#token={CANARY}"])]
-        cfg = MlflowConfig(experiment="canary")
-        with tracking.start_pipeline_run(cfg, home, "canary", params={"forms": {f"form{i}": v for i, v in enumerate(SECRET_FORMS.values())}},
-                                         tags={"where": SECRET_FORMS["password with @ and /"]}) as run:
-            with tracking.stage_run("stage", tags={"gram.artifact": SECRET_FORMS["presigned signature"]},
-                                    parent=run):
+
+@contextlib.contextmanager
+def _mlflow_server(root: Path) -> Iterator[int]:
+    """A real MLflow tracking server on 127.0.0.1 (a free port; sqlite backend, proxied artifacts and its console
+    log under ``root``), stopped by its pid at the end (its uvicorn and job-runner children stop with it)."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    port = _free_port()
+    root.mkdir()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                 "--artifacts-destination", str(root / "artifacts")],
+                                cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"mlflow server exited: {log.read_text()[-2000:]}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
                 pass
-            summary = tmp_path / "summary.json"
-            summary.write_text(json.dumps({"report": f"{SECRET_FORMS['token as user']}/report.md"}))
-            tracking.log_artifact_file(summary, run_id=run.run_id)
-        APILogWorker.drain_all(timeout=30)
-        with get_client(sync_client=True) as client:
-            parameters = json.dumps([r.parameters for r in client.read_flow_runs()])
-            messages = [r.state.message or "" for r in client.read_flow_runs()]
-    console = capsys.readouterr()
-    data = MlflowClient(run.tracking_uri).get_run(run.run_id).data
-    prefect_db = Path(db_url.split(":///", 1)[1])
-    hits = _hits(home, CANARY) + _hits(prefect_db.parent, CANARY) + [
-        name for name, text in (("stdout", console.out), ("stderr", console.err)) if CANARY in text]
+            assert time.monotonic() < deadline, f"mlflow server not up after 180 s: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started, nothing else
+            proc.wait(30)
+
+
+def _gram(args: list[str], env: dict[str, str]) -> tuple[int, str, str, float]:
+    """(exit code, stdout, stderr, seconds) of one real `gram` process."""
+    import subprocess
+    import sys
+    import time
+
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1500)
+    return out.returncode, out.stdout, out.stderr, time.monotonic() - began
+
+
+def _prefect_runs(db: Path) -> tuple[str, list[str]]:
+    """(every flow run's parameters as JSON text, the messages of failed flow-run states) from Prefect's database."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        parameters = json.dumps([row[0] for row in con.execute("SELECT parameters FROM flow_run")])
+        failed = [row[0] or "" for row in con.execute("SELECT message FROM flow_run_state WHERE type = 'FAILED'")]
+    return parameters, failed
+
+
+def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_path):
+    """Drill 1 (canary), on real `gram` processes against a real local MLflow server whose URI carries the canary
+    in its password (with '@' and '/', percent-encoded):
+      1. `gram run --preset smoke` with that URI as `--set mlflow.tracking_uri=...` and libpq strings holding the
+         canary in two more `--set` values: succeeds, registers version 1 on that server;
+      2. `gram study --preset smoke` with the URI in $MLFLOW_TRACKING_URI: succeeds;
+      3. `gram run` with data URLs carrying it (password, `?token=`, `#access_token=`): fails in its first task
+         (the readers take local paths only), so the secret crosses the failure path (state messages, error line).
+    Then the state folder, the server's database, artifact root and log, Prefect's database, Ray's session folder
+    and the console hold the canary 0 times (also as UTF-16 and as the base64 of an Authorization header)."""
+    import base64
+    import shutil
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
+    home, prefect_home, server_root = tmp_path / "home", tmp_path / "prefect", tmp_path / "mlflow-server"
+    ray_tmp = Path(f"/tmp/gc-{os.getpid()}")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(GRAM_HOME=str(home), PREFECT_HOME=str(prefect_home), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(ROOT),
+               GRAM_LOCK_DIR=str(tmp_path / "locks"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="900")
+    libpq = [f"--set=data.eval.name={SECRET_FORMS['libpq password']}",  # a hub config name: unused for a path
+             f"--set=data.preferences.name={SECRET_FORMS['libpq quoted password']}"]
+    data_urls = [f"--set=data.eval.path={SECRET_FORMS['query token']}",
+                 f"--set=data.preferences.path={SECRET_FORMS['fragment token']}",
+                 f"--set=data.prompts.path=https://gram:{PASSWORD}@data.invalid/p.jsonl"]
+    console, codes, seconds = {}, {}, {}
+    try:
+        with _mlflow_server(server_root) as port:
+            uri = f"http://gram:{quote(PASSWORD, safe='')}@127.0.0.1:{port}"
+            for name, args, extra in (
+                    ("run", ["run", "--preset", "smoke", f"--set=mlflow.tracking_uri={uri}", *libpq], {}),
+                    ("study", ["study", "--preset", "smoke", *libpq], {"MLFLOW_TRACKING_URI": uri}),
+                    ("bad-data", ["run", "--preset", "smoke", *data_urls], {"MLFLOW_TRACKING_URI": uri})):
+                codes[name], out, err, seconds[name] = _gram(args, {**env, **extra})
+                (tmp_path / f"{name}.out").write_text(out)
+                (tmp_path / f"{name}.err").write_text(err)
+                console[f"{name} stdout"], console[f"{name} stderr"] = out, err
+                assert codes[name] == (2 if name == "bad-data" else 0), (name, err[-3000:])
+            client = MlflowClient(uri)
+            versions = client.search_model_versions("name = 'gram-reward-model-smoke'")
+            experiment = client.get_experiment_by_name("gram-smoke")
+            runs = client.search_runs([experiment.experiment_id], "tags.`gram.stage` = 'finetune'")
+            parents = client.search_runs([experiment.experiment_id], "tags.`gram.preset` = 'smoke'")
+        needles = (CANARY.encode(), CANARY.encode("utf-16-le"),
+                   base64.b64encode(f"gram:{PASSWORD}".encode()))  # as an Authorization header carries it
+        hits = [*_hits(home, needles), *_hits(server_root, needles), *_hits(prefect_home, needles),
+                *_hits(ray_tmp, needles),  # Ray's session folder: its logs, spilled objects
+                *[f"{name}: {line}" for name, text in console.items() for line in text.splitlines() if CANARY in line]]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    print(seconds)  # shown with -s, or when the drill fails
     assert hits == [], hits  # the canary count
-    assert codes[0] in (1, 2) and codes[1] in (1, 2) and codes[2] == 3, (codes, console.err)
-    assert parameters.count("***") >= 8, parameters  # both flows ran and got the redacted overrides
-    assert "***" in data.tags["where"]
-    assert sum("no such file or folder" in m and "***" in m for m in messages) == 2, messages  # failed in a task
+    # The secret-bearing URI was really used: the run registered on that server, and the study logged there too.
+    assert [v.version for v in versions] == ["1"], versions
+    assert runs and runs[0].data.tags["gram.artifact"]  # the stage's artifact tag was written
+    redacted_uri = f"http://***@127.0.0.1:{port}"
+    params = [r.data.params for r in parents]
+    assert any(p.get("config.mlflow.tracking_uri") == redacted_uri for p in params), params
+    assert any(p.get("config.data.eval.name") == "host=db.invalid user=gram password=*** dbname=mlflow" for p in params)
+    assert "study" in {r.data.tags.get("gram.flow") for r in parents}, [r.data.tags for r in parents]
+    assert f"at {redacted_uri}" in console["run stdout"]  # the summary names the server, redacted
+    # ... and the overrides reached Prefect redacted, and the bad data URLs failed in a task, redacted.
+    parameters, failed = _prefect_runs(prefect_home / "prefect.db")
+    assert parameters.count("***") >= 8, parameters
+    assert any("no such file or folder" in m and "***" in m for m in failed), failed
+    assert "no such file or folder" in console["bad-data stderr"] and "***" in console["bad-data stderr"]
