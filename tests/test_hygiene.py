@@ -291,8 +291,12 @@ def _ray_snapshot(run: Path, committed: list[str]) -> None:
 
 def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkeypatch, capsys):
     """A committed checkpoint plus a torn newer one (written, killed before Ray recorded it): `gram gc --apply`
-    keeps what Ray Train's snapshot lists, so the resume that reads the snapshot finds its checkpoint. (Unit
-    level: the resume itself is Ray's, from the snapshot; the process-level kill drill covers a real resume.)"""
+    keeps what Ray Train's snapshot lists, so the resume that reads the snapshot finds its checkpoint; without
+    a readable snapshot it keeps them all. Unit level, on Ray's own snapshot model, through the CLI in this
+    process. The same at process level, with the real resume: the kill -9 drill in test_reliability.py puts a
+    torn `checkpoint-168` beside a real killed run's checkpoints, runs `gram gc --apply` as a process, checks
+    that it removed the torn folder and kept every checkpoint the snapshot lists, and the restarted `gram run`
+    resumes from the committed one."""
     from flows.cli import main
     from tasks.state import committed_checkpoints
 
