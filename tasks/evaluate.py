@@ -26,10 +26,11 @@ EVAL_METRICS_FILE = "metrics.json"
 
 
 def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
-                progress=None):
+                progress=None, state: StatePaths | None = None):
     """(scores-contract table, scalar?) of ``table`` by the model in ``folder``: a GRAM judge or a base model
     (both orders; in this process, or fanned out over ``actors`` Ray Data actors with the same scores in the
-    same row order) or a Bradley-Terry reward model (one order, in this process: it is cheap)."""
+    same row order) or a Bradley-Terry reward model (one order, in this process: it is cheap). A local Ray
+    runtime started for the actors is recorded in ``state``'s folder (the one this process holds)."""
     from pathlib import Path
 
     from gram_core import scorers
@@ -38,7 +39,7 @@ def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: Ra
     if actors and not bt_here:
         from tasks.ray_judge import score_pairs_distributed
 
-        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig()), False
+        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig(), state), False
     scorer = scorers.load_scorer(folder, judge)
     return scorers.score_table(scorer, table, progress=progress), scorers.is_scalar(scorer)
 
@@ -66,7 +67,8 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     table = read_table_artifact(store, eval_set)
     where = f"over {actors} Ray Data actors" if actors else "in process"
     log.info("evaluate %s (%s): scoring %d pairs, %s", label, name, table.num_rows, where)
-    scores, scalar = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"))
+    scores, scalar = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"),
+                                 state=state)
     metrics = eval_metrics(scores, scalar)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,
                               meta={"label": label, "model": name, "eval_set": eval_set.sha256, "metrics": metrics})

@@ -8,7 +8,7 @@ from typing import Any
 
 from gram_core.config import from_dict, to_dict
 from tasks.ray_runtime import local_copy, ray_runtime, reachable_uri, wants_gpu
-from tasks.settings import RayConfig
+from tasks.settings import RayConfig, StatePaths
 
 ROW_COLUMN = "__gram_row"
 
@@ -32,12 +32,14 @@ class _JudgeActor:
         return score_pairs(self.judge, batch).append_column(ROW_COLUMN, batch[ROW_COLUMN])
 
 
-def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg: RayConfig | None = None):
+def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg: RayConfig | None = None,
+                            state: StatePaths | None = None):
     """``gram_core.judging.score_pairs`` fanned out over ``actors`` Ray Data actors (``map_batches`` with an
     actor pool), returned in the input's row order. Each pair's two orders are scored by the same actor and
     every sequence's logits do not depend on its batch-mates (right padding, masked), so the scores are the
     single-process ones up to float rounding in differently shaped batches. ``folder`` (a path or fsspec
-    URI) must be reachable from every node."""
+    URI) must be reachable from every node. A local runtime started here is recorded in ``state``'s folder
+    (``ray_runtime``)."""
     import pyarrow as pa
     import ray.data
 
@@ -47,7 +49,7 @@ def score_pairs_distributed(folder: str, table, judge: Any, actors: int, ray_cfg
     if table.num_rows == 0:
         return SCORES.schema.empty_table()
     rows = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
-    with ray_runtime(ray_cfg):
+    with ray_runtime(ray_cfg, state):
         gpus = 1 if wants_gpu(ray_cfg.use_gpu) else 0
         per_actor = -(-table.num_rows // actors)  # ceil: one block, one batch per actor
         blocks = [rows.slice(start, per_actor) for start in range(0, table.num_rows, per_actor)]

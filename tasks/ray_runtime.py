@@ -16,21 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.config import TrainConfig
-from tasks.settings import RayConfig
+from tasks.leftover_processes import RuntimeRecord
+from tasks.settings import RayConfig, StatePaths
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
+def ray_runtime(ray_cfg: RayConfig, state: StatePaths | None = None) -> Iterator[None]:
     """Use the Ray runtime already initialized in this process, connect to ``ray_cfg.address`` /
-    RAY_ADDRESS, or start a local one sized to the machine; disconnect/shut down only what we opened."""
+    RAY_ADDRESS, or start a local one sized to the machine; disconnect/shut down only what we opened.
+
+    A local runtime started here is recorded in ``state``'s folder (``tasks.leftover_processes``): if this
+    process is killed before it shuts the runtime down, the next run that holds the folder stops what is left."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    record = None
     if address:
         ray.init(address=address)
     else:
@@ -38,16 +43,25 @@ def ray_runtime(ray_cfg: RayConfig) -> Iterator[None]:
         # The node-preemption watcher only matters on clusters of preemptible nodes; on a local runtime it adds an
         # error-level "PreemptionWatcher" line to every stage when Train kills it at the end.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
-                 include_dashboard=False, object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
-                 _temp_dir=short_temp_dir(),
-                 # Without the dashboard there is no State API, and Ray Train's placement-group cleaner then
-                 # warns every second for the whole run; errors still surface (and raise in the driver).
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+        record = RuntimeRecord(state.home) if state is not None else None
+        with record or contextlib.nullcontext():
+            ray.init(num_cpus=max(os.cpu_count() or 1, ray_cfg.num_workers * ray_cfg.cpus_per_worker),
+                     include_dashboard=False, object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
+                     _temp_dir=short_temp_dir(),
+                     # Without the dashboard there is no State API, and Ray Train's placement-group cleaner then
+                     # warns every second for the whole run; errors still surface (and raise in the driver).
+                     logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         yield
     finally:
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        except BaseException:
+            if record is not None:
+                record.stop()  # kept: the next holder of the folder stops what the failed shutdown left
+            raise
+        if record is not None:
+            record.close()
 
 
 def short_temp_dir() -> str:

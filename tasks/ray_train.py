@@ -72,7 +72,7 @@ def fit(settings: StageSettings, *, model_source: str, data_path: str, output_di
                     model_source=reachable_uri(str(model_source)), data_uri=data_uri,
                     threads=runtime.cpus_per_worker, stop_at_step=stop_at_step, tracking=tracking,
                     scratch_dir=None if "://" in storage else str(Path(storage) / SCRATCH))
-    with ray_runtime(runtime):
+    with ray_runtime(runtime, settings.store):
         use_gpu = wants_gpu(runtime.use_gpu)
         resources = {"CPU": runtime.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         progress = ProgressRelay(on_progress, settings.train) if on_progress else None

@@ -3,9 +3,11 @@
 ``hold_state_folder`` takes an exclusive lock on ``<home>/.gram.lock`` for the whole run; a second run on the
 same folder fails at once with "another run holds this state folder" (who, since when). The kernel drops
 the lock when its process dies, ``kill -9`` included. Holding it, nothing else writes the folder, so the
-leftovers of killed runs are safe to remove: staging folders of unfinished artifacts, partial downloads,
-and the workers' local checkpoint scratch. ``collect_garbage`` (``gram gc``) goes further: artifacts no cached
-stage refers to, cache entries, and Ray checkpoints that Ray Train's run snapshot does not list.
+leftovers of killed runs are safe to remove: first the Ray processes that a killed run's local runtime left
+running (``tasks.leftover_processes``; they could still write checkpoints), then staging folders of unfinished
+artifacts, partial downloads, and the workers' local checkpoint scratch. ``collect_garbage`` (``gram gc``) stops
+those Ray processes too, then goes further: artifacts no cached stage refers to, cache entries, and Ray
+checkpoints that Ray Train's run snapshot does not list.
 
 An artifact store or Ray storage folder may be shared by several state folders. Each one that uses it holds a
 lock file ``<root>/.gram-users/<hash of home>.lock`` for its run (the home's path beside it, ``.home``), so
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import MANIFEST, ArtifactRef, open_store
+from tasks.leftover_processes import stop_leftovers
 from tasks.locks import LockHeldError, file_lock
 from tasks.settings import PipelineConfig, StatePaths, state_paths
 
@@ -60,6 +63,7 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
         except LockHeldError as err:
             raise StateFolderBusy(f"another run holds this state folder ({paths.home}): {err}. Wait for it to "
                                   "finish, or give this run its own folder (GRAM_HOME=... or --set home=...)") from None
+        stop_leftovers(paths.home)  # before any file is judged a leftover; for gc (clean=False) too
         with contextlib.ExitStack() as registering:  # no other state folder registers while this one cleans
             for root in shared_roots(paths):
                 registering.enter_context(file_lock(root / USERS / ".register.lock", f"registering {paths.home}"))

@@ -122,6 +122,80 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
     assert issubclass(StateFolderBusy, RuntimeError)
 
 
+LEFTOVER_DRIVER = """
+import subprocess, sys, time
+from tasks.leftover_processes import RuntimeRecord
+with RuntimeRecord(sys.argv[1]):  # as ray_runtime wraps ray.init: what starts here carries the mark
+    # a worker in a process group of its own, with a child that does not carry the mark (env cleared)
+    worker = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], env={}); "
+                               "time.sleep(600)"], start_new_session=True)
+    agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(worker.pid, agent.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    from tasks.leftover_processes import _processes
+
+    return [child for child, (ppid, _, state) in _processes().items() if ppid == pid and state != "Z"]
+
+
+def test_a_killed_drivers_leftover_processes_are_stopped_by_the_next_holder(tmp_path, caplog):
+    """Unit level (no Ray; the kill -9 drill in test_reliability.py runs it on a real `gram run`): a driver
+    records its runtime, starts a marked worker (own process group, with a child whose environment is cleared, as
+    a `ray::` process's is overwritten) and a marked agent, and dies by SIGKILL; the next holder of the state
+    folder stops all three, never a process whose pid is recorded with another start time (a reused pid), and
+    removes the record. A live driver's record is left alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.leftover_processes import RECORD, _alive, start_time, stop_leftovers
+    from tasks.state import hold_state_folder
+
+    cfg = _config(tmp_path / "home")
+    home = tmp_path / "home"
+    home.mkdir()
+    driver = subprocess.Popen([sys.executable, "-c", LEFTOVER_DRIVER, str(home)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1], start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    starts: dict[int, int | None] = {}  # what the driver started: pid -> start time
+    try:
+        worker, agent = map(int, driver.stdout.readline().split())
+        starts.update({pid: start_time(pid) for pid in (worker, agent)})
+        deadline = time.monotonic() + 60
+        while not _children(worker):
+            assert time.monotonic() < deadline, "the worker's child did not start"
+            time.sleep(0.05)
+        starts.update({pid: start_time(pid) for pid in _children(worker)})
+        assert stop_leftovers(home) == 0 and (home / RECORD).exists(), "the driver is alive: not a leftover"
+        while {p["pid"] for p in json.loads((home / RECORD).read_text())["processes"]} != set(starts):
+            assert time.monotonic() < deadline, "the record does not list the unmarked child (kept current: 1 s)"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)  # the driver alone
+        driver.wait(30)
+        record = json.loads((home / RECORD).read_text())
+        record["processes"].append({"pid": bystander.pid, "start": start_time(bystander.pid) - 1})  # a reused pid
+        (home / RECORD).write_text(json.dumps(record))
+        assert len(starts) == 3 and all(_alive(pid, start) for pid, start in starts.items()), \
+            "the driver's processes outlive it"
+        with caplog.at_level("INFO", logger="gram"), hold_state_folder(cfg):
+            assert not any(_alive(pid, start) for pid, start in starts.items())
+        assert "stopped 3 leftover Ray processes of the run that held this state folder before" in caplog.text
+        assert bystander.poll() is None and not (home / RECORD).exists()
+    finally:  # only what this test started, and only while it is still the same process
+        driver.kill()
+        bystander.kill()
+        for pid, start in starts.items():
+            if start is not None and _alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+        driver.wait()
+        bystander.wait()
+
+
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
@@ -217,8 +291,12 @@ def _ray_snapshot(run: Path, committed: list[str]) -> None:
 
 def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkeypatch, capsys):
     """A committed checkpoint plus a torn newer one (written, killed before Ray recorded it): `gram gc --apply`
-    keeps what Ray Train's snapshot lists, so the resume that reads the snapshot finds its checkpoint. (Unit
-    level: the resume itself is Ray's, from the snapshot; the process-level kill drill covers a real resume.)"""
+    keeps what Ray Train's snapshot lists, so the resume that reads the snapshot finds its checkpoint; without
+    a readable snapshot it keeps them all. Unit level, on Ray's own snapshot model, through the CLI in this
+    process. The same at process level, with the real resume: the kill -9 drill in test_reliability.py puts a
+    torn `checkpoint-168` beside a real killed run's checkpoints, runs `gram gc --apply` as a process, checks
+    that it removed the torn folder and kept every checkpoint the snapshot lists, and the restarted `gram run`
+    resumes from the committed one."""
     from flows.cli import main
     from tasks.state import committed_checkpoints
 
