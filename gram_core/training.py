@@ -66,6 +66,9 @@ from gram_core.steps import Collate, StepFn, collate_judge, collate_pretrain, ju
 
 log = logging.getLogger(__name__)
 
+TOKENS_PER_S = "train/tokens_per_s"  # the one wall-clock figure in a step's metrics
+WALL_CLOCK_METRICS = frozenset({TOKENS_PER_S})  # differ between identical runs: kept out of content hashes
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the message names the step and the example ids."""
@@ -147,7 +150,7 @@ def train(model: torch.nn.Module, examples: list[dict], step_fn: StepFn, config:
             torch.manual_seed(_step_seed(config.seed, step, ctx.rank))  # dropout etc. reproducible on resume
             metrics = _optimizer_step(ctx, indices, step)
             metrics.update(step=step, epoch=step / order.steps_per_epoch)
-            metrics["train/tokens_per_s"] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
+            metrics[TOKENS_PER_S] = sum(int(lengths[i]) for i in indices) / metrics.pop("_seconds")
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")

@@ -31,6 +31,10 @@ from tasks.settings import StatePaths
 MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
 TABLE_FILE = "table.parquet"
 TRAIN_HISTORY_FILE = "metrics.jsonl"  # a model artifact's per-step training metrics, one JSON line a step
+# Its per-step wall-clock figures (tokens/s): beside the history, outside the content hash, so that the same
+# training on the same machine gives the same artifact hash (and `gram run --refresh` the same model version).
+TIMINGS_FILE = "timings.jsonl"
+UNHASHED = frozenset({MANIFEST, TIMINGS_FILE})
 HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell outputs apart
 
 
@@ -77,10 +81,11 @@ class ArtifactRef:
 
 
 def folder_sha256(folder: str | Path) -> str:
-    """SHA-256 over (relative path, size, bytes) of every file in ``folder``, in sorted path order."""
+    """SHA-256 over (relative path, size, bytes) of every file in ``folder`` but the manifest and the
+    wall-clock timings (``UNHASHED``), in sorted path order."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in UNHASHED)
     for path in files:
         rel = path.relative_to(folder).as_posix()
         digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
@@ -88,6 +93,16 @@ def folder_sha256(folder: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def write_train_history(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (one per step) as TRAIN_HISTORY_FILE, their wall-clock figures split out into TIMINGS_FILE."""
+    from gram_core.training import WALL_CLOCK_METRICS
+
+    history = [{k: v for k, v in r.items() if k not in WALL_CLOCK_METRICS} for r in rows]
+    timings = [{"step": r.get("step"), **{k: v for k, v in r.items() if k in WALL_CLOCK_METRICS}} for r in rows]
+    (folder / TRAIN_HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+    (folder / TIMINGS_FILE).write_text("".join(json.dumps(row) + "\n" for row in timings))
 
 
 def _is_local(uri: str) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.folders import write_folder
-from tasks.artifacts import TRAIN_HISTORY_FILE
+from tasks.artifacts import TRAIN_HISTORY_FILE, write_train_history
 from tasks.ray_runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
 from tasks.ray_worker import MODEL_DIR, WorkerJob, final_marker, train_loop
 from tasks.settings import StageSettings
@@ -130,7 +130,8 @@ def collect_model(result: Any, output_dir: str, run_name: str, expect_model: boo
 def _copy_model(checkpoint: Path, target: Path) -> None:
     """The trained model folder and its training history, out of the final checkpoint."""
     shutil.copytree(checkpoint / MODEL_DIR, target, dirs_exist_ok=True)
-    shutil.copyfile(checkpoint / TRAIN_HISTORY_FILE, target / TRAIN_HISTORY_FILE)
+    rows = [json.loads(line) for line in (checkpoint / TRAIN_HISTORY_FILE).read_text().splitlines() if line.strip()]
+    write_train_history(target, rows)
 
 
 def _storage_path(path: str) -> str:

@@ -22,7 +22,7 @@ from prefect import task
 
 from gram_core.comparison_report import COLUMNS
 from tasks import tracking as mlf
-from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open_store
+from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open_store
 from tasks.caching import code_version
 from tasks.evaluate import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from tasks.model_registry import current_aliases
@@ -88,10 +88,15 @@ def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
-    """A model artifact's per-step training metrics (numbers only), from its TRAIN_HISTORY_FILE."""
+    """A model artifact's per-step training metrics (numbers only), from its TRAIN_HISTORY_FILE and the
+    wall-clock figures beside it (TIMINGS_FILE, when there)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    timings = path.parent / TIMINGS_FILE
+    if timings.is_file():
+        by_step = {t["step"]: t for t in map(json.loads, timings.read_text().splitlines()) if "step" in t}
+        rows = [{**by_step.get(r.get("step"), {}), **r} for r in rows]
     return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
 
 

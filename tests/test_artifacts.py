@@ -228,3 +228,24 @@ def test_publish_fsyncs_every_file_and_folder_before_the_rename(tmp_path, monkey
     for rel in ("sub/a.bin", "b.txt", "_artifact.json", "sub", ""):
         assert os.path.normpath(os.path.join(staged, rel)) in before, rel
     assert ("fsync", os.path.dirname(ref.uri)) in events[renamed:]
+
+
+def test_wall_clock_timings_stay_out_of_the_content_hash_and_back_in_the_history(tmp_path):
+    """Two identical trainings differ only in tokens/s: their model artifacts hash the same (so `--refresh`
+    finds the registered version by content), and the MLflow history still carries tokens/s."""
+    from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, folder_sha256, write_train_history
+    from tasks.run_record import read_history
+
+    hashes = []
+    for speed in (6021.9, 1367.6):
+        folder = tmp_path / str(speed)
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"same weights")
+        write_train_history(folder, [{"step": 1, "train/loss": 0.69, "train/tokens_per_s": speed}])
+        assert "tokens_per_s" not in (folder / TRAIN_HISTORY_FILE).read_text()
+        assert (folder / TIMINGS_FILE).is_file()
+        hashes.append(folder_sha256(folder))
+        assert read_history(folder / TRAIN_HISTORY_FILE) == [{"step": 1, "train/loss": 0.69, "train/tokens_per_s": speed}]
+    assert hashes[0] == hashes[1]
+    (folder / TRAIN_HISTORY_FILE).write_text('{"step": 1, "train/loss": 0.7}\n')  # a real change still shows
+    assert folder_sha256(folder) != hashes[0]

@@ -4,6 +4,8 @@ MLflow SQLite database and a temporary GRAM_HOME.
 One module-scoped sequence of runs (each Ray Train fit costs ~35 s, so they are shared):
   run 1   fresh            -> every stage computes, version 1 registered, champion (no champion yet)
   run 2   unchanged        -> every stage Cached; register (never cached) finds version 1 by content
+  refresh unchanged, --refresh -> every stage computes again, bit-identical: the same artifact hashes, the
+                              same eval numbers, version 1 found by content (the determinism check)
   run 3   finetune changed -> only finetune / evaluate / eval_report recompute, and register; a huge
                               promotion margin keeps the champion (gate outcome "kept"), version 2
   run 4   margin back to 0 -> only register runs; same model content, so version 2 again (no duplicate);
@@ -78,6 +80,11 @@ def mlflow_client(home):
     return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 
 
+def stage_folders(home) -> dict[str, set[str]]:
+    """Each stage's published artifact folders (named by content hash)."""
+    return {p.name: {m.parent.name for m in p.glob("*/_artifact.json")} for p in (home / "artifacts").iterdir()}
+
+
 def model_artifacts(home) -> set[str]:
     return {str(p.parent) for stage in ("pretrain", "finetune") for p in (home / "artifacts" / stage).glob("*/_artifact.json")}
 
@@ -93,7 +100,13 @@ def run2(run1):
 
 
 @pytest.fixture(scope="module")
-def run3(run2):
+def refreshed(run2, env):
+    before = stage_folders(env)
+    return (*run_pipeline(SMOKE, refresh=True), before)
+
+
+@pytest.fixture(scope="module")
+def run3(refreshed):
     return run_pipeline([*SMOKE, *FINETUNE_CHANGE, "mlflow.promotion_margin=10.0"])
 
 
@@ -256,6 +269,18 @@ def test_second_run_is_served_from_cache(run2, env):
     assert summary["registered"]["version"] == "1" and summary["registered"]["reused"]  # nothing new
     versions = mlflow_client(env).search_model_versions(f"name = '{summary['registered']['name']}'")
     assert len(versions) == 1
+
+
+def test_refresh_recomputes_every_stage_with_identical_results(run1, refreshed, env):
+    """Determinism: `gram run --refresh` on the same machine recomputes every stage (sources, sampling-free
+    pair building, both trainings, the three evaluations) and gets the same bytes: each stage's content hash,
+    every eval number, and so the registered version found by content."""
+    first, _ = run1
+    summary, states, before = refreshed
+    assert {states[name] for name in (*SOURCE_TASKS, *STAGE_TASKS)} == {"Completed"}
+    assert summary["eval"] == first["eval"]
+    assert summary["registered"]["version"] == "1" and summary["registered"]["reused"]
+    assert stage_folders(env) == before  # every recomputed artifact has a content hash seen before
 
 
 def test_changed_finetune_config_reruns_only_downstream(run3, env):
