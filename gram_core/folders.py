@@ -1,8 +1,10 @@
 """The one atomic folder writer: build a folder beside its target, then move it into place with one rename,
-so a reader sees the old folder or the new one, never half of one."""
+so a reader sees the old folder or the new one, never half of one; and its one-file twin for small JSON
+records (``write_json``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +24,22 @@ def write_folder(target: str | Path, write: Callable[[Path], Any], *, keep_exist
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def write_json(target: str | Path, data: Any) -> None:
+    """``data`` as JSON in ``target``, atomically: a uniquely named file beside it (so concurrent writers never
+    share one), fsynced, then renamed over ``target``."""
+    target = Path(target)
+    fd, staged = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staged, target)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
 
 
 def _fsync(path: Path) -> None:

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from gram_core.folders import write_json
+
 RECORD = ".ray-processes.json"
 MARK = "GRAM_RAY_RUNTIME"
 PROC = Path("/proc")
@@ -95,15 +97,6 @@ def _runtime_processes(mark: str, known: dict[int, int]) -> dict[int, int]:
     return {pid: processes[pid][1] for pid in found - {os.getpid(), 1}}
 
 
-def _write(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as out:
-        json.dump(record, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
 class RuntimeRecord:
     """The record of the local Ray runtime this process starts: ``with record: ray.init(...)``, then
     ``close()`` after a clean ``ray.shutdown()``."""
@@ -117,7 +110,7 @@ class RuntimeRecord:
         self.thread: threading.Thread | None = None
 
     def _save(self) -> None:
-        _write(self.path, {"driver": self.driver, "mark": self.mark,
+        write_json(self.path, {"driver": self.driver, "mark": self.mark,
                            "processes": [{"pid": pid, "start": start} for pid, start in sorted(self.processes.items())]})
 
     def __enter__(self) -> RuntimeRecord:

@@ -45,6 +45,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from gram_core.config import JudgeConfig, to_dict
+from gram_core.folders import write_json
 from tasks import judge_pyfunc
 from tasks.artifacts import HASH_CHARS, folder_sha256
 from tasks.judge_pyfunc import INPUT_COLUMNS
@@ -282,12 +283,7 @@ def _download_into_cache(found: Any, resolved: str, tracking_uri: str, cache: Pa
         if not folder.is_dir():
             os.rename(source, folder)  # same filesystem: atomic; a concurrent call may have won (then reuse it)
     index.parent.mkdir(parents=True, exist_ok=True)
-    fd, staged = tempfile.mkstemp(prefix=f".{index.name}.", suffix=".tmp", dir=index.parent)  # a unique name
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps({"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes}))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staged, index)
+    write_json(index, {"folder": folder.name, "sha256": sha, "source": found.source, "sizes": sizes})
     return folder
 
 
