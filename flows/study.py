@@ -7,7 +7,8 @@
               eval set ─────────────────────────── evaluate (zero_shot) ───────── study_report
 
 Every arm starts from the same base model, sees the same labelled pairs and takes the same number of
-stage-2 optimizer steps; each arm's scores are a cached task, so a rerun with one arm changed re-runs only
+stage-2 optimizer steps, except the judge without stage 1, which also gets stage 1's steps
+(``study.match_total_steps``) so the ablation compares equal compute in steps; ``study.arms`` picks the arms; each arm's scores are a cached task, so a rerun with one arm changed re-runs only
 that arm. Each arm is an MLflow child run of the study run (its training curve and its eval metrics).
 """
 
@@ -20,6 +21,7 @@ from prefect import flow
 
 from flows.parameters import overrides_dict
 from flows.pipeline import Runner, load_inputs
+from gram_core.config import check
 from tasks.baseline import bradley_terry
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
@@ -27,7 +29,7 @@ from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
 from tasks.redaction import errors_redacted, redact_value
 from tasks.run_record import pipeline_params
-from tasks.settings import load_preset
+from tasks.settings import StageSettings, load_preset
 from tasks.stage1_pairs import build_stage1_pairs
 from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
@@ -37,24 +39,39 @@ DEFAULT_STUDY_PRESET = "study"
 
 def run_study(run: Runner) -> dict[str, Any]:
     cfg, state = run.config, run.paths
+    arms = cfg.study.arms
+    judge = run.settings("finetune")
+    no_stage1 = no_stage1_settings(cfg, judge)  # checked before any data is read
     inputs = load_inputs(run)
     prefs, eval_set = inputs["preferences"], inputs["eval"]
     pairs = run("build_pairs", build_stage1_pairs, inputs["prompts"], inputs["pools"], inputs["pair_sets"],
                 cfg.sampling, cfg.pairing, state)
     stage1 = run("pretrain", pretrain, pairs, run.settings("pretrain"))
-    judge = run.settings("finetune")
-    eps0 = dataclasses.replace(judge, train=dataclasses.replace(judge.train, label_smoothing=0.0))
-    models = {
-        "bt": run("bradley_terry", bradley_terry, prefs, run.settings("bradley_terry")),
-        "judge_no_stage1": run("finetune_no_stage1", finetune, prefs, None, judge),
-        "gram": run("finetune_gram", finetune, prefs, stage1, judge),
-        "gram_eps0": run("finetune_gram_eps0", finetune, prefs, stage1, eps0),
-    }
-    scores = {"zero_shot": run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", state)}
+    models = {"gram": run("finetune_gram", finetune, prefs, stage1, judge)}  # first: the arm all others face
+    if "bt" in arms:
+        models["bt"] = run("bradley_terry", bradley_terry, prefs, run.settings("bradley_terry"))
+    if "judge_no_stage1" in arms:
+        models["judge_no_stage1"] = run("finetune_no_stage1", finetune, prefs, None, no_stage1)
+    if "gram_eps0" in arms:
+        eps0 = dataclasses.replace(judge, train=dataclasses.replace(judge.train, label_smoothing=0.0))
+        models["gram_eps0"] = run("finetune_gram_eps0", finetune, prefs, stage1, eps0)
+    scores = {}
+    if "zero_shot" in arms:
+        scores["zero_shot"] = run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", state)
     for arm, model in models.items():
         scores[arm] = run(f"evaluate_{arm}", evaluate, model, eval_set, cfg.judge, arm, state)
     report = run("study_report", study_report, scores, eval_set, state, cfg.data.eval.describe())
     return {"models": models, "scores": scores, "report": report}
+
+
+def no_stage1_settings(cfg: Any, judge: StageSettings) -> StageSettings:
+    """Stage 2 from the base model; with ``study.match_total_steps`` it also gets stage 1's optimizer steps."""
+    if not (cfg.study.match_total_steps and cfg.pretrain.enabled):
+        return judge
+    check(judge.train.max_steps > 0 and cfg.pretrain.max_steps > 0, "study.match_total_steps",
+          "needs finetune.max_steps and pretrain.max_steps set (> 0); or set study.match_total_steps=false")
+    steps = judge.train.max_steps + cfg.pretrain.max_steps
+    return dataclasses.replace(judge, train=dataclasses.replace(judge.train, max_steps=steps))
 
 
 @flow(name="gram-study")

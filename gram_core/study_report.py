@@ -11,8 +11,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gram_core.calibration import expected_calibration_error
-from gram_core.rewardbench import PROTOCOL_NOTE, SECTIONS, section_scores
+from gram_core.evidence import LEVEL, RESAMPLES, fmt_interval
+from gram_core.rewardbench import (
+    PROTOCOL_NOTE,
+    SECTIONS,
+    SUBSET_WEIGHTS,
+    section_scores,
+    weighted_section_scores,
+)
 
 ARMS: dict[str, str] = {
     "zero_shot": "base model, zero-shot judge",
@@ -22,6 +31,85 @@ ARMS: dict[str, str] = {
     "gram_eps0": "GRAM: stage 1 + stage 2 (ε = 0)",
 }
 SCALAR_ARMS = ("bt",)
+COMPARED_ARM = "gram"  # the paired differences are GRAM minus each other arm
+
+
+def _by_id(scores: Any) -> dict[str, tuple[str, bool]]:
+    table = scores.to_pydict() if hasattr(scores, "to_pydict") else scores
+    return {str(i): (str(s), float(p) > 0.5)  # strict, as everywhere: a tie counts as wrong
+            for i, s, p in zip(table["id"], table["subset"], table["p_chosen"], strict=True)}
+
+
+def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
+                       resamples: int = RESAMPLES) -> dict[str, dict[str, Any]]:
+    """Score of ``a`` minus score of ``b`` on the same pairs (matched by id), per section, overall (mean of the
+    sections) and over all pairs, with a paired bootstrap interval: each resample draws pairs with replacement
+    inside every subset (the subset sizes stay fixed, as the section weights assume) and scores both arms on
+    the same draw. ``within_noise`` when the interval contains 0."""
+    rows_a, rows_b = _by_id(a), _by_id(b)
+    if set(rows_a) != set(rows_b):
+        raise ValueError(f"paired differences need the same pairs: {len(set(rows_a) ^ set(rows_b))} ids differ")
+    subsets: dict[str, list[tuple[bool, bool]]] = {}
+    for key, (subset, correct) in rows_a.items():
+        subsets.setdefault(subset, []).append((correct, rows_b[key][1]))
+    rng = np.random.default_rng(seed)
+    boot = {}  # subset -> (point a, point b, resampled a [R], resampled b [R])
+    for subset, flags in subsets.items():
+        both = np.array(flags, dtype=float)
+        draws = rng.integers(0, len(both), size=(resamples, len(both)))
+        boot[subset] = (both[:, 0].mean(), both[:, 1].mean(), both[draws, 0].mean(axis=1), both[draws, 1].mean(axis=1))
+    sizes = {s: len(f) for s, f in subsets.items()}
+    total = sum(sizes.values())
+
+    def summary(point: float, spread: np.ndarray) -> dict[str, Any]:
+        tail = (1 - level) / 2 * 100
+        low, high = float(np.percentile(spread, tail)), float(np.percentile(spread, 100 - tail))
+        return {"value": float(point), "low": low, "high": high, "within_noise": bool(low <= 0 <= high)}
+
+    def scored(pick: int) -> tuple[dict[str, float], dict[str, np.ndarray], float, np.ndarray]:
+        points = weighted_section_scores({s: v[pick] for s, v in boot.items() if s in SUBSET_WEIGHTS})
+        spread = weighted_section_scores({s: v[pick + 2] for s, v in boot.items() if s in SUBSET_WEIGHTS})
+        plain = sum(v[pick] * sizes[s] for s, v in boot.items()) / total
+        plain_spread = sum(v[pick + 2] * sizes[s] for s, v in boot.items()) / total
+        return points, spread, plain, plain_spread
+
+    pa, sa, plain_a, plain_sa = scored(0)
+    pb, sb, plain_b, plain_sb = scored(1)
+    out = {section: summary(pa[section] - pb[section], sa[section] - sb[section]) for section in pa}
+    if pa:
+        out["overall"] = summary(np.mean(list(pa.values())) - np.mean(list(pb.values())),
+                                 np.mean(list(sa.values()), axis=0) - np.mean(list(sb.values()), axis=0))
+    out["all pairs"] = summary(plain_a - plain_b, plain_sa - plain_sb)
+    return out
+
+
+def study_differences(scores: Mapping[str, Any], seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """{"gram - <arm>": paired_differences(...)} for every other arm present."""
+    if COMPARED_ARM not in scores:
+        return {}
+    return {f"{COMPARED_ARM} - {arm}": paired_differences(scores[COMPARED_ARM], table, seed)
+            for arm, table in scores.items() if arm != COMPARED_ARM}
+
+
+def differences_markdown(differences: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """The paired differences as a table (points, 95 % interval) with a within-noise verdict per cell."""
+    if not differences:
+        return []
+    columns = list(dict.fromkeys(c for d in differences.values() for c in d))
+    lines = [f"Paired differences in points, GRAM minus each arm on the same pairs, with {LEVEL:.0%} bootstrap "
+             f"intervals ({RESAMPLES} resamples of the pairs inside each subset; overall = mean of the sections). "
+             "**bold** = beyond noise (the interval excludes 0); plain = within noise.", "",
+             "| difference | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for name, diff in differences.items():
+        first, _, second = name.partition(" - ")
+        label = f"{ARMS.get(first, first).split(':')[0]} − {ARMS.get(second, second)}"
+        cells = []
+        for column in columns:
+            d = diff.get(column)
+            text = "—" if d is None else fmt_interval(d, signed=True)
+            cells.append(text if d is None or d["within_noise"] else f"**{text}**")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def arm_metrics(scores: Any, scalar: bool = False) -> dict[str, Any]:
@@ -40,7 +128,8 @@ def _pct(value: float | None) -> str:
 
 
 def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, command: str | None = None,
-                   wall_minutes: float | None = None, notes: list[str] | None = None) -> str:
+                   wall_minutes: float | None = None, notes: list[str] | None = None,
+                   differences: Mapping[str, Any] | None = None) -> str:
     """The study table: one row per arm (in ``ARMS`` order), sections then overall, consistency and ECE."""
     arms = [a for a in ARMS if a in metrics] + [a for a in metrics if a not in ARMS]
     sections = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)]
@@ -62,6 +151,8 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
            "Accuracies in %; overall = mean of the sections present, all pairs = plain pairwise accuracy. "
            "The Bradley-Terry model is scored in one order (a scalar reward has no slots). "
            "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins.", "", *lines]
+    if differences:
+        out += ["", *differences_markdown(differences)]
     if command:
         out = [f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else ""), "", *out]
     if notes:

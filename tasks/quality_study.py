@@ -20,15 +20,23 @@ STUDY_METRICS = "metrics.json"
 @scrub_errors
 def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: StatePaths, eval_name: str) -> ArtifactRef:
     """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact)."""
-    from gram_core.study_report import SCALAR_ARMS, arm_metrics, study_markdown, write_study_chart
+    from gram_core.study_report import (
+        SCALAR_ARMS,
+        arm_metrics,
+        study_differences,
+        study_markdown,
+        write_study_chart,
+    )
 
     store = open_store(state)
-    metrics = {arm: arm_metrics(read_table_artifact(store, ref), scalar=arm in SCALAR_ARMS)
-               for arm, ref in scores.items()}
+    tables = {arm: read_table_artifact(store, ref) for arm, ref in scores.items()}
+    metrics = {arm: arm_metrics(table, scalar=arm in SCALAR_ARMS) for arm, table in tables.items()}
+    differences = study_differences(tables)
     with store.staging("study_report") as folder:
-        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name))
+        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name, differences=differences))
         write_study_chart(folder / STUDY_CHART, metrics)
-        (folder / STUDY_METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences}, indent=1,
+                                                       sort_keys=True))
         ref = store.publish("study_report", folder, "report",
                             meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],
                                                "position_consistency": m["position_consistency"]}
@@ -47,8 +55,8 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
     from tasks.run_record import read_history
 
     store = open_store(state)
-    metrics = json.loads(store.read_text(report, STUDY_METRICS))
-    for arm, arm_metrics in metrics.items():
+    saved = json.loads(store.read_text(report, STUDY_METRICS))
+    for arm, arm_metrics in saved["arms"].items():
         tags = {"gram.arm": arm, "gram.scores": scores[arm].uri}
         if arm in models:
             tags["gram.model"] = models[arm].uri
@@ -63,6 +71,10 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
                     **{f"study/{k}": v for k, v in arm_metrics["sections"].items()},
                     **{f"study/subset/{k}": v for k, v in arm_metrics["subsets"].items()}}
             mlf.log_eval_metrics({k.replace(" ", "_").lower(): v for k, v in flat.items()}, run_id=run.run_id)
+    differences = {f"study/{name.replace(' - ', '_minus_')}/{column}".replace(" ", "_").lower(): d["value"]
+                   for name, diff in saved["differences"].items() for column, d in diff.items()}
+    if differences:
+        mlf.log_eval_metrics(differences, run_id=tracking.run_id)
     folder = store.local_dir(report)
     for name in (STUDY_FILE, STUDY_CHART, STUDY_METRICS):
         mlf.log_artifact_file(folder / name, run_id=tracking.run_id)

@@ -106,6 +106,24 @@ class EvalConfig:
         check(self.actors >= 0, "eval.actors", f"must be >= 0, got {self.actors}")
 
 
+STUDY_ARMS = ("zero_shot", "bt", "judge_no_stage1", "gram", "gram_eps0")  # gram_core.study_report.ARMS
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    arms: tuple[str, ...] = field(STUDY_ARMS, "Arms of `gram study`, from: zero_shot (the base model), bt "
+                                  "(Bradley-Terry), judge_no_stage1 (stage 2 from the base model), gram (stage 1 + "
+                                  "stage 2), gram_eps0 (the same with label smoothing 0). `gram` is always run.")
+    match_total_steps: bool = field(True, "The judge without stage 1 takes finetune.max_steps + pretrain.max_steps "
+                                    "stage-2 steps, so the ablation gets GRAM's total optimizer steps; false: "
+                                    "finetune.max_steps, as every other arm.")
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in STUDY_ARMS]
+        check(not unknown, "study.arms", f"unknown arm(s) {unknown}; expected some of {list(STUDY_ARMS)}")
+        check("gram" in self.arms, "study.arms", "must include 'gram' (the arm the others are compared with)")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     preset: str = field(DEFAULT_PRESET, "Name of the preset this config was loaded from (informational).")
@@ -124,6 +142,7 @@ class PipelineConfig:
     eval: EvalConfig = field(EvalConfig(), "Evaluation stage.")
     ray: RayConfig = field(RayConfig(), "Ray runtime for the training stages.")
     mlflow: MlflowConfig = field(MlflowConfig(), "MLflow tracking and model registry.")
+    study: StudyConfig = field(StudyConfig(), "The arms of `gram study` (read by that flow only).")
 
     def __post_init__(self) -> None:
         for stage, train in (("pretrain", self.pretrain), ("finetune", self.finetune)):
