@@ -486,6 +486,7 @@ def test_study_smoke(env):
         assert (values["position_consistency"] is None) == (arm == "bt")
     report = Path(summary["report"]).read_text()
     assert all(label in report for label in ARMS.values()) and "n/a (scalar)" in report
+    assert "Paired differences in points, GRAM minus each arm" in report and "| GRAM − Bradley-Terry" in report
     assert Path(summary["chart"]).stat().st_size > 1000
     assert {"finetune_no_stage1", "finetune_gram", "finetune_gram_eps0", "bradley_terry"} <= set(summary["stages"])
     client = mlflow_client(env)
@@ -494,3 +495,5 @@ def test_study_smoke(env):
     names = {r.data.tags["gram.stage"] for r in children}
     assert names == {f"arm:{arm}" for arm in ARMS}
     assert all("study/accuracy" in r.data.metrics for r in children)
+    parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+    assert {"study/gram_minus_bt/all_pairs", "study/gram_minus_judge_no_stage1/all_pairs"} <= set(parent.data.metrics)
