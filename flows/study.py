@@ -60,13 +60,14 @@ def run_study(run: Runner) -> dict[str, Any]:
         scores["zero_shot"] = run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", state)
     for arm, model in models.items():
         scores[arm] = run(f"evaluate_{arm}", evaluate, model, eval_set, cfg.judge, arm, state)
-    report = run("study_report", study_report, scores, eval_set, state, cfg.data.eval.describe())
+    report = run("study_report", study_report, scores, eval_set, state, cfg.data.eval.describe(),
+                 {"stage1": stage1, **models})
     return {"models": models, "scores": scores, "report": report}
 
 
 def no_stage1_settings(cfg: Any, judge: StageSettings) -> StageSettings:
     """Stage 2 from the base model; with ``study.match_total_steps`` it also gets stage 1's optimizer steps."""
-    if not (cfg.study.match_total_steps and cfg.pretrain.enabled):
+    if not cfg.study.match_total_steps:
         return judge
     check(judge.train.max_steps > 0 and cfg.pretrain.max_steps > 0, "study.match_total_steps",
           "needs finetune.max_steps and pretrain.max_steps set (> 0); or set study.match_total_steps=false")

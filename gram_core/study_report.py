@@ -7,7 +7,7 @@ reward model; the generative judge without stage 1; GRAM (stage 1 + stage 2) wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,43 @@ ARMS: dict[str, str] = {
 }
 SCALAR_ARMS = ("bt",)
 COMPARED_ARM = "gram"  # the paired differences are GRAM minus each other arm
+
+
+PLATEAU_EXIT = 0.6  # a pairwise loss below this (trailing mean) has left the ln 2 = 0.693 plateau
+TRAILING = 10
+
+
+def training_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One training curve in four numbers: steps, mean loss over the first ``TRAILING`` steps and over the last
+    10 % of steps, and the first step whose trailing ``TRAILING``-step mean loss is below ``PLATEAU_EXIT``
+    (None: never; meaningful for the pairwise losses, which start near ln 2)."""
+    rows = [r for r in history if "train/loss" in r]
+    losses = np.array([float(r["train/loss"]) for r in rows])
+    if not len(losses):
+        return {"steps": 0, "first_loss": None, "final_loss": None, "exit_step": None}
+    window = min(TRAILING, len(losses))  # a run shorter than the window: one mean over all of it
+    trailing = np.convolve(losses, np.ones(window) / window, mode="valid")
+    below = np.flatnonzero(trailing < PLATEAU_EXIT)
+    return {"steps": len(losses), "first_loss": float(losses[:TRAILING].mean()),
+            "final_loss": float(losses[-max(1, len(losses) // 10):].mean()),
+            "exit_step": int(rows[below[0] + window - 1].get("step", below[0] + window)) if below.size else None}
+
+
+def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each trained model's curve: did its pairwise loss leave the ln 2 plateau, and when."""
+    if not training:
+        return []
+    lines = [f"Training curves (train loss; stage 1 is the language-model loss). A pairwise loss starts near "
+             f"ln 2 = 0.693; \"left the plateau\" = the first step whose {TRAILING}-step trailing mean is below "
+             f"{PLATEAU_EXIT}.", "", f"| model | steps | loss, first {TRAILING} steps | loss, last 10 % of steps | "
+             "left the plateau at step |", "|---|---|---|---|---|"]
+    for name, t in training.items():
+        first = "—" if t["first_loss"] is None else f"{t['first_loss']:.3f}"
+        final = "—" if t["final_loss"] is None else f"{t['final_loss']:.3f}"
+        exit_step = "n/a (LM loss)" if name == "stage1" else ("never" if t["exit_step"] is None else str(t["exit_step"]))
+        label = "stage 1 (pre-training)" if name == "stage1" else ARMS.get(name, name)
+        lines.append(f"| {label} | {t['steps']} | {first} | {final} | {exit_step} |")
+    return lines
 
 
 def _by_id(scores: Any) -> dict[str, tuple[str, bool]]:
@@ -129,7 +166,8 @@ def _pct(value: float | None) -> str:
 
 def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, command: str | None = None,
                    wall_minutes: float | None = None, notes: list[str] | None = None,
-                   differences: Mapping[str, Any] | None = None) -> str:
+                   differences: Mapping[str, Any] | None = None,
+                   training: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The study table: one row per arm (in ``ARMS`` order), sections then overall, consistency and ECE."""
     arms = [a for a in ARMS if a in metrics] + [a for a in metrics if a not in ARMS]
     sections = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)]
@@ -153,6 +191,8 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
            "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins.", "", *lines]
     if differences:
         out += ["", *differences_markdown(differences)]
+    if training:
+        out += ["", *training_markdown(training)]
     if command:
         out = [f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else ""), "", *out]
     if notes:

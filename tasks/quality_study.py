@@ -18,24 +18,32 @@ STUDY_METRICS = "metrics.json"
 
 @task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
 @scrub_errors
-def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: StatePaths, eval_name: str) -> ArtifactRef:
-    """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact)."""
+def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: StatePaths, eval_name: str,
+                 models: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+    """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact) and
+    the training curves of ``models`` (arm name, or "stage1", -> model artifact)."""
     from gram_core.study_report import (
         SCALAR_ARMS,
         arm_metrics,
         study_differences,
         study_markdown,
+        training_summary,
         write_study_chart,
     )
+    from tasks.run_record import read_history
 
     store = open_store(state)
     tables = {arm: read_table_artifact(store, ref) for arm, ref in scores.items()}
     metrics = {arm: arm_metrics(table, scalar=arm in SCALAR_ARMS) for arm, table in tables.items()}
     differences = study_differences(tables)
+    training = {name: training_summary(read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE))
+                for name, ref in (models or {}).items()}
     with store.staging("study_report") as folder:
-        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name, differences=differences))
+        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name, differences=differences,
+                                                         training=training))
         write_study_chart(folder / STUDY_CHART, metrics)
-        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences}, indent=1,
+        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences, "training": training},
+                                                       indent=1,
                                                        sort_keys=True))
         ref = store.publish("study_report", folder, "report",
                             meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],

@@ -487,6 +487,7 @@ def test_study_smoke(env):
     report = Path(summary["report"]).read_text()
     assert all(label in report for label in ARMS.values()) and "n/a (scalar)" in report
     assert "Paired differences in points, GRAM minus each arm" in report and "| GRAM − Bradley-Terry" in report
+    assert "| stage 1 (pre-training) | 2 |" in report and "| generative judge, no stage 1 (ε = 0.1) | 5 |" in report
     assert Path(summary["chart"]).stat().st_size > 1000
     assert {"finetune_no_stage1", "finetune_gram", "finetune_gram_eps0", "bradley_terry"} <= set(summary["stages"])
     client = mlflow_client(env)

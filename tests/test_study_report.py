@@ -69,3 +69,21 @@ def test_study_arms_are_checked_and_the_no_stage1_judge_gets_stage1s_steps():
     gpu = load_preset("study-gpu", {"study": {"match_total_steps": True}}).resolved()
     with pytest.raises(ConfigError, match="needs finetune.max_steps and pretrain.max_steps"):
         no_stage1_settings(gpu, stage_settings(gpu, "finetune"))
+
+
+def test_training_summary_finds_the_step_that_left_the_plateau():
+    from gram_core.study_report import training_markdown, training_summary
+
+    flat = [{"step": i + 1, "train/loss": 0.693} for i in range(40)]
+    falling = flat[:20] + [{"step": 21 + i, "train/loss": 0.3} for i in range(20)]
+    summary = training_summary(falling)
+    # trailing 10-step means: 0.693 ... then (7 x 0.693 + 3 x 0.3) / 10 = 0.575 < 0.6 first at step 23
+    assert summary == {"steps": 40, "first_loss": pytest.approx(0.693), "final_loss": pytest.approx(0.3),
+                       "exit_step": 23}
+    assert training_summary(flat)["exit_step"] is None and training_summary([])["steps"] == 0
+    short = [{"step": i + 1, "train/loss": loss} for i, loss in enumerate((0.7, 0.5, 0.4))]  # < 10 steps
+    assert training_summary(short)["exit_step"] == 3 and training_summary(short[:1])["exit_step"] is None
+    text = "\n".join(training_markdown({"stage1": training_summary(flat), "gram": summary,
+                                        "judge_no_stage1": training_summary(flat)}))
+    assert "| stage 1 (pre-training) | 40 | 0.693 | 0.693 | n/a (LM loss) |" in text
+    assert "| GRAM: stage 1 + stage 2 (ε = 0.1) | 40 | 0.693 | 0.300 | 23 |" in text and "| never |" in text
