@@ -76,8 +76,8 @@ def cue_rows(chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.nda
 def fmt_interval(interval: Mapping[str, float], signed: bool = False) -> str:
     """'66.2 [58.1, 73.4]' in percent; ``signed`` puts a + on positive values (for differences)."""
     sign = "+" if signed else ""
-    return (f"{100 * interval['value']:{sign}.1f} [{100 * interval['low']:{sign}.1f}, "
-            f"{100 * interval['high']:{sign}.1f}]")
+    value, low, high = (round(100 * interval[k], 1) + 0.0 for k in ("value", "low", "high"))  # no "-0.0"
+    return f"{value:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
 
 
 def starter_clusters(eval_rows: Sequence[Mapping[str, Any]]) -> list[str] | None:

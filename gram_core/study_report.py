@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gram_core.calibration import expected_calibration_error
+from gram_core.cues import REPORTED_CUES, cue_credits
 from gram_core.evidence import LEVEL, RESAMPLES, fmt_interval
 from gram_core.rewardbench import (
     PROTOCOL_NOTE,
@@ -34,6 +35,21 @@ SCALAR_ARMS = ("bt",)
 COMPARED_ARM = "gram"  # the paired differences are GRAM minus each other arm
 
 
+def cue_tables(eval_rows: Any) -> dict[str, dict[str, list]]:
+    """Scores tables of the reported cue baselines (prefer longer, shorter, more capitals) on the eval pairs:
+    P(chosen) = 1 when the cue picks the chosen answer, 0 when it picks the rejected one, 0.5 on a tie (which
+    counts as wrong, as a judge's tie does). A judge no better than its cue row has learned the shortcut."""
+    table = eval_rows.to_pydict() if hasattr(eval_rows, "to_pydict") else eval_rows
+    out = {}
+    for cue in REPORTED_CUES:
+        credit = cue_credits(cue, table["chosen"], table["rejected"])
+        out[f"cue: {cue}"] = {"id": list(table["id"]), "subset": list(table["subset"]),
+                              "p_chosen": [float(c) for c in credit]}
+    return out
+
+
+LENGTH_CUE = "cue: prefer longer"  # RewardBench's best-known shortcut; the study compares GRAM with it too
+ORDER = ["stage1", *ARMS]  # the training table's rows
 PLATEAU_EXIT = 0.6  # a pairwise loss below this (trailing mean) has left the ln 2 = 0.693 plateau
 TRAILING = 10
 
@@ -62,7 +78,7 @@ def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
              f"ln 2 = 0.693; \"left the plateau\" = the first step whose {TRAILING}-step trailing mean is below "
              f"{PLATEAU_EXIT}.", "", f"| model | steps | loss, first {TRAILING} steps | loss, last 10 % of steps | "
              "left the plateau at step |", "|---|---|---|---|---|"]
-    for name, t in training.items():
+    for name, t in sorted(training.items(), key=lambda kv: [ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)]):
         first = "—" if t["first_loss"] is None else f"{t['first_loss']:.3f}"
         final = "—" if t["final_loss"] is None else f"{t['final_loss']:.3f}"
         exit_step = "n/a (LM loss)" if name == "stage1" else ("never" if t["exit_step"] is None else str(t["exit_step"]))
@@ -120,12 +136,17 @@ def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
     return out
 
 
-def study_differences(scores: Mapping[str, Any], seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
-    """{"gram - <arm>": paired_differences(...)} for every other arm present."""
+def study_differences(scores: Mapping[str, Any], seed: int = 0,
+                      cues: Mapping[str, Any] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """{"gram - <arm>": paired_differences(...)} for every other arm present, then GRAM minus the
+    ``LENGTH_CUE`` row when ``cues`` (``cue_tables``) are given: the shortcut a judge must beat."""
     if COMPARED_ARM not in scores:
         return {}
+    others = {arm: table for arm, table in scores.items() if arm != COMPARED_ARM}
+    if cues and LENGTH_CUE in cues:
+        others[LENGTH_CUE] = cues[LENGTH_CUE]
     return {f"{COMPARED_ARM} - {arm}": paired_differences(scores[COMPARED_ARM], table, seed)
-            for arm, table in scores.items() if arm != COMPARED_ARM}
+            for arm, table in others.items()}
 
 
 def differences_markdown(differences: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
@@ -167,7 +188,8 @@ def _pct(value: float | None) -> str:
 def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, command: str | None = None,
                    wall_minutes: float | None = None, notes: list[str] | None = None,
                    differences: Mapping[str, Any] | None = None,
-                   training: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                   training: Mapping[str, Mapping[str, Any]] | None = None,
+                   cues: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The study table: one row per arm (in ``ARMS`` order), sections then overall, consistency and ECE."""
     arms = [a for a in ARMS if a in metrics] + [a for a in metrics if a not in ARMS]
     sections = [s for s in SECTIONS if any(s in metrics[a]["sections"] for a in arms)]
@@ -180,15 +202,24 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
                  _pct(m["position_consistency"]) if m["position_consistency"] is not None else "n/a (scalar)",
                  f"{m['ece']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    subsets = list(dict.fromkeys(s for a in arms for s in metrics[a]["subsets"]))
-    lines += ["", "| subset | " + " | ".join(ARMS.get(a, a) for a in arms) + " |", "|" + "---|" * (len(arms) + 1)]
+    cues = dict(cues or {})
+    for cue, m in cues.items():  # surface-feature baselines: a judge at its cue's level learned the shortcut
+        cells = [f"*{cue}*", *(_pct(m["sections"].get(s)) for s in sections), _pct(m["overall"]),
+                 _pct(m["accuracy"]), "—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    columns = {**{a: metrics[a] for a in arms}, **cues}
+    subsets = list(dict.fromkeys(s for m in columns.values() for s in m["subsets"]))
+    lines += ["", "| subset | " + " | ".join(ARMS.get(a, a) for a in columns) + " |",
+              "|" + "---|" * (len(columns) + 1)]
     for subset in subsets:
-        lines.append(f"| {subset} | " + " | ".join(_pct(metrics[a]["subsets"].get(subset)) for a in arms) + " |")
+        lines.append(f"| {subset} | " + " | ".join(_pct(m["subsets"].get(subset)) for m in columns.values()) + " |")
     rows = {metrics[a]["rows"] for a in arms}
     out = [f"Eval set: {eval_name} ({', '.join(str(r) for r in sorted(rows))} pairs). {PROTOCOL_NOTE} "
            "Accuracies in %; overall = mean of the sections present, all pairs = plain pairwise accuracy. "
            "The Bradley-Terry model is scored in one order (a scalar reward has no slots). "
-           "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins.", "", *lines]
+           "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins."
+           + (" *Cue* rows pick an answer by one surface feature alone (a tie counts as wrong)." if cues else ""),
+           "", *lines]
     if differences:
         out += ["", *differences_markdown(differences)]
     if training:

@@ -25,6 +25,7 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
     from gram_core.study_report import (
         SCALAR_ARMS,
         arm_metrics,
+        cue_tables,
         study_differences,
         study_markdown,
         training_summary,
@@ -35,21 +36,27 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
     store = open_store(state)
     tables = {arm: read_table_artifact(store, ref) for arm, ref in scores.items()}
     metrics = {arm: arm_metrics(table, scalar=arm in SCALAR_ARMS) for arm, table in tables.items()}
-    differences = study_differences(tables)
+    cue_scores = cue_tables(read_table_artifact(store, eval_set))
+    cues = {cue: arm_metrics(table, scalar=True) for cue, table in cue_scores.items()}
+    differences = study_differences(tables, cues=cue_scores)
     training = {name: training_summary(read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE))
                 for name, ref in (models or {}).items()}
     with store.staging("study_report") as folder:
         (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name, differences=differences,
-                                                         training=training))
+                                                         training=training, cues=cues))
         write_study_chart(folder / STUDY_CHART, metrics)
-        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences, "training": training},
+        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences, "training": training,
+                                                        "cues": cues},
                                                        indent=1,
                                                        sort_keys=True))
         ref = store.publish("study_report", folder, "report",
                             meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],
                                                "position_consistency": m["position_consistency"]}
                                            for a, m in metrics.items()},
-                                  "eval_set": eval_set.sha256, "eval_rows": eval_set.rows})
+                                  "eval_set": eval_set.sha256, "eval_rows": eval_set.rows,
+                                  # what bench/study_render.py reads to render this report again
+                                  "inputs": {"scores": {a: r.sha256 for a, r in scores.items()},
+                                             "models": {n: r.sha256 for n, r in (models or {}).items()}}})
     stage_logger().info("study_report -> %s", ref.file(STUDY_FILE))
     return ref
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["eval.limit=16", "baseline.enabled=true", "baseline.learning_rate=1.0e-3"]
 FINETUNE_CHANGE = ["finetune.learning_rate=5.0e-3"]
 STAGE_TASKS = ("build_pairs", "pretrain", "finetune", "bradley_terry", "evaluate", "evaluate_base", "evaluate_bt",
@@ -472,7 +475,7 @@ def test_adapt_fine_tunes_the_registered_champion(adapted, env):
     assert set(table["source"].to_pylist()) == {"few_labels"}
 
 
-def test_study_smoke(env):
+def test_study_smoke(env, tmp_path):
     """The quality study's flow on the tiny model: five arms scored on one eval set, one MLflow run each
     (stages it shares with the pipeline runs above come from their cache)."""
     from flows.study import gram_study
@@ -488,6 +491,15 @@ def test_study_smoke(env):
     assert all(label in report for label in ARMS.values()) and "n/a (scalar)" in report
     assert "Paired differences in points, GRAM minus each arm" in report and "| GRAM − Bradley-Terry" in report
     assert "| stage 1 (pre-training) | 2 |" in report and "| generative judge, no stage 1 (ε = 0.1) | 5 |" in report
+    assert "| *cue: prefer longer* |" in report and "| GRAM − cue: prefer longer |" in report
+    # bench/study_render.py renders the same report from the state folder alone (no training, no scoring)
+    from tasks.settings import load_preset
+
+    again = tmp_path / "rendered.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "study_render.py"), "--home", os.environ["GRAM_HOME"],
+                    "--out", str(again), "--eval-name", load_preset("smoke", SMOKE).data.eval.describe()],
+                   check=True, cwd=REPO)
+    assert again.read_text().endswith(report) and again.with_suffix(".png").stat().st_size > 1000
     assert Path(summary["chart"]).stat().st_size > 1000
     assert {"finetune_no_stage1", "finetune_gram", "finetune_gram_eps0", "bradley_terry"} <= set(summary["stages"])
     client = mlflow_client(env)

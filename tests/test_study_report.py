@@ -87,3 +87,17 @@ def test_training_summary_finds_the_step_that_left_the_plateau():
                                         "judge_no_stage1": training_summary(flat)}))
     assert "| stage 1 (pre-training) | 40 | 0.693 | 0.693 | n/a (LM loss) |" in text
     assert "| GRAM: stage 1 + stage 2 (ε = 0.1) | 40 | 0.693 | 0.300 | 23 |" in text and "| never |" in text
+
+
+def test_cue_rows_pick_by_one_feature_and_gram_is_compared_with_the_length_cue():
+    from gram_core.study_report import LENGTH_CUE, cue_tables
+
+    rows = {"id": [1, 2, 3], "subset": ["alpacaeval-easy"] * 3,
+            "chosen": ["a long answer", "short", "same"], "rejected": ["short", "a long answer", "same"]}
+    tables = cue_tables(rows)
+    assert tables[LENGTH_CUE]["p_chosen"] == [1.0, 0.0, 0.5]
+    assert tables["cue: prefer shorter"]["p_chosen"] == [0.0, 1.0, 0.5]
+    gram = {"id": [3, 2, 1], "subset": ["alpacaeval-easy"] * 3, "p_chosen": [0.9, 0.8, 0.7]}
+    diff = study_differences({"gram": gram}, cues=tables)
+    assert list(diff) == [f"gram - {LENGTH_CUE}"]
+    assert diff[f"gram - {LENGTH_CUE}"]["all pairs"]["value"] == pytest.approx(1 - 1 / 3)  # the tie counts wrong
