@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fan the judging out over N Ray Data actors (default: eval.actors of the preset)")
 
     study = sub.add_parser("study", help="the quality study: zero-shot | BT | judge without stage 1 | GRAM (eps 0.1) "
-                           "| GRAM (eps 0) on one eval set (default data: ../shared/data)")
+                           "| GRAM (eps 0) on one eval set (study.arms picks them; default data: ../shared/data)")
     config_args(study)
     study.set_defaults(preset="study")
     study.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
