@@ -19,16 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from gram_core.study_report import (
-    ARMS,
-    SCALAR_ARMS,
-    arm_metrics,
-    cue_tables,
-    study_differences,
-    study_markdown,
-    training_summary,
-    write_study_chart,
-)
+from gram_core.study_report import ARMS, study_readout, write_study_chart
 from tasks.run_record import read_history
 
 
@@ -71,20 +62,15 @@ def _inputs(artifacts: Path) -> tuple[dict[str, Path], dict[str, Path], str]:
 def render(home: Path, out: Path, command: str | None, wall_minutes: float | None, eval_name: str | None) -> None:
     artifacts = home / "artifacts"
     scores, models, eval_sha = _inputs(artifacts)
-    order = [a for a in ARMS if a in scores]
-    tables = {arm: pq.read_table(scores[arm] / "table.parquet") for arm in order}
-    metrics = {arm: arm_metrics(t, scalar=arm in SCALAR_ARMS) for arm, t in tables.items()}
+    tables = {arm: pq.read_table(scores[arm] / "table.parquet") for arm in ARMS if arm in scores}
     eval_rows = pq.read_table(_find(artifacts, eval_sha) / "table.parquet")
-    cue_scores = cue_tables(eval_rows)
-    cues = {cue: arm_metrics(t, scalar=True) for cue, t in cue_scores.items()}
-    training = {name: training_summary(read_history(folder / "metrics.jsonl")) for name, folder in models.items()}
-    text = study_markdown(metrics, eval_name=eval_name or f"sha256 {eval_sha[:16]}",
-                          differences=study_differences(tables, cues=cue_scores), training=training, cues=cues)
+    histories = {name: read_history(folder / "metrics.jsonl") for name, folder in models.items()}
+    readout = study_readout(tables, eval_rows, histories, eval_name or f"sha256 {eval_sha[:16]}")
     head = f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else "") + ". " \
         if command else ""
     out.write_text(f"# Quality study\n\n{head}Rendered from the state folder by `bench/study_render.py`.\n\n"
-                   f"![study]({out.with_suffix('.png').name})\n\n{text}")
-    write_study_chart(out.with_suffix(".png"), metrics)
+                   f"![study]({out.with_suffix('.png').name})\n\n{readout['markdown']}")
+    write_study_chart(out.with_suffix(".png"), readout["arms"])
     print(f"wrote {out} and {out.with_suffix('.png')} ({len(tables)} arms, {eval_rows.num_rows} pairs)")
 
 

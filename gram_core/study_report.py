@@ -231,6 +231,21 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
     return "\n".join(out) + "\n"
 
 
+def study_readout(tables: Mapping[str, Any], eval_rows: Any, histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                  eval_name: str) -> dict[str, Any]:
+    """Everything a study report shows, from the arms' scores tables (arm -> table), the scored eval pairs and
+    the training histories (arm or "stage1" -> rows): metrics per arm, cue rows, GRAM's paired differences,
+    the training curves, and the Markdown (``markdown``) that renders them."""
+    metrics = {arm: arm_metrics(table, scalar=arm in SCALAR_ARMS) for arm, table in tables.items()}
+    cue_scores = cue_tables(eval_rows)
+    cues = {cue: arm_metrics(table, scalar=True) for cue, table in cue_scores.items()}
+    differences = study_differences(tables, cues=cue_scores)
+    training = {name: training_summary(history) for name, history in histories.items()}
+    return {"arms": metrics, "cues": cues, "differences": differences, "training": training,
+            "markdown": study_markdown(metrics, eval_name=eval_name, differences=differences, training=training,
+                                       cues=cues)}
+
+
 def write_study_chart(path: str | Path, metrics: Mapping[str, Mapping[str, Any]]) -> Path:
     """Grouped bars: per section and overall, one bar per arm."""
     import matplotlib

@@ -22,33 +22,19 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
                  models: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
     """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact) and
     the training curves of ``models`` (arm name, or "stage1", -> model artifact)."""
-    from gram_core.study_report import (
-        SCALAR_ARMS,
-        arm_metrics,
-        cue_tables,
-        study_differences,
-        study_markdown,
-        training_summary,
-        write_study_chart,
-    )
+    from gram_core.study_report import study_readout, write_study_chart
     from tasks.run_record import read_history
 
     store = open_store(state)
     tables = {arm: read_table_artifact(store, ref) for arm, ref in scores.items()}
-    metrics = {arm: arm_metrics(table, scalar=arm in SCALAR_ARMS) for arm, table in tables.items()}
-    cue_scores = cue_tables(read_table_artifact(store, eval_set))
-    cues = {cue: arm_metrics(table, scalar=True) for cue, table in cue_scores.items()}
-    differences = study_differences(tables, cues=cue_scores)
-    training = {name: training_summary(read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE))
-                for name, ref in (models or {}).items()}
+    histories = {name: read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE) for name, ref in (models or {}).items()}
+    readout = study_readout(tables, read_table_artifact(store, eval_set), histories, eval_name)
+    metrics = readout["arms"]
     with store.staging("study_report") as folder:
-        (folder / STUDY_FILE).write_text(study_markdown(metrics, eval_name=eval_name, differences=differences,
-                                                         training=training, cues=cues))
+        (folder / STUDY_FILE).write_text(readout["markdown"])
         write_study_chart(folder / STUDY_CHART, metrics)
-        (folder / STUDY_METRICS).write_text(json.dumps({"arms": metrics, "differences": differences, "training": training,
-                                                        "cues": cues},
-                                                       indent=1,
-                                                       sort_keys=True))
+        (folder / STUDY_METRICS).write_text(json.dumps({k: v for k, v in readout.items() if k != "markdown"},
+                                                       indent=1, sort_keys=True))
         ref = store.publish("study_report", folder, "report",
                             meta={"arms": {a: {"overall": m["overall"], "accuracy": m["accuracy"], "ece": m["ece"],
                                                "position_consistency": m["position_consistency"]}
