@@ -26,6 +26,7 @@ declare -A SET=(
   [norm300-b95]="--set finetune.final_norm_lr_multiplier=300 --set finetune.adam_beta2=0.95"
   [norm30-b95]="--set finetune.final_norm_lr_multiplier=30 --set finetune.adam_beta2=0.95"
   [top20]="--set model.freeze_layers=10"
+  [lr3e-3]="--set finetune.learning_rate=3e-3"
 )
 for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086
