@@ -41,6 +41,14 @@ def _resampled_means(values: np.ndarray, clusters: Sequence[Any] | None, seed: i
     return (weights @ sums) / (weights @ sizes)[:, None]
 
 
+def interval(point: float, spread: np.ndarray, level: float = LEVEL) -> dict[str, Any]:
+    """{"value", "low", "high", "within_noise"}: ``point`` with the percentile interval of its bootstrap
+    ``spread``; ``within_noise`` when the interval contains 0 (meaningful for differences)."""
+    tail = (1 - level) / 2 * 100
+    low, high = float(np.percentile(spread, tail)), float(np.percentile(spread, 100 - tail))
+    return {"value": float(point), "low": low, "high": high, "within_noise": bool(low <= 0 <= high)}
+
+
 def accuracy_interval(correct: Sequence[float], clusters: Sequence[Any] | None = None, seed: int = 0,
                       level: float = LEVEL) -> dict[str, float]:
     """{"value", "low", "high"}: the mean and its percentile bootstrap interval (over clusters if given)."""
@@ -48,9 +56,7 @@ def accuracy_interval(correct: Sequence[float], clusters: Sequence[Any] | None =
     if len(values) == 0:
         return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
     means = _resampled_means(values[:, None], clusters, seed)[:, 0]
-    tail = (1 - level) / 2 * 100
-    return {"value": float(values.mean()), "low": float(np.percentile(means, tail)),
-            "high": float(np.percentile(means, 100 - tail))}
+    return {k: v for k, v in interval(values.mean(), means, level).items() if k != "within_noise"}
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence[Any] | None = None,
@@ -61,11 +67,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence
     if len(values) == 0:
         return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "within_noise": True}
     means = _resampled_means(values, clusters, seed)
-    diffs = means[:, 0] - means[:, 1]
-    tail = (1 - level) / 2 * 100
-    low, high = float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
-    return {"value": float(values[:, 0].mean() - values[:, 1].mean()), "low": low, "high": high,
-            "within_noise": bool(low <= 0 <= high)}
+    return interval(values[:, 0].mean() - values[:, 1].mean(), means[:, 0] - means[:, 1], level)
 
 
 def cue_rows(chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.ndarray]:

@@ -15,11 +15,12 @@ import numpy as np
 
 from gram_core.calibration import expected_calibration_error
 from gram_core.cues import REPORTED_CUES, cue_credits
-from gram_core.evidence import LEVEL, RESAMPLES, fmt_interval
+from gram_core.evidence import LEVEL, RESAMPLES, fmt_interval, interval
 from gram_core.rewardbench import (
     PROTOCOL_NOTE,
     SECTIONS,
     SUBSET_WEIGHTS,
+    correctness,
     section_scores,
     weighted_section_scores,
 )
@@ -88,9 +89,9 @@ def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _by_id(scores: Any) -> dict[str, tuple[str, bool]]:
+    """id -> (subset, correct), with rewardbench's own correctness (checked p_chosen; a tie counts as wrong)."""
     table = scores.to_pydict() if hasattr(scores, "to_pydict") else scores
-    return {str(i): (str(s), float(p) > 0.5)  # strict, as everywhere: a tie counts as wrong
-            for i, s, p in zip(table["id"], table["subset"], table["p_chosen"], strict=True)}
+    return {str(i): (str(s), bool(c)) for i, s, c in zip(table["id"], table["subset"], correctness(scores), strict=True)}
 
 
 def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
@@ -115,9 +116,7 @@ def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
     total = sum(sizes.values())
 
     def summary(point: float, spread: np.ndarray) -> dict[str, Any]:
-        tail = (1 - level) / 2 * 100
-        low, high = float(np.percentile(spread, tail)), float(np.percentile(spread, 100 - tail))
-        return {"value": float(point), "low": low, "high": high, "within_noise": bool(low <= 0 <= high)}
+        return interval(point, spread, level)
 
     def scored(pick: int) -> tuple[dict[str, float], dict[str, np.ndarray], float, np.ndarray]:
         points = weighted_section_scores({s: v[pick] for s, v in boot.items() if s in SUBSET_WEIGHTS})
