@@ -27,6 +27,13 @@ declare -A SET=(
   [norm30-b95]="--set finetune.final_norm_lr_multiplier=30 --set finetune.adam_beta2=0.95"
   [top20]="--set model.freeze_layers=10"
   [lr3e-3]="--set finetune.learning_rate=3e-3"
+  [lr5e-3]="--set finetune.learning_rate=5e-3"
+  [lr3e-3-b95]="--set finetune.learning_rate=3e-3 --set finetune.adam_beta2=0.95"
+  [b16]="--set finetune.batch_size=16"
+  [b4]="--set finetune.batch_size=4"
+  [b2]="--set finetune.batch_size=2"
+  [b2-lr2e-3]="--set finetune.batch_size=2 --set finetune.learning_rate=2e-3"
+  [b2-lr5e-4]="--set finetune.batch_size=2 --set finetune.learning_rate=5e-4"
 )
 for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086
