@@ -29,6 +29,7 @@ declare -A SET=(
   [lr3e-3]="--set finetune.learning_rate=3e-3"
   [lr5e-3]="--set finetune.learning_rate=5e-3"
   [lr3e-3-b95]="--set finetune.learning_rate=3e-3 --set finetune.adam_beta2=0.95"
+  [seed1]="--set finetune.seed=1"
   [b16]="--set finetune.batch_size=16"
   [b4]="--set finetune.batch_size=4"
   [b2]="--set finetune.batch_size=2"
