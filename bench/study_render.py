@@ -51,9 +51,9 @@ def _inputs(artifacts: Path) -> tuple[dict[str, Path], dict[str, Path], str]:
     labels = Counter(m["label"] for _f, m in scored if m["eval_set"] == eval_sha)
     if max(labels.values()) > 1:
         raise SystemExit(f"{artifacts}: arms scored more than once on this eval set: {labels}; cannot tell which")
-    scores = {m["label"]: f for f, m in scored if m["eval_set"] == eval_sha}
-    models = {arm: _find(artifacts, m["model"]) for arm, (f, m) in ((a, (f, _meta(f))) for a, f in scores.items())
-              if m["model"].startswith("model:")}
+    chosen = {m["label"]: (f, m) for f, m in scored if m["eval_set"] == eval_sha}
+    scores = {arm: f for arm, (f, _m) in chosen.items()}
+    models = {arm: _find(artifacts, m["model"]) for arm, (_f, m) in chosen.items() if m["model"].startswith("model:")}
     if "gram" in models:
         models = {"stage1": _find(artifacts, _meta(models["gram"])["start"]), **models}
     return scores, models, eval_sha

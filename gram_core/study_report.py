@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from gram_core.calibration import expected_calibration_error
-from gram_core.cues import REPORTED_CUES, cue_credits
-from gram_core.evidence import LEVEL, RESAMPLES, fmt_interval, interval
+from gram_core.evidence import LEVEL, RESAMPLES, cue_rows, fmt_interval, interval
 from gram_core.rewardbench import (
     PROTOCOL_NOTE,
     SECTIONS,
@@ -41,12 +40,9 @@ def cue_tables(eval_rows: Any) -> dict[str, dict[str, list]]:
     P(chosen) = 1 when the cue picks the chosen answer, 0 when it picks the rejected one, 0.5 on a tie (which
     counts as wrong, as a judge's tie does). A judge no better than its cue row has learned the shortcut."""
     table = eval_rows.to_pydict() if hasattr(eval_rows, "to_pydict") else eval_rows
-    out = {}
-    for cue in REPORTED_CUES:
-        credit = cue_credits(cue, table["chosen"], table["rejected"])
-        out[f"cue: {cue}"] = {"id": list(table["id"]), "subset": list(table["subset"]),
-                              "p_chosen": [float(c) for c in credit]}
-    return out
+    return {f"cue: {cue}": {"id": list(table["id"]), "subset": list(table["subset"]),
+                            "p_chosen": [float(c) for c in credit]}
+            for cue, credit in cue_rows(table["chosen"], table["rejected"]).items()}
 
 
 LENGTH_CUE = "cue: prefer longer"  # RewardBench's best-known shortcut; the study compares GRAM with it too
@@ -79,7 +75,7 @@ def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
              f"ln 2 = 0.693; \"left the plateau\" = the first step whose {TRAILING}-step trailing mean is below "
              f"{PLATEAU_EXIT}.", "", f"| model | steps | loss, first {TRAILING} steps | loss, last 10 % of steps | "
              "left the plateau at step |", "|---|---|---|---|---|"]
-    for name, t in sorted(training.items(), key=lambda kv: [ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)]):
+    for name, t in sorted(training.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)):
         first = "—" if t["first_loss"] is None else f"{t['first_loss']:.3f}"
         final = "—" if t["final_loss"] is None else f"{t['final_loss']:.3f}"
         exit_step = "n/a (LM loss)" if name == "stage1" else ("never" if t["exit_step"] is None else str(t["exit_step"]))
@@ -115,9 +111,6 @@ def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
     sizes = {s: len(f) for s, f in subsets.items()}
     total = sum(sizes.values())
 
-    def summary(point: float, spread: np.ndarray) -> dict[str, Any]:
-        return interval(point, spread, level)
-
     def scored(pick: int) -> tuple[dict[str, float], dict[str, np.ndarray], float, np.ndarray]:
         points = weighted_section_scores({s: v[pick] for s, v in boot.items() if s in SUBSET_WEIGHTS})
         spread = weighted_section_scores({s: v[pick + 2] for s, v in boot.items() if s in SUBSET_WEIGHTS})
@@ -127,11 +120,11 @@ def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
 
     pa, sa, plain_a, plain_sa = scored(0)
     pb, sb, plain_b, plain_sb = scored(1)
-    out = {section: summary(pa[section] - pb[section], sa[section] - sb[section]) for section in pa}
+    out = {section: interval(pa[section] - pb[section], sa[section] - sb[section], level) for section in pa}
     if pa:
-        out["overall"] = summary(np.mean(list(pa.values())) - np.mean(list(pb.values())),
-                                 np.mean(list(sa.values()), axis=0) - np.mean(list(sb.values()), axis=0))
-    out["all pairs"] = summary(plain_a - plain_b, plain_sa - plain_sb)
+        out["overall"] = interval(np.mean(list(pa.values())) - np.mean(list(pb.values())),
+                                  np.mean(list(sa.values()), axis=0) - np.mean(list(sb.values()), axis=0), level)
+    out["all pairs"] = interval(plain_a - plain_b, plain_sa - plain_sb, level)
     return out
 
 
