@@ -35,6 +35,8 @@ declare -A SET=(
   [b2]="--set finetune.batch_size=2"
   [b2-lr2e-3]="--set finetune.batch_size=2 --set finetune.learning_rate=2e-3"
   [b2-lr5e-4]="--set finetune.batch_size=2 --set finetune.learning_rate=5e-4"
+  # Full fine-tuning as the paper does it: every layer and the (tied) embeddings, so the verdict rows train.
+  [fullft]="--set model.freeze_layers=0 --set finetune.learning_rate=1e-4 --set finetune.adam_beta2=0.95"
 )
 for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086

@@ -43,6 +43,8 @@ def format_summary(summary: dict[str, Any]) -> str:
               for r in summary.get("eval", [])]
     if summary.get("evidence"):
         lines += ["", *(f"  {line}" for line in summary["evidence"])]
+    if summary.get("training"):
+        lines += ["", "Training:", *(f"  {line}" for line in summary["training"])]
     reg = summary.get("registered")
     if reg:
         promo = reg["promotion"]

@@ -35,7 +35,8 @@ from gram_core.encoding import (
 from gram_core.judging import PairScores
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
-from gram_core.training import Plan, TrainResult, preference_groups, run_plan, total_steps
+from gram_core.shared_forward import SharedJudgeForward, collate_shared_judge, supports
+from gram_core.training import Plan, TrainResult, frozen_cache_bytes, preference_groups, run_plan, total_steps
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"
@@ -112,6 +113,34 @@ def bt_step_fn():
     return step
 
 
+def collate_shared_bt(pad_id: int, preamble_length: int):
+    """A BT micro-batch for ``shared_forward``: each pair's chosen then rejected sequence (the template head cut
+    off: it is the preamble), grouped by pair, so the prompt they share runs once."""
+    inner = collate_shared_judge(pad_id)
+
+    def collate(examples: list[dict]) -> dict:
+        return inner([{"pair_id": ("pair", index), "suffix_ids": ex[key][preamble_length:]}
+                      for index, ex in enumerate(examples) for key in ("chosen_ids", "rejected_ids")])
+
+    return collate
+
+
+def shared_bt_step_fn(preamble_ids: Sequence[int], cache_bytes: int = 0):
+    """``bt_step_fn`` on ``collate_shared_bt`` batches: the rewards from ``shared_forward`` (the shared prompt once
+    per pair, the frozen layers without grad, the last layer at the last token only); same loss and gradients."""
+    forward = SharedJudgeForward(preamble_ids, cache_bytes=cache_bytes, lm_of=lambda model: model.base)
+
+    def step(model: RewardModel, batch: dict) -> tuple[torch.Tensor, dict]:
+        rewards = model.head(forward.hidden(model, batch).float()).squeeze(-1)
+        r_chosen, r_rejected = rewards[0::2], rewards[1::2]
+        margin = (r_chosen - r_rejected).detach()
+        return bradley_terry_loss(r_chosen, r_rejected), {"accuracy": (margin > 0).float().mean(),
+                                                          "margin": margin.mean()}
+
+    step.step_prefix = forward
+    return step
+
+
 def encode_bt_pairs(encoder: RewardEncoder, rows: Iterable[dict]) -> list[dict]:
     examples = []
     for index, row in enumerate(rows):
@@ -145,9 +174,13 @@ def plan_bradley_terry(model, tokenizer, rows: Iterable[dict], train_cfg: TrainC
                        *, head_seed: int = 0) -> Plan:
     """Wrap ``model`` (a causal LM, maybe LoRA/frozen) with a seeded head; encode preference rows as BT pairs."""
     reward_model = RewardModel(model, seed=head_seed)
-    examples = encode_bt_pairs(RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt),
-                               rows)
+    encoder = RewardEncoder(tokenizer, encode_cfg.max_length, system_prompt=encode_cfg.system_prompt)
+    examples = encode_bt_pairs(encoder, rows)
     lengths = [len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
+    if train_cfg.prefix_reuse and train_cfg.shared_segments and encoder.head_ids and supports(model):
+        step_fn = shared_bt_step_fn(encoder.head_ids, frozen_cache_bytes(train_cfg, lengths))
+        return Plan(reward_model, examples, step_fn, collate_shared_bt(tokenizer.pad_token_id, len(encoder.head_ids)),
+                    lengths)
     return Plan(reward_model, examples, bt_step_fn(), collate_bt(tokenizer.pad_token_id), lengths)
 
 

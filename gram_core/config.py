@@ -205,6 +205,15 @@ class TrainConfig:
                                "warning) under sharding fsdp or activation_checkpointing: FSDP frees a layer's "
                                "gathered weights after the suffixes' backward, before the prefix's backward "
                                "needs them, and checkpointed layers run without the KV cache.")
+    shared_segments: bool = field(True, "Stage 2, with reuse_prefix: run each pair's common prefix (question, A "
+                                  "header) once for both slot orders, the frozen layers without grad (over the "
+                                  "judge instruction once per run, over a sequence once per run while "
+                                  "frozen_cache_mb allows) and the last layer at the verdict position only "
+                                  "(gram_core.shared_forward). Same loss and gradients as the plain step (tests "
+                                  "pin them to 1e-5). Llama-style decoders only; others take the plain step.")
+    frozen_cache_mb: int = field(2048, "Stage 2 with shared_segments: memory (MB, on the training device) for "
+                                 "the frozen layers' outputs of each sequence, reused when the run sees it again; "
+                                 "used only when the run takes more than one epoch. 0 = keep none.")
     sharding: str = field("none", "How data-parallel workers hold the model: 'none' (each keeps all trainable "
                           "weights, gradients and AdamW state; gradients summed by all-reduce) or 'fsdp' (PyTorch "
                           "FSDP2 over each decoder layer, then the rest: each worker keeps 1/N of the fp32 master "
@@ -237,6 +246,7 @@ class TrainConfig:
         check(self.precision in ("fp32", "bf16"), "train.precision", f"expected fp32 or bf16, got {self.precision!r}")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         check(0 < self.adam_beta2 < 1, "train.adam_beta2", f"must be in (0, 1), got {self.adam_beta2}")
+        check(self.frozen_cache_mb >= 0, "train.frozen_cache_mb", f"must be >= 0, got {self.frozen_cache_mb}")
         check(self.sharding in SHARDINGS, "train.sharding", f"expected one of {list(SHARDINGS)}, got {self.sharding!r}")
         check(self.final_norm_lr_multiplier > 0, "train.final_norm_lr_multiplier",
               f"must be > 0, got {self.final_norm_lr_multiplier}")
@@ -291,10 +301,17 @@ class BaselineConfig:
                                         "Its other training settings are finetune's, matched as "
                                         "gram_core.baseline.bt_train_config states (steps; batch_size // 2 pairs).")
 
+    max_steps: int = field(0, "Optimizer steps of the BT run; 0: as many as stage 2 (matched). Fewer steps can "
+                           "only handicap BT, so a GRAM-vs-BT comparison stays conservative for GRAM; the run "
+                           "summary states each model's steps.")
+
     def __post_init__(self) -> None:
         check(self.learning_rate is None or self.learning_rate > 0, "baseline.learning_rate",
               f"must be > 0 or null, got {self.learning_rate}")
+        check(self.max_steps >= 0, "baseline.max_steps", f"must be >= 0, got {self.max_steps}")
 
     def train_config(self, finetune: TrainConfig) -> TrainConfig:
-        """Stage 2's TrainConfig with this learning rate (steps and batch are matched by the BT task)."""
-        return dataclasses.replace(finetune, learning_rate=self.learning_rate or finetune.learning_rate)
+        """Stage 2's TrainConfig with this learning rate and, when set, these steps (otherwise the BT task
+        matches stage 2's steps; the batch is matched there too)."""
+        return dataclasses.replace(finetune, learning_rate=self.learning_rate or finetune.learning_rate,
+                                   max_steps=self.max_steps or finetune.max_steps)

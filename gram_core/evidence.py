@@ -141,11 +141,16 @@ def evidence(columns: Mapping[str, Any], eval_rows: Sequence[Mapping[str, Any]],
              "consistency": consistency.get(name)} for name, values in credit.items()]
     models = list(columns)
     differences = []
+    split = held.any() and not held.all()
     if len(models) > 1:
         last = models[-1]
         for other in models[:-1]:
             differences.append({"name": f"{last} - {other}", **paired_difference(credit[last], credit[other],
                                                                                   clusters, seed)})
+            for part, mask in (("in_distribution", ~held), ("heldout", held)) if split else ():
+                sub = [c for c, m in zip(clusters, mask, strict=True) if m] if clusters else None
+                differences.append({"name": f"{last} - {other}", "part": part,
+                                    **paired_difference(credit[last][mask], credit[other][mask], sub, seed)})
     return {"rows": rows, "differences": differences, "clusters": len(set(clusters)) if clusters else len(eval_rows),
             "clustered_by": "template" if clusters else "pair", "level": LEVEL}
 
@@ -169,5 +174,6 @@ def evidence_lines(ev: Mapping[str, Any]) -> list[str]:
         lines += ["", "Paired differences (same pairs, same resampled clusters):", ""]
         for d in ev["differences"]:
             verdict = "within noise" if d["within_noise"] else "beyond noise"
-            lines.append(f"* {d['name']}: {fmt_interval(d, signed=True)} points — {verdict}")
+            part = {"in_distribution": ", in-distribution", "heldout": ", held-out"}.get(d.get("part"), "")
+            lines.append(f"* {d['name']}{part}: {fmt_interval(d, signed=True)} points — {verdict}")
     return lines

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from gram_core.batching import pad_right
 from gram_core.forward import StepPrefix, answer_logits
 from gram_core.losses import IGNORE_INDEX, judge_loss
+from gram_core.shared_forward import SharedJudgeForward
 
 StepFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 Collate = Callable[[list[dict]], dict]
@@ -47,16 +48,34 @@ def judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing
     def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
         reused = (shared.cache() if shared.active else prefix) if shared is not None else None
         logits = answer_logits(model, batch["input_ids"], batch["attention_mask"], label_ids, prefix=reused)
-        labels = batch["labels"]
-        loss = judge_loss(logits, labels, smoothing)
-        with torch.no_grad():
-            # margin = z_correct - z_other (the Delta of METHOD.md section 3; optimum log((2-eps)/eps)).
-            sign = 1.0 - 2.0 * labels.float()
-            margin = (logits[:, 0] - logits[:, 1]).float() * sign
-        return loss, {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+        return _judge_loss_metrics(logits, batch["labels"], smoothing)
 
     step.step_prefix = shared
     return step
+
+
+def shared_judge_step_fn(label_ids: Sequence[int], prefix_ids: Sequence[int], smoothing: float,
+                         cache_bytes: int = 0) -> StepFn:
+    """Stage 2 as ``judge_step_fn``, on batches of ``shared_forward.collate_shared_judge``: each pair's common
+    prefix runs once for both slot orders, the frozen layers once per run (``cache_bytes`` of their outputs
+    kept), the last layer at the verdict position only. Same loss and gradients (shared_forward)."""
+    forward = SharedJudgeForward(prefix_ids, label_ids, cache_bytes)
+
+    def step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        return _judge_loss_metrics(forward.logits(model, batch), batch["labels"], smoothing)
+
+    step.step_prefix = forward
+    return step
+
+
+def _judge_loss_metrics(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, dict]:
+    """Smoothed two-way CE over (z_A, z_B); metrics accuracy and mean margin."""
+    loss = judge_loss(logits, labels, smoothing)
+    with torch.no_grad():
+        # margin = z_correct - z_other (the Delta of METHOD.md section 3; optimum log((2-eps)/eps)).
+        sign = 1.0 - 2.0 * labels.float()
+        margin = (logits[:, 0] - logits[:, 1]).float() * sign
+    return loss, {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
 
 def collate_pretrain(pad_id: int) -> Collate:

@@ -64,7 +64,21 @@ def training_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     below = np.flatnonzero(trailing < PLATEAU_EXIT)
     return {"steps": len(losses), "first_loss": float(losses[:TRAILING].mean()),
             "final_loss": float(losses[-max(1, len(losses) // 10):].mean()),
+            "last_loss": float(losses[-TRAILING:].mean()),
             "exit_step": int(rows[below[0] + window - 1].get("step", below[0] + window)) if below.size else None}
+
+
+def training_lines(training: Mapping[str, Mapping[str, Any]], names: Mapping[str, str]) -> list[str]:
+    """One line per trained model of a run summary: its steps, the mean loss of its last ``TRAILING`` steps and
+    when its pairwise loss left the ln 2 plateau. ``training``: key -> ``training_summary``; ``names``: labels."""
+    lines = []
+    for key, t in training.items():
+        if not t["steps"]:
+            continue
+        exit_step = "never" if t["exit_step"] is None else f"at step {t['exit_step']}"
+        lines.append(f"{names.get(key, key)}: {t['steps']} optimizer steps, loss over the last {TRAILING} steps "
+                     f"{t['last_loss']:.3f} (ln 2 = 0.693; left the plateau {exit_step})")
+    return lines
 
 
 def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:

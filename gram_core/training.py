@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from gram_core import shared_forward
 from gram_core.batching import (  # noqa: F401  DataOrder etc. re-exported for callers of training
     DataOrder,
     Groups,
@@ -62,7 +63,15 @@ from gram_core.sharding import (
     set_activation_checkpointing,
     shard_model,
 )
-from gram_core.steps import Collate, StepFn, collate_judge, collate_pretrain, judge_step_fn, pretrain_step_fn
+from gram_core.steps import (
+    Collate,
+    StepFn,
+    collate_judge,
+    collate_pretrain,
+    judge_step_fn,
+    pretrain_step_fn,
+    shared_judge_step_fn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -357,10 +366,24 @@ def plan_judge(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, e
     if train_cfg.reuse_prefix and not reuse:
         log.warning("train_judge: reuse_prefix is off under sharding %s / activation_checkpointing %s (full "
                     "sequences; see TrainConfig.reuse_prefix)", train_cfg.sharding, train_cfg.activation_checkpointing)
-    step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
-    collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     lengths = [len(ex["suffix_ids"]) + (0 if reuse else len(prefix)) for ex in examples]
+    if reuse and train_cfg.shared_segments and shared_forward.supports(model):
+        step_fn = shared_judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing,
+                                       cache_bytes=frozen_cache_bytes(train_cfg, lengths, groups))
+        collate = shared_forward.collate_shared_judge(tokenizer.pad_token_id)
+    else:
+        step_fn = judge_step_fn(encoder.label_ids, prefix, train_cfg.label_smoothing, reuse_prefix=reuse)
+        collate = collate_judge(tokenizer.pad_token_id, None if reuse else prefix)
     return Plan(model, examples, step_fn, collate, lengths, groups, {**stats, "order": encode_cfg.order})
+
+
+def frozen_cache_bytes(config: TrainConfig, lengths: Sequence[int], groups: Groups | None = None) -> int:
+    """The shared-segment forward's budget for frozen-layer outputs: ``frozen_cache_mb``, or 0 when the run
+    never sees an example twice (one epoch or less: a cache would only cost memory)."""
+    world = dist_info()[1]
+    order = DataOrder(lengths, config.batch_size * config.grad_accum_steps * world, 0, groups)
+    revisits = total_steps(len(lengths), config, world, groups) > order.steps_per_epoch
+    return (config.frozen_cache_mb << 20) if revisits else 0
 
 
 def plan_pretrain(model, tokenizer, rows: Iterable[dict], train_cfg: TrainConfig, encode_cfg: EncodeConfig) -> Plan:

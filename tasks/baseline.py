@@ -24,6 +24,7 @@ def bradley_terry(preferences: ArtifactRef, settings: StageSettings) -> Artifact
     if not preferences.rows:
         raise ValueError(f"bradley_terry: the preference artifact {preferences.uri} records no row count")
     train = bt_train_config(settings.train, settings.encode, preferences.rows, settings.runtime.num_workers)
-    stage_logger().info("bradley_terry: %d optimizer steps (as stage 2), %d pairs x %d micro-batches per step, lr %g",
-                        train.max_steps, train.batch_size, train.grad_accum_steps, train.learning_rate)
+    stage_logger().info("bradley_terry: %d optimizer steps (baseline.max_steps, or stage 2's when 0), %d pairs x %d "
+                        "micro-batches per step, lr %g", train.max_steps, train.batch_size, train.grad_accum_steps,
+                        train.learning_rate)
     return train_stage(preferences, base_model_dir(settings.model), dataclasses.replace(settings, train=train))

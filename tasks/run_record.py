@@ -32,6 +32,7 @@ from tasks.tracking import RunHandle
 
 # Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
 LIVE_STAGES = ("pretrain", "finetune", "register")
+TRAINED_STAGES = {"finetune": "trained", "bradley_terry": "bt"}  # stage -> its column key in the summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +154,19 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
     each column's value under its key (a fraction, None, or "n/a (scalar)")."""
     from gram_core.comparison_report import comparison_rows
     from gram_core.evidence import evidence_lines
+    from gram_core.study_report import training_lines, training_summary
 
     columns = dict(report_columns(report.meta))
     rows = comparison_rows({key: report.meta[key] for key in columns})
+    store = open_store(state)
+    training = {TRAINED_STAGES[r.name]: training_summary(read_history(store.local_dir(r.ref) / TRAIN_HISTORY_FILE))
+                for r in records if r.name in TRAINED_STAGES and r.ref is not None}
     summary: dict[str, Any] = {
         "columns": columns,
         "eval": [{"metric": r["name"], **r["values"]} for r in rows],
         "eval_rows": report.meta.get("eval_rows"),
         "evidence": evidence_lines(report.meta["evidence"]) if report.meta.get("evidence") else [],
+        "training": training_lines(training, {key: columns.get(key, COLUMNS.get(key, key)) for key in training}),
         "report": report.file(REPORT_FILE),
         "chart": report.file(CHART_FILE),
         "stages": {r.name: r.state for r in records},

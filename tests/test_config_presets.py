@@ -81,6 +81,10 @@ def test_baseline_is_off_by_default_and_takes_stage_2_settings():
     assert cfg.baseline.enabled and cfg.baseline.train_config(cfg.finetune) == cfg.finetune
     own = load_preset("smoke", ["baseline.learning_rate=3e-4"]).baseline.train_config(cfg.finetune)
     assert own.learning_rate == 3e-4 and own.max_steps == cfg.finetune.max_steps
+    fewer = load_preset("smoke", ["baseline.max_steps=3"]).baseline.train_config(cfg.finetune)
+    assert fewer.max_steps == 3 and fewer.learning_rate == cfg.finetune.learning_rate
+    with pytest.raises(ConfigError, match="baseline.max_steps"):
+        load_preset("smoke", ["baseline.max_steps=-1"])
     with pytest.raises(ConfigError, match="baseline.learning_rate"):
         load_preset("smoke", ["baseline.learning_rate=0"])
 

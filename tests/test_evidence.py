@@ -59,5 +59,8 @@ def test_evidence_table_has_judges_cues_and_differences():
     assert gram["all"]["value"] == 0.8 and gram["in_distribution"]["value"] == 1.0
     assert gram["heldout"]["value"] == 0.5
     assert ev["differences"][0]["name"] == "GRAM - zero-shot" and not ev["differences"][0]["within_noise"]
+    parts = {d.get("part"): d for d in ev["differences"]}  # the same difference on each part of the eval set
+    assert parts["in_distribution"]["value"] == 1.0 and parts["heldout"]["value"] == 0.5
     text = "\n".join(evidence_lines(ev))
     assert "beyond noise" in text and "(cue)" in text and "[" in text
+    assert "GRAM - zero-shot, in-distribution: +100.0" in text and "GRAM - zero-shot, held-out: +50.0" in text
