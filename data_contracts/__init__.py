@@ -25,21 +25,31 @@ from data_contracts.schemas import (
     contract_of,
     get_contract,
 )
-from data_contracts.validate import ContractError, Violation, validate
+from data_contracts.validate import (
+    MAX_DROPPED_SHARE,
+    ContractError,
+    DroppedRow,
+    TooManyInvalidRows,
+    Violation,
+    validate,
+)
 
 __all__ = [
     "CONTRACTS",
+    "MAX_DROPPED_SHARE",
     "PREFERENCE_PAIRS",
     "PROMPTS",
     "RESPONSE_POOL",
     "REWARDBENCH",
     "SCORES",
     "SUPPORTED_SUFFIXES",
+    "TooManyInvalidRows",
     "UNLABELED_PAIRS",
     "Check",
     "Contract",
     "ContractError",
     "DatasetNotCachedError",
+    "DroppedRow",
     "Violation",
     "contract_of",
     "get_contract",

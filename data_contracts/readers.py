@@ -20,7 +20,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from data_contracts.schemas import Contract, get_contract
-from data_contracts.validate import ContractError, Violation, validate
+from data_contracts.validate import MAX_DROPPED_SHARE, ContractError, DroppedRow, RowRule, Violation, validate
 
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
@@ -28,6 +28,20 @@ SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 class _ValueTypeErrors(Exception):
     def __init__(self, violations: list[Violation]):
         self.violations = violations
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """What to do with rows that break a row-level rule (``read_table``'s drop_invalid, max_dropped_share,
+    dropped)."""
+
+    drop: bool = False
+    max_share: float = MAX_DROPPED_SHARE
+    dropped: list[DroppedRow] | None = None
+
+    def validate(self, table: pa.Table, contract: Contract, source: str, flagged: list[RowRule] = ()) -> pa.Table:
+        return validate(table, contract, source=source, drop_invalid=self.drop, max_dropped_share=self.max_share,
+                        dropped=self.dropped, flagged=flagged)
 
 
 # Violations that concern a whole record or the file, not one column.
@@ -43,12 +57,12 @@ class DatasetNotCachedError(FileNotFoundError):
     """A Hub dataset was asked for while offline (or the Hub is unreachable) and is not in the local cache."""
 
 
-def _read_parquet(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+def _read_parquet(path: Path, types: dict[str, pa.DataType], lenient: bool = False) -> tuple[pa.Table, list[RowRule]]:
     present = pq.read_schema(path).names
-    return pq.read_table(path, columns=[n for n in present if n in types])
+    return pq.read_table(path, columns=[n for n in present if n in types]), []
 
 
-def _read_jsonl(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+def _read_jsonl(path: Path, types: dict[str, pa.DataType], lenient: bool = False) -> tuple[pa.Table, list[RowRule]]:
     records, bad = [], []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -68,10 +82,10 @@ def _read_jsonl(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
     if bad:
         raise _ValueTypeErrors([Violation(RECORD, f"unreadable record(s): {'; '.join(p for _, p in bad[:3])}",
                                           "one JSON object per line, UTF-8", len(bad), tuple(r for r, _ in bad[:5]))])
-    return _records_table(records, types, path)
+    return _records_table(records, types, path, lenient)
 
 
-def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+def _read_json(path: Path, types: dict[str, pa.DataType], lenient: bool = False) -> tuple[pa.Table, list[RowRule]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -88,7 +102,12 @@ def _read_json(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
         keys = sorted(data)[:10] if isinstance(data, dict) else []
         raise _file_violation(f"a JSON {type(data).__name__} (keys {keys})",
                               "a JSON list of records or an object {\"data\": [...]}")
-    return _records_table(records, types, path)
+    return _records_table(records, types, path, lenient)
+
+
+# The row-level rule of each problem _json_problem finds, by its words: '<column>.<rule>'.
+JSON_RULES = {"wrong value type": "wrong_value_type", "not valid Unicode (a lone surrogate)": "lone_surrogate",
+              "integer out of range": "out_of_range"}
 
 
 def _json_problem(value: Any, typ: pa.DataType) -> str | None:
@@ -115,9 +134,11 @@ def _json_problem(value: Any, typ: pa.DataType) -> str | None:
     return None
 
 
-def _records_table(records: list, types: dict[str, pa.DataType], path: Path) -> pa.Table:
+def _records_table(records: list, types: dict[str, pa.DataType], path: Path,
+                   lenient: bool = False) -> tuple[pa.Table, list[RowRule]]:
     """JSON records -> a table of the wanted columns in their contract types; values of another JSON type
-    are a ContractError naming the column and rows (never coerced, never a crash)."""
+    are a ContractError naming the column and rows (never coerced, never a crash). ``lenient``: such values come
+    back as nulls with the row-level rules they break (for ``drop_invalid``)."""
     keys: set[str] = set()
     not_objects = [i for i, record in enumerate(records) if not isinstance(record, dict)]
     if not_objects:
@@ -127,7 +148,7 @@ def _records_table(records: list, types: dict[str, pa.DataType], path: Path) -> 
     for record in records:
         keys.update(record)
     # Only the wanted columns are built, so odd extra fields (nested, mixed) never get in the way.
-    columns, violations = {}, []
+    columns, violations, rules = {}, [], []
     for name in sorted(keys & set(types)):
         values = [record.get(name) for record in records]
         problems = [(i, _json_problem(v, types[name])) for i, v in enumerate(values)]
@@ -135,22 +156,27 @@ def _records_table(records: list, types: dict[str, pa.DataType], path: Path) -> 
         for problem in dict.fromkeys(p for _, p in problems):
             bad = [i for i, p in problems if p == problem]
             shown = tuple(ascii(values[i])[:40] for i in bad[:5])
-            violations.append(Violation(name, problem, f"{types[name]} values (JSON values are not converted)",
-                                        len(bad), tuple(bad[:5]), shown))
-        if problems:
+            violation = Violation(name, problem, f"{types[name]} values (JSON values are not converted)", len(bad),
+                                  tuple(bad[:5]), shown, f"{name}.{JSON_RULES[problem]}")
+            violations.append(violation)
+            marked = set(bad)
+            rules.append(RowRule(violation, pa.array([i in marked for i in range(len(values))])))
+        if problems and not lenient:
             continue
+        for i, _ in problems:
+            values[i] = None
         columns[name] = pa.array(values, type=types[name])
-    if violations:
+    if violations and not lenient:
         raise _ValueTypeErrors(violations)  # _read_file turns it into a ContractError of the contract
-    return pa.table(columns)
+    return pa.table(columns), rules
 
 
-def _read_csv(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
+def _read_csv(path: Path, types: dict[str, pa.DataType], lenient: bool = False) -> tuple[pa.Table, list[RowRule]]:
     # Text columns are read as text, so "007" stays "007" and "" stays "" (the validator flags it).
     text = {name: typ for name, typ in types.items() if pa.types.is_string(typ)}
     convert = pa_csv.ConvertOptions(column_types=text, strings_can_be_null=False)
     return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-                           convert_options=convert)
+                           convert_options=convert), []
 
 
 _READERS = {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
@@ -183,19 +209,24 @@ def _select(table: pa.Table, contract: Contract, column_map: dict[str, str], sou
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def _read_file(path: Path, contract: Contract, column_map: dict[str, str], drop_blank: bool = False) -> pa.Table:
+def _read_file(path: Path, contract: Contract, column_map: dict[str, str], rows: _Rows) -> pa.Table:
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
                          f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a folder of such files")
     sources = _source_names(contract, column_map)
     types = {sources[f.name]: f.type for f in contract.schema}  # keyed by source column name
+    renamed = {src: name for name, src in sources.items()}  # report contract column names
+
+    def contract_names(violation: Violation) -> Violation:
+        column = renamed.get(violation.column, violation.column)
+        rule = f"{column}.{violation.rule.split('.', 1)[1]}" if violation.rule else ""
+        return dataclasses.replace(violation, column=column, rule=rule)
+
     try:
-        raw = _READERS[suffix](path, types)
+        raw, flagged = _READERS[suffix](path, types, rows.drop)
     except _ValueTypeErrors as exc:
-        renamed = {src: name for name, src in sources.items()}  # report contract column names
-        raise ContractError(str(path), contract, [dataclasses.replace(v, column=renamed.get(v.column, v.column))
-                                                  for v in exc.violations]) from None
+        raise ContractError(str(path), contract, [contract_names(v) for v in exc.violations]) from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
             raise
@@ -204,12 +235,13 @@ def _read_file(path: Path, contract: Contract, column_map: dict[str, str], drop_
             f"a valid {suffix[1:].upper()} file")]) from None
     if raw.num_rows == 0:  # a header-only CSV, an empty list: never a silent empty input
         raise ContractError(str(path), contract, [Violation(FILE, "no rows", "at least one row")])
-    return validate(_select(raw, contract, column_map, str(path)), contract, source=str(path), drop_blank=drop_blank)
+    flagged = [RowRule(contract_names(r.violation), r.mask) for r in flagged]
+    return rows.validate(_select(raw, contract, column_map, str(path)), contract, str(path), flagged)
 
 
-def _read_path(path: Path, contract: Contract, column_map: dict[str, str], drop_blank: bool = False) -> pa.Table:
+def _read_path(path: Path, contract: Contract, column_map: dict[str, str], rows: _Rows) -> pa.Table:
     if path.is_file():
-        return _read_file(path, contract, column_map, drop_blank)
+        return _read_file(path, contract, column_map, rows)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder (expected a {'/'.join(SUPPORTED_SUFFIXES)} "
                                 f"file or a folder of them)")
@@ -229,7 +261,7 @@ def _read_path(path: Path, contract: Contract, column_map: dict[str, str], drop_
     files = [p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES]
     if not files:
         raise FileNotFoundError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
-    tables = [_read_file(p, contract, column_map, drop_blank) for p in files]
+    tables = [_read_file(p, contract, column_map, rows) for p in files]
     # Validate the concatenation too: ids must be unique across files.
     return validate(pa.concat_tables(tables), contract, source=f"{path} ({len(files)} files)")
 
@@ -256,18 +288,21 @@ def _dataset_table(source: Any, split: str | None) -> tuple[pa.Table, str] | Non
 
 
 def read_table(source: Any, contract: Contract | str, column_map: dict[str, str] | None = None,
-               split: str | None = None, *, source_name: str | None = None, drop_blank: bool = False) -> pa.Table:
+               split: str | None = None, *, source_name: str | None = None, drop_invalid: bool = False,
+               max_dropped_share: float = MAX_DROPPED_SHARE, dropped: list[DroppedRow] | None = None) -> pa.Table:
     """Read ``source`` into a table validated against ``contract`` (``ContractError`` on violations).
 
     ``source``: a path (file or folder), a ``datasets.Dataset``/``DatasetDict`` (``split`` picks one; it is
     ignored for other sources) or a ``pyarrow.Table``. ``source_name`` overrides the name used in errors.
-    ``drop_blank``: drop (and log) rows whose required text shows nothing instead of a contract error.
+    ``drop_invalid``: leave out the rows that break a row-level rule (``validate``), each logged and appended to
+    ``dropped``; a file where more than ``max_dropped_share`` of the rows would go is still an error.
     """
     contract = get_contract(contract)
     column_map = dict(column_map or {})
     _check_column_map(contract, column_map)
+    rows = _Rows(drop_invalid, max_dropped_share, dropped)
     if isinstance(source, (str, os.PathLike)):
-        return _read_path(Path(source).expanduser(), contract, column_map, drop_blank)
+        return _read_path(Path(source).expanduser(), contract, column_map, rows)
     if isinstance(source, pa.Table):
         table, name = source, "<pyarrow.Table>"
     else:
@@ -277,7 +312,7 @@ def read_table(source: Any, contract: Contract | str, column_map: dict[str, str]
                             f"datasets.Dataset/DatasetDict or a pyarrow.Table")
         table, name = found
     name = source_name or name
-    return validate(_select(table, contract, column_map, name), contract, source=name, drop_blank=drop_blank)
+    return rows.validate(_select(table, contract, column_map, name), contract, name)
 
 
 def _offline() -> bool:

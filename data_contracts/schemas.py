@@ -28,17 +28,21 @@ MEAN_TOLERANCE = 1e-6
 class Check:
     """A value-domain rule: ``bad_rows(table)`` is a boolean mask (True = violation) over the rows.
 
-    ``show`` names the columns whose values an error message prints for offending rows (default: column).
+    ``show`` names the columns whose values an error message prints for offending rows (default: column);
+    ``rule`` is the short name logs and counts use for it (default '<column>.domain').
     """
 
     column: str
     expected: str
     bad_rows: Callable[[pa.Table], pa.ChunkedArray | pa.Array]
     show: tuple[str, ...] = ()
+    rule: str = ""
 
     def __post_init__(self) -> None:
         if not self.show:
             object.__setattr__(self, "show", (self.column,))
+        if not self.rule:
+            object.__setattr__(self, "rule", f"{self.column}.domain")
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def _outside_unit_interval(column: str) -> Check:
         inside = pc.and_(pc.greater_equal(col, 0.0), pc.less_equal(col, 1.0))
         return pc.invert(pc.fill_null(inside, True))
 
-    return Check(column, "a probability in [0, 1] (not NaN)", bad)
+    return Check(column, "a probability in [0, 1] (not NaN)", bad, rule=f"{column}.range")
 
 
 def _chosen_equals_rejected(table: pa.Table):
@@ -134,7 +138,7 @@ PREFERENCE_PAIRS = Contract(
     id_column="pair_id",
     non_empty=("pair_id", "prompt", "chosen", "rejected", "source"),
     checks=(Check("rejected", "a response different from 'chosen'", _chosen_equals_rejected,
-                  show=("pair_id", "rejected")),),
+                  show=("pair_id", "rejected"), rule="rejected.equals_chosen"),),
 )
 
 REWARDBENCH = Contract(
@@ -148,7 +152,7 @@ REWARDBENCH = Contract(
     id_column="id",
     non_empty=("prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset"),
     checks=(Check("rejected", "a response different from 'chosen'", _chosen_equals_rejected,
-                  show=("id", "rejected")),),
+                  show=("id", "rejected"), rule="rejected.equals_chosen"),),
 )
 
 SCORES = Contract(
@@ -171,9 +175,9 @@ SCORES = Contract(
         _outside_unit_interval("p_chosen_order2"),
         _outside_unit_interval("p_chosen"),
         Check("p_chosen", f"the mean of p_chosen_order1 and p_chosen_order2 (±{MEAN_TOLERANCE:g})",
-              _mean_mismatch, show=("p_chosen", "p_chosen_order1", "p_chosen_order2")),
+              _mean_mismatch, show=("p_chosen", "p_chosen_order1", "p_chosen_order2"), rule="p_chosen.mean"),
         Check("correct", "p_chosen > 0.5 (ties count as wrong)", _correct_mismatch,
-              show=("correct", "p_chosen")),
+              show=("correct", "p_chosen"), rule="correct.threshold"),
     ),
 )
 
