@@ -26,20 +26,27 @@ from tasks.tracking import start_pipeline_run
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
 
 
-def adapt_config(preset: str, overrides: Any, data: str | None) -> PipelineConfig:
-    """The preset with ``data`` (a labeled file or folder) as the fine-tuning set."""
+def adapt_config(preset: str, overrides: Any, data: str | None, drop_invalid_rows: bool = False) -> PipelineConfig:
+    """The preset with ``data`` (a labeled file or folder) as the fine-tuning set; ``drop_invalid_rows``: the
+    fine-tuning set and the eval set drop (and log) the rows that break a row-level rule."""
     cfg = load_preset(preset, overrides_dict(overrides))
     if data:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preferences=SourceConfig(path=data)))
+        prefs = cfg.data.preferences
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preferences=SourceConfig(
+            path=data, drop_invalid_rows=prefs.drop_invalid_rows, max_dropped_share=prefs.max_dropped_share)))
+    if drop_invalid_rows:
+        cfg = dataclasses.replace(cfg, data=cfg.data.dropping_invalid_rows(("preferences", "eval")))
     return cfg.resolved()
 
 
 @flow(name="gram-adapt")
 def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = DEFAULT_PRESET,
-          overrides: ConfigOverrides | None = None, refresh: bool = False) -> dict[str, Any]:
-    """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register."""
+          overrides: ConfigOverrides | None = None, refresh: bool = False,
+          drop_invalid_rows: bool = False) -> dict[str, Any]:
+    """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register.
+    ``drop_invalid_rows``: ``data`` and the eval set drop (and log) the rows that break a row-level rule."""
     with errors_redacted():
-        return _adapt(model, adapt_config(preset, overrides, data), refresh)
+        return _adapt(model, adapt_config(preset, overrides, data, drop_invalid_rows), refresh)
 
 
 def _adapt(model: str, cfg: PipelineConfig, refresh: bool) -> dict[str, Any]:

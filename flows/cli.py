@@ -1,12 +1,12 @@
 """The ``gram`` command: run the pipeline, adapt a registered judge, and use any judge from the shell.
 
-    gram run [--preset demo] [--set key.path=value ...] [--refresh]
-    gram adapt --data labeled.jsonl [--model models:/gram-reward-model@champion] [--preset demo]
+    gram run [--preset demo] [--set key.path=value ...] [--refresh] [--drop-invalid-rows]
+    gram adapt --data labeled.jsonl [--model models:/gram-reward-model@champion] [--preset demo] [--drop-invalid-rows]
     gram judge --model MODEL --prompt TEXT --a TEXT --b TEXT
     gram rank  --model MODEL --input candidates.jsonl
-    gram eval  --model MODEL --data rewardbench.parquet
+    gram eval  --model MODEL --data rewardbench.parquet [--drop-invalid-rows]
     gram serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas 1] [--token-file F] [--reward probability|logit]
-    gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md]
+    gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md] [--drop-invalid-rows]
     gram presets [--fields]
     gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
 
@@ -45,10 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a config field, e.g. --set finetune.learning_rate=1e-4 (repeatable)")
 
+    def drop_arg(p: argparse.ArgumentParser, which: str) -> None:
+        p.add_argument("--drop-invalid-rows", action="store_true",
+                       help=f"drop (and log) the rows of {which} that break a row-level rule of the data contract "
+                       "(blank text, chosen == rejected, text that is not valid Unicode, ...) instead of stopping; "
+                       "a missing or mistyped column still stops, and so does a file with more than "
+                       "max_dropped_share (default 5 %%) of such rows")
+
     run = sub.add_parser("run", help="run the whole pipeline and print a summary")
     config_args(run)
     run.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    drop_arg(run, "every data source of the preset (data.prompts, response_pools, unlabeled_pairs, preferences, "
+             "eval)")
 
     adapt = sub.add_parser("adapt", help="fine-tune a registered judge on a small labeled set, evaluate, register")
     config_args(adapt)
@@ -56,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--data", required=True, help="labeled pairs (prompt, chosen, rejected): file or folder")
     adapt.add_argument("--refresh", action="store_true")
     adapt.add_argument("--json", action="store_true")
+    drop_arg(adapt, "--data and of the eval set (data.eval)")
 
     judge = sub.add_parser("judge", help="P(a ≻ b) for one pair, from both slot orders")
     config_args(judge)
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the per-pair scores here (Parquet)")
     evaluate.add_argument("--actors", type=int, default=None,
                           help="fan the judging out over N Ray Data actors (default: eval.actors of the preset)")
+    drop_arg(evaluate, "--data (max_dropped_share: data.eval.max_dropped_share)")
 
     study = sub.add_parser("study", help="the quality study: zero-shot | BT | judge without stage 1 | GRAM (eps 0.1) "
                            "| GRAM (eps 0) on one eval set (study.arms picks them; default data: ../shared/data)")
@@ -85,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--refresh", action="store_true", help="recompute every stage (ignore cached results)")
     study.add_argument("--out", help="also write the report (with this command and its wall time) to this "
                        "Markdown file, and the chart beside it as <name>.png")
+    drop_arg(study, "every data source of the preset (data.prompts, response_pools, unlabeled_pairs, preferences, "
+             "eval)")
 
     serve = sub.add_parser("serve", help="a batched reward server (Ray Serve): OpenRLHF /get_reward, pairwise, "
                            "GRPO group rewards, best-of-n; see docs/serving.md")
@@ -153,7 +166,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         from flows.pipeline import gram_pipeline
 
         with private_overrides(args.overrides) as overrides:
-            summary = gram_pipeline(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
+            summary = gram_pipeline(preset=args.preset, overrides=overrides or None, refresh=args.refresh,
+                                    drop_invalid_rows=args.drop_invalid_rows)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -169,7 +183,8 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
         from flows.study import gram_study
 
         with private_overrides(args.overrides) as overrides:
-            summary = gram_study(preset=args.preset, overrides=overrides or None, refresh=args.refresh)
+            summary = gram_study(preset=args.preset, overrides=overrides or None, refresh=args.refresh,
+                                 drop_invalid_rows=args.drop_invalid_rows)
     minutes = (time.time() - began) / 60
     report = Path(summary["report"]).read_text()
     print(report)
@@ -190,7 +205,7 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     from flows.adapt import adapt_config
 
-    config = adapt_config(args.preset, args.overrides or None, args.data)
+    config = adapt_config(args.preset, args.overrides or None, args.data, args.drop_invalid_rows)
     if args.model.startswith("models:/"):  # a missing model or alias fails here, before Prefect starts
         from tasks.model_registry import find_version
         from tasks.tracking import resolve_tracking_uri
@@ -202,7 +217,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
 
         with private_overrides(args.overrides) as overrides:
             summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=overrides or None,
-                            refresh=args.refresh)
+                            refresh=args.refresh, drop_invalid_rows=args.drop_invalid_rows)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
 
@@ -289,14 +304,20 @@ def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
-    from data_contracts import REWARDBENCH, read_table, write_table
+    from data_contracts import REWARDBENCH, DroppedRow, read_table, write_table
     from flows.errors import InputError
     from gram_core.comparison_report import comparison_markdown, eval_metrics
-    from gram_core.sources import limit_rows
+    from gram_core.sources import dropped_summary, limit_rows
     from tasks.evaluate import score_table
 
     config = _config(args)
-    table = limit_rows(read_table(args.data, REWARDBENCH), args.limit, 0, stratify="subset")
+    policy = config.data.eval  # --data takes data.eval's place, with its row policy
+    dropped: list[DroppedRow] = []
+    table = read_table(args.data, REWARDBENCH, drop_invalid=args.drop_invalid_rows or policy.drop_invalid_rows,
+                       max_dropped_share=policy.max_dropped_share, dropped=dropped)
+    read = table.num_rows + len(dropped)
+    drops = dropped_summary(dropped) if args.drop_invalid_rows or policy.drop_invalid_rows else None
+    table = limit_rows(table, args.limit, 0, stratify="subset")
     actors = config.eval.actors if args.actors is None else args.actors
     try:
         scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
@@ -306,8 +327,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     if args.output:
         write_table(scores, args.output, "scores")
     scalar = [args.model] if scalar_model else []
-    print(comparison_markdown({args.model: scores}, scalar=scalar, eval_name=args.data).replace(
-        "![accuracy per subset](chart.png)\n", ""))
+    print(comparison_markdown({args.model: scores}, scalar=scalar, eval_name=args.data, dropped=drops,
+                              rows_read=read).replace("![accuracy per subset](chart.png)\n", ""))
     return eval_metrics(scores, bool(scalar))
 
 

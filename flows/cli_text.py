@@ -45,6 +45,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["", *(f"  {line}" for line in summary["evidence"])]
     if summary.get("training"):
         lines += ["", "Training:", *(f"  {line}" for line in summary["training"])]
+    if summary.get("dropped_rows"):
+        from gram_core.sources import DROPPED_ROWS, dropped_text
+
+        lines += ["", "Invalid rows dropped (drop_invalid_rows):"]
+        lines += [f"  {role}: {dropped_text(drops)}" for role, drops in summary[DROPPED_ROWS].items()]
     reg = summary.get("registered")
     if reg:
         promo = reg["promotion"]

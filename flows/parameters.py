@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from gram_core.config import rename_deprecated
 from tasks.settings import (
     DEFAULT_PRESET,
     PipelineConfig,
@@ -101,10 +102,11 @@ def overrides_view(cls: type) -> type[OverridesView]:
 
 
 def _from_set_strings(value: Any) -> Any:
-    """``["finetune.learning_rate=1e-4", ...]`` (the CLI's --set form) -> the nested mapping."""
+    """``["finetune.learning_rate=1e-4", ...]`` (the CLI's --set form) -> the nested mapping; deprecated keys of
+    renamed fields (e.g. ``drop_blank_rows``) under their new names, with a FutureWarning."""
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return parse_overrides(value)
-    return value
+        value = parse_overrides(value)
+    return rename_deprecated(PipelineConfig, value, "overrides") if isinstance(value, dict) else value
 
 
 def _known_preset(name: str) -> str:

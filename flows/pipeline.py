@@ -14,6 +14,7 @@ A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream sta
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -142,8 +143,12 @@ def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> di
     return out
 
 
-def _config(preset: str, overrides: Any) -> PipelineConfig:
-    return load_preset(preset, overrides_dict(overrides)).resolved()
+def pipeline_config(preset: str, overrides: Any, drop_invalid_rows: bool = False) -> PipelineConfig:
+    """The preset with the overrides; ``drop_invalid_rows``: on for every data source (``--drop-invalid-rows``)."""
+    config = load_preset(preset, overrides_dict(overrides))
+    if drop_invalid_rows:
+        config = dataclasses.replace(config, data=config.data.dropping_invalid_rows())
+    return config.resolved()
 
 
 def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -> dict[str, Any]:
@@ -163,18 +168,19 @@ def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -
 
 @flow(name="gram-pipeline")
 def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
-                  refresh: bool = False) -> dict[str, Any]:
+                  refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
     """The full GRAM pipeline: build pairs, pre-train, fine-tune (and the BT baseline when enabled), evaluate,
-    register (+ champion gate)."""
+    register (+ champion gate). ``drop_invalid_rows``: every data source drops (and logs) the rows that break a
+    row-level rule of its contract instead of stopping the run."""
     with errors_redacted():
-        return _tracked(_config(preset, overrides), refresh, "register", f"gram-{preset}")
+        return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, "register", f"gram-{preset}")
 
 
 def _stage_flow(stage: str):
     def body(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
-             refresh: bool = False) -> dict[str, Any]:
+             refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
         with errors_redacted():
-            return _tracked(_config(preset, overrides), refresh, stage, f"gram-{preset}-{stage}")
+            return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, stage, f"gram-{preset}-{stage}")
 
     body.__doc__ = f"The GRAM pipeline up to stage {stage!r} (upstream stages served from cache)."
     return flow(name=f"gram-{stage.replace('_', '-')}")(body)

@@ -19,8 +19,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.parameters import overrides_dict
-from flows.pipeline import Runner, load_inputs
+from flows.pipeline import Runner, load_inputs, pipeline_config
 from gram_core.config import check
 from tasks.baseline import bradley_terry
 from tasks.evaluate import evaluate
@@ -29,7 +28,7 @@ from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
 from tasks.redaction import errors_redacted, redact_value
 from tasks.run_record import pipeline_params
-from tasks.settings import StageSettings, load_preset
+from tasks.settings import StageSettings
 from tasks.stage1_pairs import build_stage1_pairs
 from tasks.state import hold_state_folder
 from tasks.tracking import start_pipeline_run
@@ -77,10 +76,11 @@ def no_stage1_settings(cfg: Any, judge: StageSettings) -> StageSettings:
 
 @flow(name="gram-study")
 def gram_study(preset: str = DEFAULT_STUDY_PRESET, overrides: dict[str, Any] | list[str] | None = None,
-               refresh: bool = False) -> dict[str, Any]:
-    """Zero-shot | BT | judge without stage 1 | GRAM (ε) | GRAM (ε = 0) on one eval set, one MLflow run per arm."""
+               refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
+    """Zero-shot | BT | judge without stage 1 | GRAM (ε) | GRAM (ε = 0) on one eval set, one MLflow run per arm.
+    ``drop_invalid_rows``: every data source drops (and logs) the rows that break a row-level rule."""
     with errors_redacted():
-        return _study(preset, load_preset(preset, overrides_dict(overrides)).resolved(), refresh)
+        return _study(preset, pipeline_config(preset, overrides, drop_invalid_rows), refresh)
 
 
 def _study(preset: str, config: Any, refresh: bool) -> dict[str, Any]:

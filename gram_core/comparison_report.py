@@ -135,15 +135,20 @@ def protocol_note(names: Collection[str], scalar: Collection[str] = ()) -> str:
 
 def comparison_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
                     title: str = "GRAM judge evaluation", eval_name: str = "eval set",
-                    evidence: Mapping[str, Any] | None = None) -> str:
+                    evidence: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None,
+                    rows_read: int | None = None) -> str:
     """Comparison table of the models side by side, then the full RewardBench-style readout of each.
 
     ``columns``: model name -> scores table, in column order (e.g. zero-shot, BT, GRAM); the models named in
-    ``scalar`` are scalar reward models (one order, see ``eval_metrics``)."""
+    ``scalar`` are scalar reward models (one order, see ``eval_metrics``). ``dropped``: the eval set's invalid rows
+    left out before scoring (``gram_core.sources.dropped_summary``), of ``rows_read`` when known."""
+    from gram_core.sources import dropped_text
+
     metrics = {name: eval_metrics(table, name in scalar) for name, table in columns.items()}
     rows = next(iter(columns.values())).num_rows
-    lines = [f"# {title}", "", f"Eval set: {eval_name}, {rows} pairs. Accuracies in %; a tie counts as wrong. "
-             + protocol_note(list(columns), scalar), "",
+    dropped_note = f"Before scoring, {dropped_text(dict(dropped), rows_read)}. " if dropped is not None else ""
+    lines = [f"# {title}", "", f"Eval set: {eval_name}, {rows} pairs. {dropped_note}Accuracies in %; a tie counts as "
+             "wrong. " + protocol_note(list(columns), scalar), "",
              *(evidence_lines(evidence) + [""] if evidence else []),
              "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in comparison_rows(metrics):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,10 +68,41 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build config ``cls`` from a mapping; unknown keys are an error naming the valid ones."""
-    data = dict(data or {})
+# A config class may rename a field and keep the old key working: RENAMED = {old: new} on the class.
+RENAMED = "RENAMED"
+
+
+def rename_deprecated(cls: type, data: Any, where: str = "") -> Any:
+    """``data`` (a mapping for config ``cls``, nested configs and lists of them included) with every deprecated key
+    of a renamed field under its new name, each with a FutureWarning; both keys at once is an error."""
+    if not isinstance(data, dict) or not _is_config(cls):
+        return data
     where = where or cls.__name__
+    out = dict(data)
+    for old, new in getattr(cls, RENAMED, {}).items():
+        if old in out:
+            check(new not in out, f"{where}.{old}", f"deprecated name of {new!r}; set only {new!r}")
+            warnings.warn(f"{where}.{old} is deprecated and will be removed: use {where}.{new} (same meaning, "
+                          "wider: see its help)", FutureWarning, stacklevel=2)
+            out[new] = out.pop(old)
+    hints = typing.get_type_hints(cls)
+    for key, value in out.items():
+        inner = [a for a in (hints.get(key), *typing.get_args(hints.get(key))) if _is_config(a)]
+        inner += [b for a in typing.get_args(hints.get(key)) for b in typing.get_args(a) if _is_config(b)]
+        if not inner:
+            continue
+        if isinstance(value, (list, tuple)):
+            out[key] = [rename_deprecated(inner[0], v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            out[key] = rename_deprecated(inner[0], value, f"{where}.{key}")
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build config ``cls`` from a mapping; unknown keys are an error naming the valid ones; a deprecated key
+    of a renamed field (``RENAMED``) works, with a FutureWarning."""
+    where = where or cls.__name__
+    data = rename_deprecated(cls, dict(data or {}), where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))

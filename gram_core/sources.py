@@ -2,8 +2,9 @@
 
 A ``SourceConfig`` names the built-in starter set, a local file/folder (Parquet, JSONL, JSON, CSV) or a
 hub dataset. ``read_source`` reads it through ``data_contracts`` (column mapping, validation with errors
-naming file, column and row), fills the two bookkeeping columns a user file may lack (the id column and
-``source``), flattens chat-message columns when asked, and applies the seeded row limit (``limit_rows``).
+naming file, column and row; on request, rows that break a row-level rule dropped and logged), fills the two
+bookkeeping columns a user file may lack (the id column and ``source``), flattens chat-message columns when
+asked, and applies the seeded row limit (``limit_rows``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
-from data_contracts import PROMPTS, Contract, ContractError, get_contract, load_hub_split, read_table
+from data_contracts import (
+    MAX_DROPPED_SHARE,
+    PROMPTS,
+    Contract,
+    ContractError,
+    DroppedRow,
+    get_contract,
+    load_hub_split,
+    read_table,
+)
 from gram_core.config import check, field
 from gram_core.conversations import flatten_conversations
 
@@ -36,14 +47,23 @@ class SourceConfig:
                                 "assistant turn is the response, the turns before it become the prompt.")
     limit: int = field(0, "Keep at most this many rows (seeded random sample, order kept); 0 = all.")
     seed: int = field(0, "Seed of the `limit` sample.")
-    drop_blank_rows: bool = field(False, "Drop rows whose required text shows nothing (empty, or only whitespace, "
-                                  "NUL or zero-width characters), logging each with its row number, instead of "
-                                  "stopping with a contract error. For public sets known to hold a few such rows.")
+    drop_invalid_rows: bool = field(False, "Drop the rows that break a row-level rule of the data contract (blank "
+                                    "text, a null, chosen equal to rejected, text that is not valid Unicode, a value "
+                                    "of the wrong JSON type, any value outside its domain), logging each once "
+                                    "(file, row, id, rule), instead of stopping. Whole-file faults (a missing or "
+                                    "mistyped column, repeated ids, an unreadable file) still stop the run. "
+                                    "Formerly drop_blank_rows.")
+    max_dropped_share: float = field(MAX_DROPPED_SHARE, "With drop_invalid_rows: the largest share of a file's "
+                                     "rows that may be dropped (0.05 = 5 %); a file past it stops the run.")
+
+    RENAMED = {"drop_blank_rows": "drop_invalid_rows"}  # the old key still works, with a FutureWarning
 
     def __post_init__(self) -> None:
         check((self.path is None) != (self.hub is None), "source",
               f"set exactly one of `path` or `hub` (got path={self.path!r}, hub={self.hub!r})")
         check(self.limit >= 0, "source.limit", f"must be >= 0, got {self.limit}")
+        check(0 <= self.max_dropped_share <= 1, "source.max_dropped_share",
+              f"must be a share in [0, 1], got {self.max_dropped_share}")
 
     @property
     def is_starter(self) -> bool:
@@ -128,18 +148,18 @@ def _load_raw_dataset(source: SourceConfig) -> pa.Table:
     return datasets.load_dataset(kind, data_files=files, split="train").with_format("arrow")[:]
 
 
-def _read(source: SourceConfig, contract: Contract) -> pa.Table:
+def _read(source: SourceConfig, contract: Contract, dropped: list[DroppedRow] | None) -> pa.Table:
     name = f"hub:{source.hub}" if source.hub else str(source.path)
+    rows = {"drop_invalid": source.drop_invalid_rows, "max_dropped_share": source.max_dropped_share,
+            "dropped": dropped}
     if source.is_starter:
-        return read_table(_starter_table(contract), contract, source_name=f"starter:{contract.name}")
+        return read_table(_starter_table(contract), contract, source_name=f"starter:{contract.name}", **rows)
     if source.conversations or source.hub:
         raw = _load_raw_dataset(source)
         if source.conversations:
             raw = flatten_conversations(raw, contract, dict(source.column_map), name)
-        return read_table(raw, contract, column_map=dict(source.column_map), source_name=name,
-                          drop_blank=source.drop_blank_rows)
-    return read_table(Path(str(source.path)).expanduser(), contract, column_map=dict(source.column_map),
-                      drop_blank=source.drop_blank_rows)
+        return read_table(raw, contract, column_map=dict(source.column_map), source_name=name, **rows)
+    return read_table(Path(str(source.path)).expanduser(), contract, column_map=dict(source.column_map), **rows)
 
 
 def limit_rows(table: pa.Table, limit: int, seed: int, stratify: str | None = None,
@@ -178,17 +198,52 @@ def _quotas(sizes: dict[str, int], limit: int) -> dict[str, int]:
 
 
 def read_source(source: SourceConfig, contract: str | Contract, *, limit: int = 0, seed: int = 0,
-                stratify: str | None = None, whole: Collection[str] = ()) -> pa.Table:
+                stratify: str | None = None, whole: Collection[str] = (),
+                dropped: list[DroppedRow] | None = None) -> pa.Table:
     """Read and validate one source; fill missing id/source columns; apply source.limit, then ``limit``
-    (``whole``: ``stratify`` groups kept in full, see ``limit_rows``)."""
+    (``whole``: ``stratify`` groups kept in full, see ``limit_rows``). With ``source.drop_invalid_rows`` the rows
+    that break a row-level rule are left out before the limits, each appended to ``dropped``."""
     contract = get_contract(contract)
     try:
-        table = _read(source, contract)
+        table = _read(source, contract, dropped)
     except ContractError as err:
         missing = _missing_fillable(err)
         if missing is None:
             raise
-        table = _fill(_read(source, _relaxed(contract, missing)), contract, missing, source_label(source))
+        table = _fill(_read(source, _relaxed(contract, missing), dropped), contract, missing, source_label(source))
         table = read_table(table, contract, source_name=err.source)
     table = limit_rows(table, source.limit, source.seed)
     return limit_rows(table, limit, seed, stratify, whole)
+
+
+DROPPED_ROWS = "dropped_rows"  # a source artifact's meta key (and the run summary's): what drop_invalid_rows left out
+MAX_LISTED = 20  # dropped rows listed by (source, row, id); all are counted and logged
+
+
+def dropped_summary(dropped: list[DroppedRow]) -> dict[str, Any]:
+    """{"rows": how many rows were dropped, "rules": {rule: rows}, "first": [{source, row, id, rules}, ...]}."""
+    rules: dict[str, int] = {}
+    for row in dropped:
+        for rule in row.rules:
+            rules[rule] = rules.get(rule, 0) + 1
+    first = [{"source": d.source, "row": d.row, "id": d.id, "rules": list(d.rules)} for d in dropped[:MAX_LISTED]]
+    return {"rows": len(dropped), "rules": dict(sorted(rules.items())), "first": first}
+
+
+def dropped_text(summary: dict[str, Any], read: int | None = None) -> str:
+    """One line for a report: '1 invalid row dropped (rejected.equals_chosen 1): row 264 (id 264)'."""
+    n = summary["rows"]
+    if not n:
+        return "no invalid rows dropped" + (f" (of {read})" if read else "")
+    rules = ", ".join(f"{rule} {count}" for rule, count in summary["rules"].items())
+    listed = "; ".join(f"{Path(str(d['source'])).name} row {d['row']}" + (f" (id {d['id']})" if d["id"] is not None
+                                                                           else "") for d in summary["first"])
+    more = f"; {n - len(summary['first'])} more in the log" if n > len(summary["first"]) else ""
+    return (f"{n} invalid row{'s' if n > 1 else ''} dropped" + (f" of {read}" if read else "") + f" ({rules}): "
+            f"{listed}{more}")
+
+
+def dropped_params(role: str, summary: dict[str, Any]) -> dict[str, int]:
+    """MLflow params of one source's dropped rows: dropped_rows.<role> and dropped_rows.<role>.<rule>."""
+    return {f"{DROPPED_ROWS}.{role}": summary["rows"],
+            **{f"{DROPPED_ROWS}.{role}.{rule}": count for rule, count in summary["rules"].items()}}

@@ -77,7 +77,8 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     return ref
 
 
-REPORT_META_KEYS = ("columns", "eval_set", "eval_rows", "evidence")  # report meta entries that are not column keys
+# Report meta entries that are not column keys.
+REPORT_META_KEYS = ("columns", "eval_set", "eval_rows", "evidence", "dropped_rows")
 
 
 @task(name="eval_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
@@ -100,6 +101,7 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
         write_chart,
     )
     from gram_core.evidence import evidence
+    from gram_core.sources import DROPPED_ROWS
 
     refs = {key: ref for key, ref in scores.items() if ref is not None}
     labels = {key: (names or {}).get(key) or COLUMNS.get(key, key) for key in refs}
@@ -113,14 +115,15 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
     columns = [[key, labels[key]] for key in refs]  # a list: the order survives any JSON round trip
     ev = evidence({labels[k]: tables[k] for k in refs}, read_table_artifact(store, eval_set).to_pylist(),
                   scalar=[labels[k] for k in scalar])
+    dropped = eval_set.meta.get(DROPPED_ROWS)  # None unless the eval source drops invalid rows
     with store.staging("eval_report") as folder:
         (folder / REPORT_FILE).write_text(comparison_markdown({labels[k]: tables[k] for k in refs},
                                                           scalar={labels[k] for k in scalar}, eval_name=eval_name,
-                                                          evidence=ev))
+                                                          evidence=ev, dropped=dropped))
         write_chart(folder / CHART_FILE, {labels[k]: metrics[k] for k in refs})
         (folder / EVAL_METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
         ref = store.publish("eval_report", folder, "report",
                             meta={"columns": columns, **metrics, "evidence": ev, "eval_set": eval_set.sha256,
-                                  "eval_rows": eval_set.rows})
+                                  "eval_rows": eval_set.rows, **({DROPPED_ROWS: dropped} if dropped else {})})
     stage_logger().info("eval_report -> %s", ref.file(REPORT_FILE))
     return ref

@@ -21,6 +21,7 @@ from typing import Any
 from prefect import task
 
 from gram_core.comparison_report import COLUMNS
+from gram_core.sources import DROPPED_ROWS, dropped_params
 from tasks import tracking as mlf
 from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open_store
 from tasks.caching import code_version
@@ -101,6 +102,13 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
 
 
+def dropped_rows(records: list[StageRecord]) -> dict[str, dict[str, Any]]:
+    """Source role -> what ``drop_invalid_rows`` left out of it (``gram_core.sources.dropped_summary``), for the
+    sources read with it on."""
+    return {r.ref.meta.get("role", r.name): r.ref.meta[DROPPED_ROWS] for r in records
+            if r.ref is not None and isinstance(r.ref.meta.get(DROPPED_ROWS), dict)}
+
+
 def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> None:
     ref = record.ref
     tags = {"gram.cached": str(record.cached).lower(), "gram.state": record.state}
@@ -108,6 +116,8 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
     if ref is not None:
         tags.update({"gram.artifact": ref.uri, "gram.sha256": ref.sha256})
         params.update({f"out.{k}": v for k, v in ref.meta.items() if not isinstance(v, dict)})
+        for role, summary in dropped_rows([record]).items():
+            params.update(dropped_params(role, summary))
     with mlf.stage_run(record.name, params=params, tags=tags, parent=parent) as run:
         if ref is None:
             return
@@ -135,6 +145,9 @@ def record_run(records: list[StageRecord], report: ArtifactRef, registration: di
             continue  # the task wrote its own child run (register: the model; training: live metrics)
         _log_stage(record, store, tracking)
     mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)
+    drops = {k: v for role, summary in dropped_rows(records).items() for k, v in dropped_params(role, summary).items()}
+    if drops:  # dropped_rows.<role> and dropped_rows.<role>.<rule>: rows left out by drop_invalid_rows
+        mlf.log_params_flat(drops, run_id=tracking.run_id)
     folder = store.local_dir(report)
     for name in (REPORT_FILE, CHART_FILE):
         mlf.log_artifact_file(folder / name, run_id=tracking.run_id)
@@ -165,6 +178,7 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
         "columns": columns,
         "eval": [{"metric": r["name"], **r["values"]} for r in rows],
         "eval_rows": report.meta.get("eval_rows"),
+        DROPPED_ROWS: dropped_rows(records),
         "evidence": evidence_lines(report.meta["evidence"]) if report.meta.get("evidence") else [],
         "training": training_lines(training, {key: columns.get(key, COLUMNS.get(key, key)) for key in training}),
         "report": report.file(REPORT_FILE),

@@ -88,6 +88,16 @@ class DataConfig:
     eval: SourceConfig = field(SourceConfig(path=STARTER, split="eval"), "Evaluation pairs in RewardBench's "
                                "schema (prompt, chosen, chosen_model, rejected, rejected_model, subset, id).")
 
+    def dropping_invalid_rows(self, roles: tuple[str, ...] = ("prompts", "response_pools", "unlabeled_pairs",
+                                                                "preferences", "eval")) -> DataConfig:
+        """These sources (default: all) with ``drop_invalid_rows`` on (``--drop-invalid-rows``)."""
+        def on(source: SourceConfig | None) -> SourceConfig | None:
+            return None if source is None else dataclasses.replace(source, drop_invalid_rows=True)
+
+        changes = {role: tuple(on(s) for s in getattr(self, role)) if isinstance(getattr(self, role), tuple)
+                   else on(getattr(self, role)) for role in roles}
+        return dataclasses.replace(self, **changes)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:

@@ -14,8 +14,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from data_contracts import get_contract
-from gram_core.sources import SourceConfig, read_source
+from data_contracts import DroppedRow, get_contract
+from gram_core.sources import DROPPED_ROWS, SourceConfig, dropped_summary, read_source
 from tasks.artifacts import ArtifactRef, open_store, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import scrub_errors
@@ -49,12 +49,18 @@ class SourceFiles(CachePolicy):
 @scrub_errors
 def load_source(role: str, source: SourceConfig, contract: str, state: StatePaths, limit: int = 0, seed: int = 0,
                 stratify: str | None = None, whole: tuple[str, ...] = ()) -> ArtifactRef:
-    """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval)."""
+    """Read, validate and publish one data source (``role``: prompts, pool, preferences, eval). With
+    ``source.drop_invalid_rows`` the meta holds ``dropped_rows`` (``dropped_summary``)."""
     log = stage_logger()
-    table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify, whole=whole)
+    dropped: list[DroppedRow] = []
+    table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify, whole=whole, dropped=dropped)
     if table.num_rows == 0:
         raise ValueError(f"{role} source {source.describe()}: no rows (after limits)")
-    ref = write_table_artifact(open_store(state), "sources", table, get_contract(contract),
-                               meta={"role": role, "source": source.describe()})
-    log.info("%s: %d rows from %s -> %s", role, ref.rows, source.describe(), ref.uri)
+    meta: dict[str, Any] = {"role": role, "source": source.describe()}
+    if source.drop_invalid_rows:
+        meta[DROPPED_ROWS] = dropped_summary(dropped)
+    ref = write_table_artifact(open_store(state), "sources", table, get_contract(contract), meta=meta)
+    log.info("%s: %d rows from %s%s -> %s", role, ref.rows, source.describe(),
+             f" ({len(dropped)} invalid row(s) dropped)" if source.drop_invalid_rows else "", ref.uri)
     return ref
+
