@@ -91,7 +91,7 @@ class TooManyInvalidRows(ContractError):
                  counts: dict[str, int], max_share: float, first: list[int]):
         super().__init__(source, contract, violations)
         self.n_bad, self.n_rows, self.counts, self.max_share = n_bad, n_rows, dict(counts), max_share
-        rules = ", ".join(f"{rule} {count}" for rule, count in counts.items())
+        rules = ", ".join(f"{rule} {count}" for rule, count in sorted(counts.items()))
         self.args = (f"{source}: {n_bad} of {n_rows} rows ({100 * n_bad / n_rows:.1f} %) break row-level rules of "
                      f"contract {contract.name!r} v{contract.version} ({rules}; rows{' (first)' if n_bad > len(first) else ''} "
                      f"{first}), more than may be dropped (max_dropped_share {100 * max_share:g} %); fix the file, or "

@@ -231,16 +231,16 @@ def dropped_summary(dropped: list[DroppedRow]) -> dict[str, Any]:
 
 
 def dropped_text(summary: dict[str, Any], read: int | None = None) -> str:
-    """One line for a report: '1 invalid row dropped (rejected.equals_chosen 1): row 264 (id 264)'."""
+    """One line for a report: '1 of 620 rows dropped as invalid (rejected.equals_chosen 1): x.parquet row 264 (id 264)'."""
     n = summary["rows"]
+    of = f" of {read}" if read else ""
     if not n:
-        return "no invalid rows dropped" + (f" (of {read})" if read else "")
+        return f"0{of} rows dropped as invalid"
     rules = ", ".join(f"{rule} {count}" for rule, count in summary["rules"].items())
     listed = "; ".join(f"{Path(str(d['source'])).name} row {d['row']}" + (f" (id {d['id']})" if d["id"] is not None
                                                                            else "") for d in summary["first"])
     more = f"; {n - len(summary['first'])} more in the log" if n > len(summary["first"]) else ""
-    return (f"{n} invalid row{'s' if n > 1 else ''} dropped" + (f" of {read}" if read else "") + f" ({rules}): "
-            f"{listed}{more}")
+    return f"{n}{of} row{'s' if n > 1 or read else ''} dropped as invalid ({rules}): {listed}{more}"
 
 
 def dropped_params(role: str, summary: dict[str, Any]) -> dict[str, int]:

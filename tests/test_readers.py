@@ -201,20 +201,155 @@ def test_shared_data_files_validate(shared_data):
     assert len(set(pool["generator"].to_pylist())) == 43  # 40 AlpacaEval + 3 Arena-Hard generators
 
 
-def test_drop_blank_rows_drops_and_names_only_the_blank_rows(shared_data, caplog):
-    """SourceConfig.drop_blank_rows (on in the study presets): the shared data's zero-width rows are dropped and
-    logged by file, column and row; every other row is kept, and a default source still stops."""
+def test_drop_invalid_rows_drops_and_names_only_the_blank_rows(shared_data, caplog):
+    """SourceConfig.drop_invalid_rows (on in the study presets): the shared data's zero-width rows are dropped and
+    logged by file, row, id and rule; every other row is kept, and a default source still stops."""
     import logging
 
     from gram_core.sources import SourceConfig, read_source
     from tasks.settings import load_preset
 
     path = shared_data / "preferences_train.parquet"
+    dropped = []
     with caplog.at_level(logging.WARNING, logger="gram.contracts"):
-        prefs = read_source(SourceConfig(path=str(path), drop_blank_rows=True), PREFERENCE_PAIRS)
+        prefs = read_source(SourceConfig(path=str(path), drop_invalid_rows=True), PREFERENCE_PAIRS, dropped=dropped)
     assert prefs.num_rows == 10815 and "\u200b" not in prefs["rejected"].to_pylist()
-    assert any(str(path) in r.message and "'rejected'" in r.message and "[8591]" in r.message for r in caplog.records)
+    assert [(d.row, d.rules) for d in dropped] == [(8591, ("rejected.blank",))]
+    assert [r.message for r in caplog.records if "dropped row" in r.message] == [
+        f"{path}: dropped row 8591 (pair_id {dropped[0].id!r}): rejected.blank (empty or whitespace-only string; "
+        "expected a non-empty string (NUL, control and zero-width characters count as whitespace))"]
     with pytest.raises(ContractError, match=r"rows \[8591\]"):
         read_source(SourceConfig(path=str(path)), PREFERENCE_PAIRS)
     study = load_preset("study")
-    assert study.data.preferences.drop_blank_rows and all(p.drop_blank_rows for p in study.data.response_pools)
+    assert study.data.preferences.drop_invalid_rows and all(p.drop_invalid_rows for p in study.data.response_pools)
+
+
+# --------------------------------------------------------------------------------------------------
+# drop_invalid: rows that break a row-level rule are left out (opt-in), within max_dropped_share
+# --------------------------------------------------------------------------------------------------
+def bench_rows(n: int, **cells) -> list[dict]:
+    """n RewardBench rows (id = row); ``cells``: {"<column><row>": value} edits, e.g. rejected7="same"."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "chosen_model": "m", "rejected": f"bad {i}",
+             "rejected_model": "n", "subset": "chat", "id": i} for i in range(n)]
+    for key, value in cells.items():
+        column, row = key.rstrip("0123456789"), int(key[len(key.rstrip("0123456789")):])
+        rows[row][column] = value
+    return rows
+
+
+def dropped_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "dropped row" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["bench.parquet", "bench.jsonl", "bench.csv"])
+def test_chosen_equal_to_rejected_stops_by_default_and_is_dropped_and_logged_with_the_option(tmp_path, name, caplog):
+    from data_contracts import DroppedRow
+
+    path = write_rows(tmp_path / name, bench_rows(30, rejected7="good 7"))
+    with pytest.raises(ContractError) as info:
+        read_table(path, REWARDBENCH)
+    assert "column 'rejected': value outside its domain in 1 row(s); rows [7]" in str(info.value)
+    dropped = []
+    table = read_table(path, REWARDBENCH, drop_invalid=True, dropped=dropped)
+    assert table.num_rows == 29 and 7 not in table["id"].to_pylist()
+    assert dropped == [DroppedRow(str(path), 7, 7, ("rejected.equals_chosen",))]
+    assert dropped_lines(caplog) == [f"{path}: dropped row 7 (id 7): rejected.equals_chosen (value outside its "
+                                     "domain; expected a response different from 'chosen')"]
+    assert read_table(path, REWARDBENCH, drop_invalid=True).to_pylist() == table.to_pylist()  # no list: still drops
+
+
+def test_a_file_past_the_share_limit_stops_even_with_the_option(tmp_path, caplog):
+    from data_contracts import MAX_DROPPED_SHARE, TooManyInvalidRows
+
+    assert MAX_DROPPED_SHARE == 0.05
+    at_limit = write_rows(tmp_path / "one.jsonl", bench_rows(20, prompt3=" "))  # 1 of 20 = 5 %: not more
+    assert read_table(at_limit, REWARDBENCH, drop_invalid=True).num_rows == 19
+    past = write_rows(tmp_path / "two.jsonl", bench_rows(20, prompt3=" ", rejected9="good 9"))
+    caplog.clear()
+    dropped = []
+    with pytest.raises(TooManyInvalidRows) as info:
+        read_table(past, REWARDBENCH, drop_invalid=True, dropped=dropped)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, ContractError)  # one line; the CLI's exit 2
+    assert message.startswith(f"{past}: 2 of 20 rows (10.0 %) break row-level rules of contract 'rewardbench' v1 "
+                              "(prompt.blank 1, rejected.equals_chosen 1; rows [3, 9]), more than may be dropped "
+                              "(max_dropped_share 5 %)")
+    assert dropped == [] and dropped_lines(caplog) == []  # nothing is dropped from a refused file
+    assert read_table(past, REWARDBENCH, drop_invalid=True, max_dropped_share=0.1).num_rows == 18
+
+
+def _truncated_parquet(path):
+    path.write_bytes(b"PAR1 not really")
+
+
+@pytest.mark.parametrize("fault, rows, column", [
+    ("missing column", [{k: v for k, v in r.items() if k != "subset"} for r in bench_rows(30)], "subset"),
+    ("wrong type", [{**r, "id": float(r["id"]) + 0.5} for r in bench_rows(30)], "id"),
+    ("duplicate id", [{**r, "id": min(r["id"], 28)} for r in bench_rows(30)], "id"),
+    ("unreadable", None, "(file)"),
+])
+def test_whole_file_violations_stop_even_with_the_option(tmp_path, fault, rows, column):
+    path = tmp_path / "bench.parquet"
+    write_rows(path, rows) if rows else _truncated_parquet(path)
+    dropped = []
+    with pytest.raises(ContractError) as info:
+        read_table(path, REWARDBENCH, drop_invalid=True, dropped=dropped)
+    assert any(v.column == column and not v.rule for v in info.value.violations), str(info.value)
+    assert dropped == []
+
+
+def test_every_row_level_rule_is_dropped_and_each_row_logged_once(tmp_path, caplog):
+    """A lone surrogate, a value of another JSON type, a null, blank text, chosen == rejected; a row that breaks
+    two rules is one dropped row (one log line naming both)."""
+    rows = bench_rows(120, prompt1="\ud800", chosen2=5, subset3=None, prompt4="\u200b", rejected5="good 5")
+    rows[6].update(prompt="", rejected="good 6")  # two rules, one row
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # ensure_ascii keeps the surrogate as \ud800
+    dropped = []
+    table = read_table(path, REWARDBENCH, drop_invalid=True, dropped=dropped)
+    assert table.num_rows == 114 and table["id"].to_pylist() == [0, *range(7, 120)]
+    assert {d.row: d.rules for d in dropped} == {
+        1: ("prompt.lone_surrogate",), 2: ("chosen.wrong_value_type",), 3: ("subset.null",), 4: ("prompt.blank",),
+        5: ("rejected.equals_chosen",), 6: ("prompt.blank", "rejected.equals_chosen")}
+    lines = dropped_lines(caplog)
+    assert len(lines) == 6 and "dropped row 6 (id 6): prompt.blank (" in lines[-1] and "; rejected.equals_chosen (" in lines[-1]
+
+
+def test_text_that_is_not_utf8_in_parquet_is_a_row_rule(tmp_path):
+    text = pa.array([b"caf\xe9"] + [f"good {i}".encode() for i in range(1, 30)], pa.binary()).view(pa.string())
+    table = pa.Table.from_pylist(bench_rows(30)).set_column(1, "chosen", text)
+    pq.write_table(table, tmp_path / "bench.parquet")
+    with pytest.raises(ContractError, match=r"column 'chosen': invalid UTF-8 in 1 row\(s\); rows \[0\]"):
+        read_table(tmp_path / "bench.parquet", REWARDBENCH)
+    dropped = []
+    kept = read_table(tmp_path / "bench.parquet", REWARDBENCH, drop_invalid=True, dropped=dropped)
+    assert kept["id"].to_pylist() == list(range(1, 30)) and [d.rules for d in dropped] == [("chosen.invalid_utf8",)]
+
+
+def test_a_folder_is_limited_file_by_file_and_names_each_file(tmp_path):
+    from data_contracts import TooManyInvalidRows
+
+    write_rows(tmp_path / "a.jsonl", bench_rows(20, rejected4="good 4"))
+    write_rows(tmp_path / "b.jsonl", [{**r, "id": r["id"] + 20} for r in bench_rows(20, prompt0="")])
+    dropped = []
+    assert read_table(tmp_path, REWARDBENCH, drop_invalid=True, dropped=dropped).num_rows == 38
+    assert [(d.source, d.row, d.id) for d in dropped] == [(str(tmp_path / "a.jsonl"), 4, 4),
+                                                          (str(tmp_path / "b.jsonl"), 0, 20)]
+    write_rows(tmp_path / "c.jsonl", [{**r, "id": r["id"] + 40} for r in bench_rows(10, prompt0="", prompt1="")])
+    with pytest.raises(TooManyInvalidRows, match=r"c\.jsonl: 2 of 10 rows"):
+        read_table(tmp_path, REWARDBENCH, drop_invalid=True)
+
+
+def test_read_source_fills_ids_after_dropping_rows(tmp_path):
+    """A user file without pair_id/source (filled in) and with a blank row: the blank row goes, the ids are filled."""
+    from gram_core.sources import SourceConfig, read_source
+
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(25)]
+    rows[3]["chosen"] = "  "
+    path = write_rows(tmp_path / "few.jsonl", rows)
+    with pytest.raises(ContractError, match=r"rows \[3\]"):
+        read_source(SourceConfig(path=str(path)), PREFERENCE_PAIRS)
+    dropped = []
+    table = read_source(SourceConfig(path=str(path), drop_invalid_rows=True), PREFERENCE_PAIRS, dropped=dropped)
+    assert table.num_rows == 24 and "q3" not in table["prompt"].to_pylist()
+    assert [(d.row, d.rules) for d in dropped] == [(3, ("chosen.blank",))]
