@@ -253,11 +253,11 @@ def _blank(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def drop_invalid_rows(table: pa.Table, rules: list[RowRule], contract: Contract, source: str,
-                      max_share: float = MAX_DROPPED_SHARE, dropped: list[DroppedRow] | None = None) -> pa.Table:
-    """``table`` without the rows that break ``rules``; each is logged once (source, row, id, rules) and appended to
-    ``dropped``. ``TooManyInvalidRows`` when more than ``max_share`` of the rows would go."""
+                      max_share: float = MAX_DROPPED_SHARE) -> tuple[pa.Table, list[DroppedRow]]:
+    """``table`` without the rows that break ``rules``, and those rows (source, row, id, rules), one each.
+    ``TooManyInvalidRows`` when more than ``max_share`` of the rows would go."""
     if not rules or table.num_rows == 0:
-        return table
+        return table, []
     bad = rules[0].mask
     for rule in rules[1:]:
         bad = pc.or_(bad, rule.mask)
@@ -271,21 +271,19 @@ def drop_invalid_rows(table: pa.Table, rules: list[RowRule], contract: Contract,
     if len(broken) / table.num_rows > max_share:
         raise TooManyInvalidRows(source, contract, [r.violation for r in rules], len(broken), table.num_rows, counts,
                                  max_share, sorted(broken)[:MAX_ROWS_SHOWN])
-    id_col = contract.id_column if contract.id_column in table.schema.names else None
-    ids = table[id_col] if id_col else None
-    for row in sorted(broken):
-        row_id = ids[row].as_py() if ids is not None else None
-        rules_text = "; ".join(f"{key} ({_rule_text(rules, key)})" for key in broken[row])
-        LOG.warning("%s: dropped row %d (%s): %s", source, row,
-                    f"{id_col} {row_id!r}" if id_col else "no id column", rules_text)
-        if dropped is not None:
-            dropped.append(DroppedRow(source, row, row_id, tuple(broken[row])))
-    return table.filter(pc.invert(bad))
+    ids = table[contract.id_column] if contract.id_column in table.schema.names else None
+    gone = [DroppedRow(source, row, ids[row].as_py() if ids is not None else None, tuple(broken[row]))
+            for row in sorted(broken)]
+    return table.filter(pc.invert(bad)), gone
 
 
-def _rule_text(rules: list[RowRule], key: str) -> str:
-    violation = next(r.violation for r in rules if r.key == key)
-    return f"{violation.problem}; expected {violation.expected}"
+def _log_dropped(gone: list[DroppedRow], rules: list[RowRule], contract: Contract) -> None:
+    """One warning per dropped row: source, row, id, and each rule it broke in words."""
+    words = {r.key: f"{r.violation.problem}; expected {r.violation.expected}" for r in rules}
+    for row in gone:
+        where = f"{contract.id_column} {row.id!r}" if row.id is not None or contract.id_column else "no id column"
+        LOG.warning("%s: dropped row %d (%s): %s", row.source, row.row, where,
+                    "; ".join(f"{key} ({words[key]})" for key in row.rules))
 
 
 def validate(table: pa.Table, contract: Contract | str, source: str = "<in-memory>", *, drop_invalid: bool = False,
@@ -309,11 +307,15 @@ def validate(table: pa.Table, contract: Contract | str, source: str = "<in-memor
     partial = pa.table(columns) if columns else pa.table({})
     flagged = [*flagged, *cells]
     rules = [*flagged, *_row_rules(partial, contract, flagged)]
+    gone: list[DroppedRow] = []
     if drop_invalid:
         if violations:  # the table as a whole first: its rows are dropped once it is right
             raise ContractError(source, contract, violations)
-        partial, rules = drop_invalid_rows(partial, rules, contract, source, max_dropped_share, dropped), []
-    violations += [r.violation for r in rules] + _id_violations(partial, contract)
+        partial, gone = drop_invalid_rows(partial, rules, contract, source, max_dropped_share)
+    violations += ([] if drop_invalid else [r.violation for r in rules]) + _id_violations(partial, contract)
     if violations:
         raise ContractError(source, contract, violations)
+    _log_dropped(gone, rules, contract)  # only once the table is accepted: a refused file drops nothing
+    if dropped is not None:
+        dropped.extend(gone)
     return pa.Table.from_arrays([partial[n] for n in contract.columns], schema=contract.schema)
