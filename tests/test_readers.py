@@ -302,6 +302,13 @@ def test_whole_file_violations_stop_even_with_the_option(tmp_path, fault, rows, 
     assert dropped == []
 
 
+def test_a_whole_file_fault_is_reported_before_the_share_of_bad_rows(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "subset"} for r in bench_rows(10, prompt1="", prompt2="", prompt3="")]
+    with pytest.raises(ContractError) as info:
+        read_table(write_rows(tmp_path / "bench.jsonl", rows), REWARDBENCH, drop_invalid=True)
+    assert [(v.column, v.problem) for v in info.value.violations] == [("subset", "missing column")]
+
+
 def test_every_row_level_rule_is_dropped_and_each_row_logged_once(tmp_path, caplog):
     """A lone surrogate, a value of another JSON type, a null, blank text, chosen == rejected; a row that breaks
     two rules is one dropped row (one log line naming both)."""
