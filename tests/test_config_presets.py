@@ -136,3 +136,30 @@ def test_stage_settings_are_frozen_hashable_and_carry_the_mlflow_params():
     assert type(stage_settings(cfg, "pretrain").train) is TrainConfig  # without stage 1's `enabled`
     with pytest.raises(ConfigError, match="unknown training stage 'judge'"):
         stage_settings(cfg, "judge")
+
+
+def test_drop_blank_rows_is_the_deprecated_name_of_drop_invalid_rows(tmp_path):
+    """Presets and --set written for drop_blank_rows keep working (FutureWarning); both names at once is an error."""
+    preset = tmp_path / "old.yaml"
+    preset.write_text("data:\n  preferences: {path: starter, drop_blank_rows: true}\n"
+                      "  response_pools:\n    - {path: starter, drop_blank_rows: true}\n")
+    with pytest.warns(FutureWarning, match=r"data\.preferences\.drop_blank_rows is deprecated.*drop_invalid_rows"):
+        config = load_preset(preset)
+    assert config.data.preferences.drop_invalid_rows and config.data.response_pools[0].drop_invalid_rows
+    with pytest.warns(FutureWarning):
+        assert load_preset("demo", ["data.eval.drop_blank_rows=true"]).data.eval.drop_invalid_rows
+    with pytest.raises(ConfigError, match=r"drop_blank_rows: deprecated name of 'drop_invalid_rows'; set only"):
+        load_preset("demo", ["data.eval.drop_blank_rows=true", "data.eval.drop_invalid_rows=false"])
+    assert "drop_blank_rows" not in {key.rsplit(".", 1)[-1] for key, _, _ in describe(PipelineConfig)}
+    with pytest.raises(ConfigError, match=r"max_dropped_share: must be a share in \[0, 1\], got 5"):
+        load_preset("demo", ["data.eval.max_dropped_share=5"])
+
+
+def test_drop_invalid_rows_on_every_source_or_some():
+    data = load_preset("study").data
+    assert not data.eval.drop_invalid_rows
+    every = data.dropping_invalid_rows()
+    assert every.eval.drop_invalid_rows and every.preferences.drop_invalid_rows
+    assert all(p.drop_invalid_rows for p in every.response_pools) and every.prompts is None
+    some = data.dropping_invalid_rows(("eval",))
+    assert some.eval.drop_invalid_rows and some.preferences == data.preferences

@@ -64,10 +64,24 @@ def test_only_the_fields_set_override_the_preset():
     assert overrides == {"finetune": {"learning_rate": 1e-4},
                          "data": {"prompts": None, "response_pools": [
                              {"path": "starter", "hub": None, "name": None, "split": "train", "column_map": {},
-                              "conversations": False, "limit": 8, "seed": 0, "drop_blank_rows": False}]}}
+                              "conversations": False, "limit": 8, "seed": 0, "drop_invalid_rows": False,
+                              "max_dropped_share": 0.05}]}}
     config = load_preset("smoke", overrides)
     smoke = load_preset("smoke")
     assert config.finetune.learning_rate == 1e-4 and config.finetune.max_steps == smoke.finetune.max_steps
     assert config.data.prompts is None and config.data.response_pools[0].limit == 8
     cli_form = gram_pipeline.validate_parameters({"overrides": ["finetune.max_steps=2", "eval.limit=8"]})
     assert cli_form["overrides"].to_dict() == {"finetune": {"max_steps": 2}, "eval": {"limit": 8}}
+
+
+def test_the_deprecated_drop_blank_rows_key_still_works_in_the_form_and_warns():
+    """Renamed to drop_invalid_rows: the old key, in the --set form or a mapping, in a single source or a list of
+    them, sets the new one with a FutureWarning instead of failing as an unknown field."""
+    with pytest.warns(FutureWarning, match=r"overrides\.data\.eval\.drop_blank_rows is deprecated.*drop_invalid_rows"):
+        params = gram_pipeline.validate_parameters({"overrides": ["data.eval.drop_blank_rows=true"]})
+    assert params["overrides"].to_dict() == {"data": {"eval": {"drop_invalid_rows": True}}}
+    with pytest.warns(FutureWarning, match=r"response_pools\[0\]\.drop_blank_rows is deprecated"):
+        params = gram_pipeline.validate_parameters({"overrides": {"data": {"response_pools": [
+            {"path": "starter", "drop_blank_rows": True}]}}})
+    pools = load_preset("smoke", params["overrides"].to_dict()).data.response_pools
+    assert [p.drop_invalid_rows for p in pools] == [True]
