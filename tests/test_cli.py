@@ -4,6 +4,7 @@ random model (the pipeline commands are exercised end to end in test_pipeline.py
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,6 +133,82 @@ def test_eval_scores_a_rewardbench_file(judge_args, tmp_path, capsys):
     assert pq.read_table(out_path).num_rows == 6
     report = capsys.readouterr().out
     assert "| **accuracy (all pairs)** |" in report and "chart.png" not in report
+
+
+def _bench(path, n: int, same: tuple[int, ...] = ()):
+    """A RewardBench-format file of n pairs whose rows in ``same`` have rejected == chosen."""
+    chosen = [f"good {i}" for i in range(n)]
+    pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(n)], "chosen": chosen, "chosen_model": ["m"] * n,
+                             "rejected": [c if i in same else f"bad {i}" for i, c in enumerate(chosen)],
+                             "rejected_model": ["m"] * n, "subset": ["llmbar-natural", "my-task"] * (n // 2),
+                             "id": list(range(n))}), path)
+    return str(path)
+
+
+def test_drop_invalid_rows_is_an_option_of_eval_run_study_and_adapt():
+    parser = cli.build_parser()
+    for argv in (["eval", "--model", "tiny", "--data", "x"], ["run"], ["study"], ["adapt", "--data", "x"]):
+        assert parser.parse_args(argv).drop_invalid_rows is False
+        assert parser.parse_args([*argv, "--drop-invalid-rows"]).drop_invalid_rows is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["judge", "--model", "tiny", "--prompt", "p", "--a", "x", "--b", "y", "--drop-invalid-rows"])
+
+
+class _Lines(logging.Handler):
+    """The messages of one logger (caplog's root handler does not survive Prefect configuring logging)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_eval_stops_on_a_chosen_equal_to_rejected_row_and_drops_it_with_the_option(judge_args, tmp_path, capsys):
+    """The issue's benchmark in small: by default exit 2 with the one-line reason, nothing written; with
+    --drop-invalid-rows n - 1 pairs scored and the dropped row named (log and report)."""
+    data = _bench(tmp_path / "bench.parquet", 24, same=(5,))
+    out_path = tmp_path / "scores.parquet"
+    err = _one_line_error(capsys, ["eval", *judge_args, "--data", data, "--output", str(out_path)])
+    assert err.splitlines()[1] == ("  - column 'rejected': value outside its domain in 1 row(s); rows [5], values "
+                                   "{id=5, rejected='good 5'}; expected a response different from 'chosen'")
+    assert not out_path.exists()
+    logged = _Lines()
+    logging.getLogger("gram.contracts").addHandler(logged)
+    try:
+        metrics = cli.cmd_eval(cli.build_parser().parse_args(["eval", *judge_args, "--data", data, "--output",
+                                                              str(out_path), "--drop-invalid-rows"]))
+    finally:
+        logging.getLogger("gram.contracts").removeHandler(logged)
+    assert metrics["rewardbench/rows"] == 23.0
+    assert sorted(int(i) for i in pq.read_table(out_path)["id"].to_pylist()) == [i for i in range(24) if i != 5]
+    report = capsys.readouterr().out
+    assert (f"Eval set: {data}, 23 pairs. Before scoring, 1 of 24 rows dropped as invalid (rejected.equals_chosen "
+            "1): bench.parquet row 5 (id 5).") in report
+    assert logged.lines == [
+        f"{data}: dropped row 5 (id 5): rejected.equals_chosen (value outside its domain; expected a response "
+        "different from 'chosen')"]
+
+
+def test_eval_stops_past_the_share_limit_even_with_the_option(judge_args, tmp_path, capsys):
+    data = _bench(tmp_path / "bench.parquet", 24, same=(5, 9))  # 2 of 24 = 8.3 % > 5 %
+    err = _one_line_error(capsys, ["eval", *judge_args, "--data", data, "--drop-invalid-rows"])
+    assert "\n" not in err and err.startswith(f"gram eval: {data}: 2 of 24 rows (8.3 %) break row-level rules")
+    assert "(rejected.equals_chosen 2; rows [5, 9])" in err and "max_dropped_share 5 %" in err
+    metrics = cli.cmd_eval(cli.build_parser().parse_args(["eval", *judge_args, "--data", data, "--drop-invalid-rows",
+                                                          "--set", "data.eval.max_dropped_share=0.1"]))
+    assert metrics["rewardbench/rows"] == 22.0
+
+
+def test_summary_lists_the_rows_each_source_dropped():
+    drops = {"rows": 1, "rules": {"rejected.equals_chosen": 1},
+             "first": [{"source": "/data/bench.parquet", "row": 264, "id": 264, "rules": ["rejected.equals_chosen"]}]}
+    text = cli.format_summary({"columns": {"trained": "GRAM"}, "eval": [], "eval_rows": 619,
+                               "dropped_rows": {"eval": drops, "preferences": {"rows": 0, "rules": {}, "first": []}}})
+    assert ("Invalid rows dropped (drop_invalid_rows):\n  eval: 1 row dropped as invalid (rejected.equals_chosen 1): "
+            "bench.parquet row 264 (id 264)\n  preferences: 0 rows dropped as invalid\n") in text
+    assert "Invalid rows" not in cli.format_summary({"columns": {"trained": "GRAM"}, "eval": [], "dropped_rows": {}})
 
 
 def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
