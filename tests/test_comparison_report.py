@@ -58,3 +58,13 @@ def test_report_shows_three_columns_and_the_scalar_protocol(tmp_path):
     path = write_chart(tmp_path / "chart.png", {"zero-shot": eval_metrics(ZERO_SHOT), "BT": eval_metrics(BT, True),
                                                 "GRAM": eval_metrics(GRAM)})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_the_rows_dropped_before_scoring():
+    drops = {"rows": 2, "rules": {"prompt.blank": 1, "rejected.equals_chosen": 1},
+             "first": [{"source": "/d/bench.jsonl", "row": 3, "id": 3, "rules": ["prompt.blank"]},
+                       {"source": "/d/bench.jsonl", "row": 9, "id": 9, "rules": ["rejected.equals_chosen"]}]}
+    text = comparison_markdown({"GRAM": GRAM}, eval_name="bench.jsonl", dropped=drops, rows_read=8)
+    assert ("Eval set: bench.jsonl, 6 pairs. Before scoring, 2 of 8 rows dropped as invalid (prompt.blank 1, "
+            "rejected.equals_chosen 1): bench.jsonl row 3 (id 3); bench.jsonl row 9 (id 9). Accuracies") in text
+    assert "dropped" not in comparison_markdown({"GRAM": GRAM})
