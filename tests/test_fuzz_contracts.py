@@ -265,3 +265,25 @@ def test_every_contract_and_reader_gives_a_table_or_a_contract_error(case, fmt):
             assert err.violations and str(path) in str(err)
             return
         assert rows and table.num_rows == len(rows)
+
+
+@FUZZ
+@given(contract_rows(), st.sampled_from(["jsonl", "json", "csv", "parquet"]))
+def test_dropping_invalid_rows_keeps_only_valid_rows_and_accounts_for_every_row(case, fmt):
+    """drop_invalid on any values, any contract and format: a ContractError with nothing dropped, or a table that
+    passes the strict contract, whose rows plus the dropped ones (each once, in order) are the file's rows."""
+    contract, rows = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"data.{fmt}"
+        try:
+            _write(path, fmt, rows, contract)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return
+        dropped = []
+        try:
+            table = read_table(path, contract, drop_invalid=True, max_dropped_share=1.0, dropped=dropped)
+        except ContractError as err:
+            assert err.violations and str(path) in str(err) and dropped == []
+            return
+        assert validate(table, contract).num_rows == table.num_rows == len(rows) - len(dropped)
+        assert [d.row for d in dropped] == sorted({d.row for d in dropped}) and all(d.rules for d in dropped)
