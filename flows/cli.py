@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.cli_text import format_summary, read_candidates  # noqa: F401  (cli.read_candidates is used by tests)
+from flows.cli_text import dropped_lines, format_summary, read_candidates  # noqa: F401  (read_candidates: tests)
 
 # Ray's token auth stays on (its default): a local runtime listens on the host's address, not only loopback.
 OFFLINE_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -188,6 +188,8 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
     minutes = (time.time() - began) / 60
     report = Path(summary["report"]).read_text()
     print(report)
+    for line in dropped_lines(summary.get("dropped_rows"))[1:]:  # the rows drop_invalid_rows left out, per source
+        print(line)
     print(f"Study: {minutes:.1f} min; report {summary['report']}; MLflow run {summary['mlflow_run']} at "
           f"{summary['tracking_uri']}")
     if args.out:

@@ -45,11 +45,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["", *(f"  {line}" for line in summary["evidence"])]
     if summary.get("training"):
         lines += ["", "Training:", *(f"  {line}" for line in summary["training"])]
-    if summary.get("dropped_rows"):
-        from gram_core.sources import DROPPED_ROWS, dropped_text
-
-        lines += ["", "Invalid rows dropped (drop_invalid_rows):"]
-        lines += [f"  {role}: {dropped_text(drops)}" for role, drops in summary[DROPPED_ROWS].items()]
+    lines += dropped_lines(summary.get("dropped_rows"))
     reg = summary.get("registered")
     if reg:
         promo = reg["promotion"]
@@ -64,3 +60,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if uri.startswith("sqlite:"):
         lines.append(f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return "\n".join(lines) + "\n"
+
+
+def dropped_lines(dropped: dict[str, Any] | None) -> list[str]:
+    """The summary's lines for the rows each source dropped (``drop_invalid_rows``): none when no source did."""
+    if not dropped:
+        return []
+    from gram_core.sources import dropped_text
+
+    return ["", "Invalid rows dropped (drop_invalid_rows):",
+            *(f"  {role}: {dropped_text(drops)}" for role, drops in dropped.items())]

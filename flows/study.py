@@ -27,7 +27,7 @@ from tasks.finetune import finetune
 from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
 from tasks.redaction import errors_redacted, redact_value
-from tasks.run_record import pipeline_params
+from tasks.run_record import dropped_rows, pipeline_params
 from tasks.settings import StageSettings
 from tasks.stage1_pairs import build_stage1_pairs
 from tasks.state import hold_state_folder
@@ -89,10 +89,11 @@ def _study(preset: str, config: Any, refresh: bool) -> dict[str, Any]:
             start_pipeline_run(config.mlflow, run.paths.home, f"gram-study-{preset}", params=pipeline_params(config),
                                tags={"gram.preset": config.preset, "gram.flow": "study"}) as tracking:
         out = run_study(run)
-        record_study(out["report"], out["models"], out["scores"], run.paths, tracking)
+        dropped = dropped_rows(run.records)
+        record_study(out["report"], out["models"], out["scores"], run.paths, tracking, dropped)
     report = out["report"]
     return redact_value({  # printed by `gram study` and kept by Prefect as the flow's result
         "report": report.file("quality.md"), "chart": report.file("quality.png"), "arms": report.meta["arms"],
-        "eval_rows": report.meta.get("eval_rows"), "mlflow_run": tracking.url or tracking.run_id,
+        "eval_rows": report.meta.get("eval_rows"), "dropped_rows": dropped, "mlflow_run": tracking.url or tracking.run_id,
         "tracking_uri": tracking.tracking_uri, "stages": {r.name: r.state for r in run.records},
         "artifact_store": run.paths.artifact_store})

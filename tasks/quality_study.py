@@ -50,10 +50,16 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
 @task(name="record_study")
 @scrub_errors
 def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: dict[str, ArtifactRef], state: StatePaths,
-                 tracking) -> None:
-    """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run."""
+                 tracking, dropped: dict[str, dict] | None = None) -> None:
+    """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run;
+    ``dropped`` (source role -> ``dropped_summary``): the rows drop_invalid_rows left out, as params of the study run."""
+    from gram_core.sources import dropped_params
     from tasks import tracking as mlf
     from tasks.run_record import read_history
+
+    drops = {k: v for role, summary in (dropped or {}).items() for k, v in dropped_params(role, summary).items()}
+    if drops:
+        mlf.log_params_flat(drops, run_id=tracking.run_id)
 
     store = open_store(state)
     saved = json.loads(store.read_text(report, STUDY_METRICS))
