@@ -95,3 +95,23 @@ def test_the_counts_are_mlflow_params_of_the_run_and_of_the_source_stage(tmp_pat
     assert {k: v for k, v in client.get_run(parent.run_id).data.params.items() if "dropped" in k} == expected
     (child,) = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
     assert expected.items() <= child.data.params.items()
+
+
+def test_the_study_run_gets_the_counts_as_params_too(tmp_path, mlflow_root):
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+    from tasks.quality_study import STUDY_CHART, STUDY_FILE, STUDY_METRICS, record_study
+
+    state = state_paths(load_preset("smoke", [f"home={mlflow_root / 'home'}"]))
+    drops = load_eval(state, bench(tmp_path / "bad.parquet", same=(3,)), drop=True).meta[DROPPED_ROWS]
+    store = open_store(state)
+    with store.staging("study_report") as folder:
+        (folder / STUDY_METRICS).write_text('{"arms": {}, "differences": {}}')
+        for name in (STUDY_FILE, STUDY_CHART):
+            (folder / name).write_text("-")
+        report = store.publish("study_report", folder, "report")
+    with tracking.start_pipeline_run(load_preset("smoke").mlflow, state.home, "study-drops") as parent:
+        record_study.fn(report, {}, {}, state, parent, {"preferences": drops})
+    params = MlflowClient(parent.tracking_uri).get_run(parent.run_id).data.params
+    assert params == {"dropped_rows.preferences": "1", "dropped_rows.preferences.rejected.equals_chosen": "1"}
