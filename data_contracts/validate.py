@@ -281,7 +281,7 @@ def _log_dropped(gone: list[DroppedRow], rules: list[RowRule], contract: Contrac
     """One warning per dropped row: source, row, id, and each rule it broke in words."""
     words = {r.key: f"{r.violation.problem}; expected {r.violation.expected}" for r in rules}
     for row in gone:
-        where = f"{contract.id_column} {row.id!r}" if row.id is not None or contract.id_column else "no id column"
+        where = f"{contract.id_column} {row.id!r}" if contract.id_column else "no id column"
         LOG.warning("%s: dropped row %d (%s): %s", row.source, row.row, where,
                     "; ".join(f"{key} ({words[key]})" for key in row.rules))
 

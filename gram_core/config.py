@@ -87,15 +87,21 @@ def rename_deprecated(cls: type, data: Any, where: str = "") -> Any:
             out[new] = out.pop(old)
     hints = typing.get_type_hints(cls)
     for key, value in out.items():
-        inner = [a for a in (hints.get(key), *typing.get_args(hints.get(key))) if _is_config(a)]
-        inner += [b for a in typing.get_args(hints.get(key)) for b in typing.get_args(a) if _is_config(b)]
-        if not inner:
+        inner = _nested_config(hints.get(key))
+        if inner is None:
             continue
         if isinstance(value, (list, tuple)):
-            out[key] = [rename_deprecated(inner[0], v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+            out[key] = [rename_deprecated(inner, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
         else:
-            out[key] = rename_deprecated(inner[0], value, f"{where}.{key}")
+            out[key] = rename_deprecated(inner, value, f"{where}.{key}")
     return out
+
+
+def _nested_config(tp: Any) -> type | None:
+    """The config class a field holds (``Cfg``, ``Cfg | None``, ``tuple[Cfg, ...]``), or None."""
+    if _is_config(tp):
+        return tp
+    return next((c for c in map(_nested_config, typing.get_args(tp)) if c is not None), None)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
