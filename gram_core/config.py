@@ -84,7 +84,7 @@ def rename_deprecated(cls: type, data: Any, where: str = "") -> Any:
             check(new not in out, f"{where}.{old}", f"deprecated name of {new!r}; set only {new!r}")
             # One text per key (no location): the same key met again on this run's way (CLI, flow) warns once.
             warnings.warn(f"config key {old!r} is deprecated and will be removed; use {new!r} instead (`gram presets "
-                          "--fields` says what it does)", FutureWarning)
+                          "--fields` says what it does)", FutureWarning, stacklevel=1)
             out[new] = out.pop(old)
     hints = typing.get_type_hints(cls)
     for key, value in out.items():

@@ -85,3 +85,21 @@ def test_the_deprecated_drop_blank_rows_key_still_works_in_the_form_and_warns():
             {"path": "starter", "drop_blank_rows": True}]}}})
     pools = load_preset("smoke", params["overrides"].to_dict()).data.response_pools
     assert [p.drop_invalid_rows for p in pools] == [True]
+
+
+def test_the_drop_invalid_rows_flag_reaches_the_sources_each_command_names():
+    """run/study: every source of the preset; adapt: --data and the eval set (docs/operations.md §7)."""
+    from flows.adapt import adapt_config
+    from flows.pipeline import pipeline_config
+
+    study = pipeline_config("study", None, drop_invalid_rows=True).data
+    assert study.eval.drop_invalid_rows and study.preferences.drop_invalid_rows
+    assert all(p.drop_invalid_rows for p in study.response_pools)
+    assert not pipeline_config("demo", None).data.eval.drop_invalid_rows
+    adapted = adapt_config("study", None, "few.jsonl", drop_invalid_rows=True).data
+    assert adapted.preferences.path == "few.jsonl" and adapted.preferences.drop_invalid_rows
+    assert adapted.eval.drop_invalid_rows
+    plain = adapt_config("demo", ["data.preferences.max_dropped_share=0.2"], "few.jsonl").data.preferences
+    assert not plain.drop_invalid_rows and plain.max_dropped_share == 0.2  # the preset's row policy carries over
+    for flow in (gram_pipeline, adapt):
+        assert flow.parameters.model_dump()["properties"]["drop_invalid_rows"]["default"] is False
