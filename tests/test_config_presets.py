@@ -132,7 +132,8 @@ def test_stage_settings_are_frozen_hashable_and_carry_the_mlflow_params():
         finetune.stage = "pretrain"
     assert finetune.params() == {"model": cfg.model, "train": cfg.finetune, "encode": cfg.encode, "ray": cfg.ray}
     bt = stage_settings(cfg, "bradley_terry")
-    assert bt.train == dataclasses.replace(cfg.finetune, learning_rate=2e-4)
+    assert bt.train == dataclasses.replace(cfg.finetune, learning_rate=2e-4, max_steps=cfg.baseline.max_steps)
+    assert cfg.baseline.max_steps == 60  # the demo gives BT fewer steps than stage 2 (its loss leaves ln 2 early)
     assert type(stage_settings(cfg, "pretrain").train) is TrainConfig  # without stage 1's `enabled`
     with pytest.raises(ConfigError, match="unknown training stage 'judge'"):
         stage_settings(cfg, "judge")

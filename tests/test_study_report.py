@@ -79,7 +79,7 @@ def test_training_summary_finds_the_step_that_left_the_plateau():
     summary = training_summary(falling)
     # trailing 10-step means: 0.693 ... then (7 x 0.693 + 3 x 0.3) / 10 = 0.575 < 0.6 first at step 23
     assert summary == {"steps": 40, "first_loss": pytest.approx(0.693), "final_loss": pytest.approx(0.3),
-                       "exit_step": 23}
+                       "last_loss": pytest.approx(0.3), "exit_step": 23}
     assert training_summary(flat)["exit_step"] is None and training_summary([])["steps"] == 0
     short = [{"step": i + 1, "train/loss": loss} for i, loss in enumerate((0.7, 0.5, 0.4))]  # < 10 steps
     assert training_summary(short)["exit_step"] == 3 and training_summary(short[:1])["exit_step"] is None
