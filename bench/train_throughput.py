@@ -20,7 +20,8 @@ compare directly. Rounds alternate the trainers; each keeps its fastest round (r
 machine). ``--blend R`` also prints the shared path's rate for a run in which a share R of the pair visits are
 revisits (the demo: 240 steps x 4 pairs over 728 pairs, R = 0.24).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--pairs 24] [--max-length 512] [--top-layers 10]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--pairs 24] [--data starter|file.parquet]
+        [--max-length 512] [--top-layers 10]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gram_core.encoding import JudgeEncoder, encode_preference_pairs
 from gram_core.losses import judge_loss
 from gram_core.models import load_model
 from gram_core.shared_forward import collate_shared_judge
+from gram_core.starter import starter_preferences
 from gram_core.steps import collate_judge, judge_step_fn, shared_judge_step_fn
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences_train.parquet"
@@ -82,7 +84,8 @@ def timed(fn, model) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference pairs (prompt, chosen, rejected)")
+    parser.add_argument("--data", default="starter", help="preference pairs (prompt, chosen, rejected): a Parquet "
+                        "file, or 'starter' (the demo's built-in training pairs, the default), e.g. " + str(DEFAULT_DATA))
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--top-layers", type=int, default=10, help="trainable decoder layers (the rest frozen)")
@@ -97,7 +100,8 @@ def main() -> None:
     del probe
     model, tokenizer = load_model(ModelConfig(source=args.source, freeze_layers=layers - args.top_layers))
     model.train()
-    rows = pq.read_table(args.data).slice(0, args.pairs).to_pylist()
+    table = starter_preferences() if args.data == "starter" else pq.read_table(args.data)
+    rows = table.slice(0, args.pairs).to_pylist()
     rows = [{"pair_id": str(i), "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
             for i, r in enumerate(rows)]
     encoder = JudgeEncoder(tokenizer, args.max_length)
