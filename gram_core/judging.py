@@ -24,6 +24,7 @@ from gram_core.judge_settings import check_template, resolve_judge_config
 from gram_core.models import load_model
 from gram_core.precision import default_device, inference_dtype
 from gram_core.rewardbench import position_consistency
+from gram_core.shared_forward import SharedJudgeForward, collate_shared_judge, supports
 
 __all__ = ["Judge", "PairScores", "best_of_n", "load_judge", "pointwise_reward",
            "position_consistency", "rank", "score_pairs"]
@@ -93,6 +94,7 @@ class Judge:
         self.pad_id = int(pad)
         self.truncation = {"sequences": 0, "responses_shortened": 0, "prompts_shortened": 0, "tokens_removed": 0}
         self.prefix = None
+        self.shared: SharedJudgeForward | None = None  # both orders of a pair share their prompt (preference)
         self.refresh_prefix()
 
     @property
@@ -102,10 +104,13 @@ class Judge:
     def refresh_prefix(self) -> None:
         """(Re)build the shared-prefix cache from the current weights, once, in eval mode without grad."""
         if not self.config.reuse_prefix:
-            self.prefix = None
+            self.prefix = self.shared = None
             return
         with self._eval():
             self.prefix = build_prefix_cache(self.model, self.encoder.prefix_ids)
+            if supports(self.model):
+                self.shared = SharedJudgeForward(self.encoder.prefix_ids, self.encoder.label_ids)
+                self.shared.begin(self.model)  # the instruction's keys/values, once, for every batch
 
     def _eval(self) -> _EvalMode:
         return _EvalMode(self.model)
@@ -159,10 +164,38 @@ class Judge:
         prompts, r1, r2 = list(prompts), list(responses_1), list(responses_2)
         names = [str(i) for i in ids] if ids is not None else [f"#{i}" for i in range(n)]
         names = [f"{x} (order 1)" for x in names] + [f"{x} (order 2)" for x in names]
-        p_a = self.prob_a(prompts + prompts, r1 + r2, r2 + r1, progress=progress, ids=names)
+        # A pair's two orders in one batch (batch_size >= 2); a subclass with its own prob_a keeps it.
+        if getattr(self, "shared", None) is not None and n and self.config.batch_size >= 2:
+            p_a = self._prob_a_pairs(prompts, r1, r2, names, progress)
+        else:
+            p_a = self.prob_a(prompts + prompts, r1 + r2, r2 + r1, progress=progress, ids=names)
         p_order1 = p_a[:n]
         p_order2 = 1.0 - p_a[n:]  # P(B | order 2)
         return PairScores(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
+
+    def _prob_a_pairs(self, prompts: list[str], r1: list[str], r2: list[str], names: list[str],
+                      progress: Progress) -> np.ndarray:
+        """``prob_a`` of both orders (order 1 rows, then order 2 rows), each pair's two orders in one batch so
+        that the question and the A header they share run once (gram_core.shared_forward; same numbers)."""
+        n = len(prompts)
+        seqs = self._encode(prompts + prompts, r1 + r2, r2 + r1, names)
+        collate = collate_shared_judge(self.pad_id)
+        pair_batches = length_grouped_batches([max(len(seqs[i]), len(seqs[n + i])) for i in range(n)],
+                                              self.config.batch_size // 2, seed=0, shuffle=False)
+        out = np.full(2 * n, np.nan, dtype=np.float64)
+        reporter = _Reporter(progress, 2 * n, "judging")
+        try:
+            with self._eval():
+                for pairs in pair_batches:
+                    rows = [r for i in pairs for r in (i, n + i)]
+                    batch = collate([{"pair_id": i, "suffix_ids": seqs[r]} for i in pairs for r in (i, n + i)])
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    logits = self.shared.logits(self.model, batch)
+                    out[rows] = torch.softmax(logits.detach().double(), dim=-1)[:, 0].cpu().numpy()
+                    reporter.update(len(rows))
+        finally:
+            reporter.close()
+        return out
 
 
 class _EvalMode:

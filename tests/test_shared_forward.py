@@ -194,3 +194,25 @@ def test_shared_step_matches_todays_step_on_smollm2():
         assert scale > 0, name
         torch.testing.assert_close(shared[2][name], grad, atol=1e-5 * scale, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_judge_preference_shares_each_pairs_prompt_with_the_same_scores(tiny_tokenizer):
+    """Scoring: both orders of a pair in one batch, their question and A header once; P per order equals
+    today's prob_a of each order alone (to float32 noise)."""
+    import numpy as np
+
+    from gram_core.config import JudgeConfig
+    from gram_core.judging import Judge
+
+    model = build_tiny_model(tiny_tokenizer, seed=4, layers=3).eval()
+    rows = better_pairs(7, seed=8)
+    judge = Judge(model, tiny_tokenizer, JudgeConfig(batch_size=4))
+    assert judge.shared is not None
+    prompts, chosen, rejected = ([r[k] for r in rows] for k in ("prompt", "chosen", "rejected"))
+    calls = []
+    logits = judge.shared.logits
+    judge.shared.logits = lambda m, b: (calls.append(len(b["shared_keys"])), logits(m, b))[1]
+    scores = judge.preference(prompts, chosen, rejected)
+    assert sum(calls) == 7 and max(calls) == 2  # 7 pairs, 2 pairs (4 sequences) a batch
+    np.testing.assert_allclose(scores.p_order1, judge.prob_a(prompts, chosen, rejected), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores.p_order2, 1 - judge.prob_a(prompts, rejected, chosen), rtol=0, atol=1e-6)
