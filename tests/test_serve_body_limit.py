@@ -66,7 +66,12 @@ def server():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        # Ray Serve's replica and proxy logs (under the session folder) as well as our own: no token anywhere.
+        scanned = [p for p in work.rglob("*") if p.is_file() and p.name != "token" and not p.is_symlink()]
+        leaks = [str(p) for p in scanned if TOKEN.encode() in p.read_bytes()]
+        replica_logs = [p.name for p in scanned if p.name.startswith("replica_") and p.suffix == ".log"]
         shutil.rmtree(work, ignore_errors=True)
+        assert leaks == [] and replica_logs, (leaks, replica_logs)
 
 
 def _raw(port: int, head: str, body: bytes, timeout: float) -> tuple[int, str]:
