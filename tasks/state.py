@@ -12,7 +12,10 @@ checkpoints that Ray Train's run snapshot does not list.
 An artifact store or Ray storage folder may be shared by several state folders. Each one that uses it holds a
 lock file ``<root>/.gram-users/<hash of home>.lock`` for its run (the home's path beside it, ``.home``), so
 start-up cleanup skips a shared root's staging and scratch folders while another state folder's run is
-live, and gc keeps every artifact that any registered state folder's cached results refer to.
+live, and gc keeps every artifact that any registered state folder's cached results refer to, read from their
+JSON records (``tasks.ref_records``; gc never unpickles anything). gc also keeps what another state folder's live
+run may still commit: artifacts published since that run started, and its Ray runs (a Ray run's name ends with
+its state folder's ``home_id``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
     paths = state_paths(config)
     paths.home.mkdir(parents=True, exist_ok=True)
     if paths.home.stat().st_uid == os.getuid():
-        os.chmod(paths.home, 0o700)  # Prefect's results under it are pickles that gc and Prefect load
+        os.chmod(paths.home, 0o700)  # Prefect's results under it are pickles that Prefect loads
     lock = paths.home / LOCK_FILE
     with contextlib.ExitStack() as stack:
         try:
