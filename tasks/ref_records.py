@@ -22,7 +22,17 @@ from gram_core.folders import write_json
 from tasks.artifacts import ArtifactRef
 
 RECORDS = ".refs"  # inside a results folder
-log = logging.getLogger(__name__)
+HOOK_NAME = "record_artifact_refs"
+
+
+class _QuietHook(logging.Filter):
+    """Prefect logs "Running hook ..." for every hook of every task run: bookkeeping, not news, on the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return HOOK_NAME not in str(record.msg)
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietHook())
 
 
 def artifact_refs(value: Any) -> Iterator[ArtifactRef]:
@@ -64,7 +74,7 @@ def record_hook(results_dir: str | Path):
             return  # no persisted result: nothing gc could keep alive through it
         write_record(results_dir, key, state.result(), getattr(task, "name", ""))
 
-    hook.__name__ = "record_artifact_refs"
+    hook.__name__ = HOOK_NAME
     return hook
 
 
