@@ -27,8 +27,8 @@ def _contract_line(err: BaseException) -> str | None:
     """A contract error in one line: where, the first violation, how many more (``--debug`` shows them all)."""
     violations = getattr(err, "violations", None)
     contract = getattr(err, "contract", None)
-    if not violations or contract is None:
-        return None
+    if not violations or contract is None or "\n" not in str(err).strip():
+        return None  # not a contract error, or one that already says it in one line (TooManyInvalidRows)
     rest = [f"column {v.column!r}: {v.problem}" for v in violations[1:6]]
     more = (f" (and {len(violations) - 1} more: {'; '.join(rest)}{'; ...' if len(violations) > 6 else ''}; "
             "--debug shows each with its rows)") if rest else ""

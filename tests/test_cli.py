@@ -171,8 +171,9 @@ def test_eval_stops_on_a_chosen_equal_to_rejected_row_and_drops_it_with_the_opti
     data = _bench(tmp_path / "bench.parquet", 24, same=(5,))
     out_path = tmp_path / "scores.parquet"
     err = _one_line_error(capsys, ["eval", *judge_args, "--data", data, "--output", str(out_path)])
-    assert err.splitlines()[1] == ("  - column 'rejected': value outside its domain in 1 row(s); rows [5], values "
-                                   "{id=5, rejected='good 5'}; expected a response different from 'chosen'")
+    assert err == (f"gram eval: {data}: contract 'rewardbench' v1: column 'rejected': value outside its domain in "
+                   "1 row(s); rows [5], values {id=5, rejected='good 5'}; expected a response different from "
+                   "'chosen'")  # one line (issue 25); --debug raises the ContractError
     assert not out_path.exists()
     logged = _Lines()
     logging.getLogger("gram.contracts").addHandler(logged)
