@@ -393,6 +393,7 @@ def _main(args: argparse.Namespace) -> int:
 
     debug = getattr(args, "debug", False)
     from tasks.locks import LockHeldError
+    from tasks.promotion_gate import PromotionConflict
     from tasks.tracking import TrackingServerUnreachable
 
     try:
@@ -403,7 +404,8 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"gram {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (LockHeldError, TrackingServerUnreachable) as err:  # another run, or the server: try again later
+    # another run, the server, or a rival promotion gate: try again later
+    except (LockHeldError, TrackingServerUnreachable, PromotionConflict) as err:
         if debug:
             raise
         print(f"gram {args.command}: {err}", file=sys.stderr)

@@ -372,3 +372,16 @@ def test_a_contract_error_is_one_line_and_debug_shows_every_violation(tmp_path, 
         cli.main(["eval", "--model", "tiny", "--data", str(bad), "--debug"])
     assert {v.column for v in info.value.violations} == {"prompt", "rejected"}
     assert "'prompt'" in str(info.value) and "'rejected'" in str(info.value)
+
+
+def test_a_promotion_conflict_is_one_line_exit_3_try_again(monkeypatch, capsys):
+    """A rival gate (another host) was deciding at the same time: like a held state folder, try again later."""
+    from tasks.promotion_gate import PromotionConflict
+
+    def conflict(args):
+        raise PromotionConflict("model 'm': another promotion gate is deciding at the same time (version 7 (...))")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", conflict)
+    assert cli.main(["presets"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gram presets: model 'm': another promotion gate is deciding at the same time (version 7 (...))"]
