@@ -79,6 +79,9 @@ def _read_jsonl(path: Path, types: dict[str, pa.DataType], lenient: bool = False
             except json.JSONDecodeError as exc:
                 bad.append((len(records), f"line {number}: not valid JSON ({exc.msg}, column {exc.colno})"))
                 records.append(None)
+            except RecursionError:  # `[` x 200,000: deeper than the parser's stack, never a record
+                bad.append((len(records), f"line {number}: JSON nested too deeply to read"))
+                records.append(None)
     if bad:
         raise _ValueTypeErrors([Violation(RECORD, f"unreadable record(s): {'; '.join(p for _, p in bad[:3])}",
                                           "one JSON object per line, UTF-8", len(bad), tuple(r for r, _ in bad[:5]))])
@@ -96,6 +99,9 @@ def _read_json(path: Path, types: dict[str, pa.DataType], lenient: bool = False)
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _file_violation(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+                              "a JSON list of records or an object {\"data\": [...]}") from None
+    except RecursionError:  # `[` x 200,000: deeper than the parser's stack
+        raise _file_violation("JSON nested too deeply to read",
                               "a JSON list of records or an object {\"data\": [...]}") from None
     records = data.get("data") if isinstance(data, dict) else data
     if not isinstance(records, list):

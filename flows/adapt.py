@@ -11,12 +11,12 @@ from typing import Any
 
 from prefect import flow
 
-from flows.parameters import ConfigOverrides, Preset, overrides_dict
+from flows.parameters import ConfigOverrides, Preset, overrides_dict, reveal
 from flows.pipeline import Runner
 from gram_core.sources import SourceConfig
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
-from tasks.redaction import errors_redacted
+from tasks.redaction import process_redacted, redact
 from tasks.register import fetch_registered_model, register, version_tags
 from tasks.run_record import pipeline_params, record_run, summarize
 from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
@@ -45,15 +45,16 @@ def adapt(model: str = DEFAULT_MODEL, data: str | None = None, preset: Preset = 
           drop_invalid_rows: bool = False) -> dict[str, Any]:
     """Fine-tune the registered judge ``model`` on ``data`` (preference pairs), evaluate, register.
     ``drop_invalid_rows``: ``data`` and the eval set drop (and log) the rows that break a row-level rule."""
-    with errors_redacted():
-        return _adapt(model, adapt_config(preset, overrides, data, drop_invalid_rows), refresh)
+    with process_redacted():  # a deployment run too: no `gram` process set this up
+        return _adapt(reveal(model), adapt_config(preset, overrides, reveal(data), drop_invalid_rows), refresh)
 
 
 def _adapt(model: str, cfg: PipelineConfig, refresh: bool) -> dict[str, Any]:
     run = Runner(cfg, refresh)
     state = run.paths
     with hold_state_folder(cfg), \
-            start_pipeline_run(cfg.mlflow, state.home, "gram-adapt", params={**pipeline_params(cfg), "adapt_from": model},
+            start_pipeline_run(cfg.mlflow, state.home, "gram-adapt", params={**pipeline_params(cfg),
+                                                                            "adapt_from": redact(model)},
                                tags={"gram.preset": cfg.preset, "gram.flow": "adapt"}) as tracking:
         preferences = run.source("preferences", cfg.data.preferences, "preference_pairs")
         eval_set = run.source("eval", cfg.data.eval, "rewardbench", limit=cfg.eval.limit, seed=cfg.eval.seed,
@@ -63,7 +64,8 @@ def _adapt(model: str, cfg: PipelineConfig, refresh: bool) -> dict[str, Any]:
         trained = run("evaluate", evaluate, judge, eval_set, cfg.judge, "adapted", state)
         before = run("evaluate_base", evaluate, start, eval_set, cfg.judge, "before", state)
         report = run("eval_report", eval_report, {"base": before, "trained": trained}, eval_set, state,
-                     cfg.data.eval.describe(), names={"base": f"{model} (before)", "trained": "adapted judge"})
+                     redact(cfg.data.eval.describe()), names={"base": f"{redact(model)} (before)",
+                                                              "trained": "adapted judge"})
         tags = {**version_tags(cfg, run.records), "adapted_from": start.meta.get("model_uri", model)}
         registration = run("register", register, judge, report, eval_set, cfg.mlflow, cfg.judge, tags, state,
                            tracking=tracking)

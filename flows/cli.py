@@ -194,8 +194,10 @@ def cmd_study(args: argparse.Namespace) -> dict[str, Any]:
           f"{summary['tracking_uri']}")
     if args.out:
         out = Path(args.out)
-        command = "gram " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
-            f"gram study --preset {args.preset}"
+        from tasks.redaction import redact
+
+        command = redact("gram " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"]
+                         else f"gram study --preset {args.preset}")  # a --set value may hold a credential
         chart = out.with_suffix(".png")
         shutil.copy(summary["chart"], chart)
         out.write_text(f"# Quality study ({args.preset})\n\nCommand: `{command}` — wall time {minutes:.1f} min "
@@ -215,10 +217,10 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
     with _preflight(config):
         from flows.adapt import adapt
-        from flows.parameters import private_overrides
+        from flows.parameters import private_overrides, private_values
 
-        with private_overrides(args.overrides) as overrides:
-            summary = adapt(model=args.model, data=args.data, preset=args.preset, overrides=overrides or None,
+        with private_overrides(args.overrides) as overrides, private_values(args.model, args.data) as (model, data):
+            summary = adapt(model=model, data=data, preset=args.preset, overrides=overrides or None,
                             refresh=args.refresh, drop_invalid_rows=args.drop_invalid_rows)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return summary
@@ -377,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from tasks.redaction import console_redacted, install_log_redaction, remember
+    from tasks.redaction import console_redacted, install_log_redaction, remember, remember_environment
 
-    remember(*(sys.argv[1:] if argv is None else argv), os.environ.get("MLFLOW_TRACKING_URI", ""))
+    remember(*(sys.argv[1:] if argv is None else argv))
+    remember_environment()  # $MLFLOW_TRACKING_URI, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...
     install_log_redaction()
     with console_redacted():  # what we and the libraries print, as the log records: credentials hidden
         return _main(args)
@@ -390,6 +393,7 @@ def _main(args: argparse.Namespace) -> int:
 
     debug = getattr(args, "debug", False)
     from tasks.locks import LockHeldError
+    from tasks.promotion_gate import PromotionConflict
     from tasks.tracking import TrackingServerUnreachable
 
     try:
@@ -400,7 +404,8 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"gram {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (LockHeldError, TrackingServerUnreachable) as err:  # another run, or the server: try again later
+    # another run, the server, or a rival promotion gate: try again later
+    except (LockHeldError, TrackingServerUnreachable, PromotionConflict) as err:
         if debug:
             raise
         print(f"gram {args.command}: {err}", file=sys.stderr)

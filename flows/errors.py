@@ -23,11 +23,24 @@ def error_line(command: str, err: BaseException) -> str:
     return redact(_error_line(command, err))
 
 
+def _contract_line(err: BaseException) -> str | None:
+    """A contract error in one line: where, the first violation, how many more (``--debug`` shows them all)."""
+    violations = getattr(err, "violations", None)
+    contract = getattr(err, "contract", None)
+    if not violations or contract is None or "\n" not in str(err).strip():
+        return None  # not a contract error, or one that already says it in one line (TooManyInvalidRows)
+    rest = [f"column {v.column!r}: {v.problem}" for v in violations[1:6]]
+    more = (f" (and {len(violations) - 1} more: {'; '.join(rest)}{'; ...' if len(violations) > 6 else ''}; "
+            "--debug shows each with its rows)") if rest else ""
+    return (f"{getattr(err, 'source', '?')}: contract {contract.name!r} v{contract.version}: "
+            f"{violations[0].describe()}{more}")
+
+
 def _error_line(command: str, err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename:
         text = f"{err.strerror or type(err).__name__}: {err.filename}"
     else:
-        text = str(err).strip()
+        text = _contract_line(err) or str(err).strip()
     if type(err).__name__ == "ConfigError":
         return f"gram {command}: configuration error: {text}"
     if is_expected(err):

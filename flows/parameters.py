@@ -151,6 +151,30 @@ def private_overrides(overrides: list[str] | None) -> Iterator[list[str] | None]
         _PRIVATE.update(before)
 
 
+_PRIVATE_VALUES: dict[str, str] = {}  # redacted flow argument -> the real one, for flows started in this process
+
+
+@contextlib.contextmanager
+def private_values(*values: str | None) -> Iterator[list[str | None]]:
+    """``values`` (flow arguments such as ``gram adapt --data URL?token=...``) as Prefect may store them,
+    credentials redacted; inside the block, ``reveal`` gives the flow the real ones back."""
+    from tasks.redaction import redact
+
+    public = [redact(v) if isinstance(v, str) else v for v in values]
+    before = dict(_PRIVATE_VALUES)
+    _PRIVATE_VALUES.update({p: v for p, v in zip(public, values, strict=True) if isinstance(v, str) and p != v})
+    try:
+        yield public
+    finally:
+        _PRIVATE_VALUES.clear()
+        _PRIVATE_VALUES.update(before)
+
+
+def reveal(value: Any) -> Any:
+    """The real value of a flow argument that ``private_values`` redacted (else ``value`` unchanged)."""
+    return _PRIVATE_VALUES.get(value, value) if isinstance(value, str) else value
+
+
 def _restore_private(overrides: dict[str, Any]) -> dict[str, Any]:
     from tasks.redaction import redact
 
@@ -173,4 +197,5 @@ def overrides_dict(overrides: Any) -> dict[str, Any] | list[str] | None:
     return _restore_private(parse_overrides(plain) if isinstance(plain, (list, tuple)) else plain)
 
 
-__all__ = ["ConfigOverrides", "DEFAULT_PRESET", "Preset", "overrides_dict", "overrides_view", "private_overrides"]
+__all__ = ["ConfigOverrides", "DEFAULT_PRESET", "Preset", "overrides_dict", "overrides_view", "private_overrides",
+           "private_values", "reveal"]

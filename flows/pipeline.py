@@ -26,7 +26,7 @@ from tasks.caching import bind
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
-from tasks.redaction import errors_redacted
+from tasks.redaction import process_redacted, redact
 from tasks.register import register, version_tags
 from tasks.run_record import StageRecord, pipeline_params, record_params, record_run, summarize
 from tasks.settings import (
@@ -115,7 +115,8 @@ def _evaluate(run: Runner, out: dict[str, Any], tracking: Any) -> None:
     out["bt_scores"] = run("evaluate_bt", evaluate, out["bt_model"], eval_set, cfg.judge, "bt",
                            run.paths) if cfg.baseline.enabled else None
     columns = {"base": out["base_scores"], "bt": out["bt_scores"], "trained": out["scores"]}
-    out["report"] = run("eval_report", eval_report, columns, eval_set, run.paths, cfg.data.eval.describe())
+    out["report"] = run("eval_report", eval_report, columns, eval_set, run.paths,
+                        redact(cfg.data.eval.describe()))
 
 
 def _register(run: Runner, out: dict[str, Any], tracking: Any) -> None:
@@ -172,14 +173,14 @@ def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | 
     """The full GRAM pipeline: build pairs, pre-train, fine-tune (and the BT baseline when enabled), evaluate,
     register (+ champion gate). ``drop_invalid_rows``: every data source drops (and logs) the rows that break a
     row-level rule of its contract instead of stopping the run."""
-    with errors_redacted():
+    with process_redacted():  # a deployment run too: no `gram` process set this up
         return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, "register", f"gram-{preset}")
 
 
 def _stage_flow(stage: str):
     def body(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
              refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
-        with errors_redacted():
+        with process_redacted():  # a deployment run too: no `gram` process set this up
             return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, stage, f"gram-{preset}-{stage}")
 
     body.__doc__ = f"The GRAM pipeline up to stage {stage!r} (upstream stages served from cache)."

@@ -26,7 +26,7 @@ from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
-from tasks.redaction import errors_redacted, redact_value
+from tasks.redaction import process_redacted, redact, redact_value
 from tasks.run_record import dropped_rows, pipeline_params
 from tasks.settings import StageSettings
 from tasks.stage1_pairs import build_stage1_pairs
@@ -59,7 +59,7 @@ def run_study(run: Runner) -> dict[str, Any]:
         scores["zero_shot"] = run("evaluate_zero_shot", evaluate, cfg.model, eval_set, cfg.judge, "zero_shot", state)
     for arm, model in models.items():
         scores[arm] = run(f"evaluate_{arm}", evaluate, model, eval_set, cfg.judge, arm, state)
-    report = run("study_report", study_report, scores, eval_set, state, cfg.data.eval.describe(),
+    report = run("study_report", study_report, scores, eval_set, state, redact(cfg.data.eval.describe()),
                  {"stage1": stage1, **models})
     return {"models": models, "scores": scores, "report": report}
 
@@ -79,7 +79,7 @@ def gram_study(preset: str = DEFAULT_STUDY_PRESET, overrides: dict[str, Any] | l
                refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
     """Zero-shot | BT | judge without stage 1 | GRAM (ε) | GRAM (ε = 0) on one eval set, one MLflow run per arm.
     ``drop_invalid_rows``: every data source drops (and logs) the rows that break a row-level rule."""
-    with errors_redacted():
+    with process_redacted():  # a deployment run too: no `gram` process set this up
         return _study(preset, pipeline_config(preset, overrides, drop_invalid_rows), refresh)
 
 

@@ -40,6 +40,7 @@ def write_json(target: str | Path, data: Any) -> None:
     except BaseException:
         Path(staged).unlink(missing_ok=True)
         raise
+    _fsync(target.parent)  # the rename itself is durable
 
 
 def _fsync(path: Path) -> None:

@@ -149,8 +149,11 @@ class ArtifactStore:
         ref = ArtifactRef(uri=self._join(stage, sha[:HASH_CHARS]), sha256=sha, kind=kind, contract=contract,
                           rows=rows, meta=dict(meta or {}))
         (folder / MANIFEST).write_text(json.dumps(ref.to_dict(), indent=1, sort_keys=True, default=str))
-        if self.exists(ref):
-            return ref  # identical content is already in place (e.g. a refreshed, deterministic stage)
+        if self.exists(ref):  # identical content is already in place (e.g. a refreshed, deterministic stage)
+            if self.local:  # published again now: gc keeps it like a fresh one until a record names it
+                with contextlib.suppress(OSError):
+                    os.utime(ref.file(MANIFEST))
+            return ref
         if self.local:
             _move_local(folder, Path(ref.uri))
         else:  # data first, manifest last: until the manifest lands, the folder is not an artifact

@@ -2,16 +2,22 @@
 
 Read the champion, compare, move the alias and re-read it, all under one file lock per (registry, model
 name) (``promotion_lock``), keyed by the normalized registry URI (``registry_key``), so other spellings of
-the same server share the lock. Decisions are recorded as version tags (``promotion/*``).
+the same server share the lock. Gates on other hosts (other lock folders) are excluded on the registry
+itself: a gate that is about to move the alias writes a claim tag and then reads every claim (``_claim``).
+Decisions are recorded as version tags (``promotion/*``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
-from collections.abc import Mapping
+import socket
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -125,7 +131,47 @@ def _decide(name: str, version: str, score: float, champion: Any, metric: str, m
 
 
 class PromotionConflict(RuntimeError):
-    """The champion alias changed under the gate (a writer that did not take the promotion lock)."""
+    """The champion alias changed under the gate, or another gate (another host or lock folder) was deciding at
+    the same time; nothing this gate wrote is left as champion unless it is still the better model."""
+
+
+CLAIM = "promotion/claim/"  # registered-model tag prefix: one per gate between its decision and its last check
+CLAIM_TTL_S = 600.0  # a claim older than this is a crashed gate's, not a live rival's
+
+
+def _rival_claims(client: MlflowClient, name: str, version: str) -> list[str]:
+    """Other versions' live claims on model ``name`` (read from the registry, not a local lock)."""
+    found = []
+    for key, value in (client.get_registered_model(name).tags or {}).items():
+        if not key.startswith(CLAIM) or key == f"{CLAIM}{version}":
+            continue
+        try:
+            claim = json.loads(value)
+            fresh = time.time() - float(claim["at"]) < CLAIM_TTL_S
+        except (ValueError, KeyError, TypeError):
+            fresh = True  # unreadable: assume a live rival
+        if fresh:
+            found.append(f"version {key[len(CLAIM):]} ({value})")
+    return found
+
+
+@contextlib.contextmanager
+def _claim(client: MlflowClient, name: str, version: str) -> Iterator[None]:
+    """Compare-and-set across hosts: write this gate's claim on the registry, then read every claim. Two gates
+    that overlap (each writes before it reads) cannot both miss the other, so at most one moves the alias;
+    one that sees a rival raises ``PromotionConflict`` before it moves anything. The claim is removed after."""
+    client.set_registered_model_tag(name, f"{CLAIM}{version}", json.dumps(
+        {"at": time.time(), "host": socket.gethostname(), "pid": os.getpid()}))
+    try:
+        rivals = _rival_claims(client, name, version)
+        if rivals:
+            raise PromotionConflict(f"model {name!r}: another promotion gate is deciding at the same time "
+                                    f"({'; '.join(rivals)}), through another host or lock folder; this gate "
+                                    f"moved nothing. Re-run it once the other has finished")
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model_tag(name, f"{CLAIM}{version}")
 
 
 def promote_if_better(client: MlflowClient, name: str, version: str | int, metric: str, margin: float,
@@ -134,8 +180,10 @@ def promote_if_better(client: MlflowClient, name: str, version: str | int, metri
     the same ``eval_set_id`` and score(version) > score(champion) + margin. Scores are the versions' tags
     named ``metric``. The decision, both scores and the reason are written as tags on ``version``.
 
-    Atomic: the whole read-compare-set runs under ``promotion_lock``, and the champion is read again right
-    before the alias moves (a hand-made alias change in between makes the gate decide again).
+    Atomic: the whole read-compare-set runs under ``promotion_lock`` (one host, one lock folder); across hosts
+    a gate that decides to promote first claims the move on the registry (``_claim``: a rival gate deciding
+    at the same time is a ``PromotionConflict``). The champion is read again after the claim, right before the
+    alias moves (a hand-made alias change in between makes the gate decide again), and once more after it.
     """
     version = str(version)
     with promotion_lock(client.tracking_uri, name):
@@ -146,24 +194,25 @@ def promote_if_better(client: MlflowClient, name: str, version: str | int, metri
                              f"(the promotion metric); its tags are {sorted(tags)}")
         champion = _alias_version(client, name, CHAMPION)
         promote, reason = _decide(name, version, score, champion, metric, margin, eval_set_id)
-        while promote:
-            now = _alias_version(client, name, CHAMPION)
-            if (now and str(now.version)) == (champion and str(champion.version)):
-                break
-            champion = now
-            promote, reason = _decide(name, version, score, champion, metric, margin, eval_set_id)
-        champ_version = str(champion.version) if champion else None
-        champ_score = _score(champion.tags, metric) if champion else None
-        if promote:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            after = _alias_version(client, name, CHAMPION)  # verify: a writer outside the lock may have won
-            if after is None or str(after.version) != version:
-                raise PromotionConflict(f"model {name!r}: this gate moved alias {CHAMPION!r} to version {version}, but "
-                                        f"it now points at {after.version if after else 'nothing'}: another writer "
-                                        "(not holding this registry's promotion lock) changed it; check the "
-                                        "registry and re-run the gate")
-            if champion is not None:
-                client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
+        with _claim(client, name, version) if promote else contextlib.nullcontext():
+            while promote:
+                now = _alias_version(client, name, CHAMPION)
+                if (now and str(now.version)) == (champion and str(champion.version)):
+                    break
+                champion = now
+                promote, reason = _decide(name, version, score, champion, metric, margin, eval_set_id)
+            champ_version = str(champion.version) if champion else None
+            champ_score = _score(champion.tags, metric) if champion else None
+            if promote:
+                client.set_registered_model_alias(name, CHAMPION, version)
+                after = _alias_version(client, name, CHAMPION)  # verify: a writer outside the lock may have won
+                if after is None or str(after.version) != version:
+                    raise PromotionConflict(f"model {name!r}: this gate moved alias {CHAMPION!r} to version {version}, "
+                                            f"but it now points at {after.version if after else 'nothing'}: another "
+                                            "writer (not holding this registry's promotion lock) changed it; check "
+                                            "the registry and re-run the gate")
+                if champion is not None:
+                    client.set_model_version_tag(name, champ_version, "promotion/superseded_by", version)
         decision = PromotionDecision("promoted" if promote else "kept", name, version, metric, score,
                                      champ_version, champ_score, margin, eval_set_id,
                                      champion.tags.get("eval_set_id") if champion else None, reason)

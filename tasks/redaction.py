@@ -76,6 +76,41 @@ def remember(*texts: str) -> None:
         redact(text or "")
 
 
+# Environment variables whose whole value is a credential: a name part like TOKEN, SECRET, PASSWORD or KEY
+# (HF_TOKEN, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, PREFECT_API_KEY); not paths or modes.
+_SECRET_ENV_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIAL", "CREDENTIALS",
+                     "AUTH", "SIGNATURE", "SAS"}
+_NOT_SECRET_ENV_SUFFIXES = ("_FILE", "_PATH", "_DIR", "_SOCK", "_MODE", "_ID", "_URL_PATH")
+
+
+def secret_env_names(environ: Mapping[str, str]) -> list[str]:
+    """The variables of ``environ`` named like a credential (their whole value is one)."""
+    return sorted(name for name in environ if set(name.upper().split("_")) & _SECRET_ENV_PARTS
+                  and not name.upper().endswith(_NOT_SECRET_ENV_SUFFIXES))
+
+
+def remember_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Learn the credentials the environment holds before anything runs: every value's URI credentials,
+    query tokens and ``password=`` pieces, and the whole value of each variable named like a credential."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        redact(value or "")
+        if name in secret_env_names({name: value}) and len(value or "") >= _MIN_KNOWN:
+            _learn(value)
+
+
+@contextlib.contextmanager
+def process_redacted() -> Iterator[None]:
+    """What `gram` sets up before a command, for a flow started any other way (a deployment run by a Prefect
+    worker): secrets in the environment learnt, log records and console writes redacted, exceptions too."""
+    remember_environment()
+    install_log_redaction()
+    with console_redacted(), errors_redacted():
+        yield
+
+
 def redact_value(value: Any) -> Any:
     """``value`` with every string inside it (dict keys and values, list items) redacted."""
     if isinstance(value, str):

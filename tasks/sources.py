@@ -18,7 +18,7 @@ from data_contracts import DroppedRow, get_contract
 from gram_core.sources import DROPPED_ROWS, SourceConfig, dropped_summary, read_source
 from tasks.artifacts import ArtifactRef, open_store, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
-from tasks.redaction import scrub_errors
+from tasks.redaction import redact, scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
 
@@ -56,7 +56,7 @@ def load_source(role: str, source: SourceConfig, contract: str, state: StatePath
     table = read_source(source, contract, limit=limit, seed=seed, stratify=stratify, whole=whole, dropped=dropped)
     if table.num_rows == 0:
         raise ValueError(f"{role} source {source.describe()}: no rows (after limits)")
-    meta: dict[str, Any] = {"role": role, "source": source.describe()}
+    meta: dict[str, Any] = {"role": role, "source": redact(source.describe())}
     if source.drop_invalid_rows:
         meta[DROPPED_ROWS] = dropped_summary(dropped)
     ref = write_table_artifact(open_store(state), "sources", table, get_contract(contract), meta=meta)

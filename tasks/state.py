@@ -12,7 +12,10 @@ checkpoints that Ray Train's run snapshot does not list.
 An artifact store or Ray storage folder may be shared by several state folders. Each one that uses it holds a
 lock file ``<root>/.gram-users/<hash of home>.lock`` for its run (the home's path beside it, ``.home``), so
 start-up cleanup skips a shared root's staging and scratch folders while another state folder's run is
-live, and gc keeps every artifact that any registered state folder's cached results refer to.
+live, and gc keeps every artifact that any registered state folder's cached results refer to, read from their
+JSON records (``tasks.ref_records``; gc never unpickles anything). gc also keeps what another state folder's live
+run may still commit: artifacts published since that run started, and its Ray runs (a Ray run's name ends with
+its state folder's ``home_id``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from tasks.artifacts import MANIFEST, ArtifactRef, open_store
+from tasks.artifacts import MANIFEST, open_store
 from tasks.leftover_processes import stop_leftovers
 from tasks.locks import LockHeldError, file_lock
+from tasks.ref_records import read_records
 from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
@@ -55,7 +58,7 @@ def hold_state_folder(config: PipelineConfig, clean: bool = True) -> Iterator[St
     paths = state_paths(config)
     paths.home.mkdir(parents=True, exist_ok=True)
     if paths.home.stat().st_uid == os.getuid():
-        os.chmod(paths.home, 0o700)  # Prefect's results under it are pickles that gc and Prefect load
+        os.chmod(paths.home, 0o700)  # Prefect's results under it are pickles that Prefect loads
     lock = paths.home / LOCK_FILE
     with contextlib.ExitStack() as stack:
         try:
@@ -91,12 +94,26 @@ def shared_roots(paths: StatePaths) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
+def home_id(home: str | Path) -> str:
+    """A state folder's identity in shared roots: its user lock's name, and the suffix of its Ray run names."""
+    return hashlib.sha256(str(Path(home).expanduser().resolve()).encode()).hexdigest()[:16]
+
+
+def run_owner(run_name: str) -> str | None:
+    """The ``home_id`` a Ray run name ends with (``tasks.train_stage.run_name``), or None for an older name."""
+    parts = run_name.rsplit("-", 2)
+    owner = parts[-1]
+    if len(parts) == 3 and len(owner) == 16 and all(c in "0123456789abcdef" for c in owner):
+        return owner
+    return None
+
+
 def _user_lock(root: Path, home: Path) -> Path:
     """This state folder's lock file in a shared root (created with its home's path beside it)."""
     home = Path(home).resolve()
     users = root / USERS
     users.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(str(home).encode()).hexdigest()[:16]
+    name = home_id(home)
     (users / f"{name}.home").write_text(str(home))
     return users / f"{name}.lock"
 
@@ -130,10 +147,21 @@ def other_users(root: Path, home: Path) -> list[Path]:
     return homes
 
 
+def live_holders(root: Path, home: Path) -> dict[str, float]:
+    """The other state folders whose run holds ``root`` now: ``home_id`` -> when it took its lock (the lock
+    file's mtime: ``file_lock`` rewrites it on every acquisition)."""
+    mine = home_id(home)
+    found = {}
+    for lock in sorted((root / USERS).glob("*.lock")) if (root / USERS).is_dir() else ():
+        if lock.stem != mine and not lock.name.startswith(".") and _held(lock):
+            with contextlib.suppress(OSError):
+                found[lock.stem] = lock.stat().st_mtime
+    return found
+
+
 def _live_elsewhere(root: Path, home: Path) -> bool:
-    mine = _user_lock(root, home).name
-    return any(_held(lock) for lock in (root / USERS).glob("*.lock")
-               if lock.name != mine and not lock.name.startswith("."))
+    _user_lock(root, home)
+    return bool(live_holders(root, home))
 
 
 def _leftovers(paths: StatePaths) -> list[Path]:
@@ -192,35 +220,10 @@ class Garbage:
     why: str
 
 
-def _refs(value: Any) -> Iterator[ArtifactRef]:
-    if isinstance(value, ArtifactRef):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _refs(item)
-    elif isinstance(value, (list, tuple, set)):
-        for item in value:
-            yield from _refs(item)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from _refs(getattr(value, f.name))
-
-
-def cached_refs(results_dir: Path) -> tuple[list[ArtifactRef], list[Path]]:
-    """Artifact references held by the cached Prefect results in ``results_dir``, and unreadable files."""
-    from prefect._internal.result_records import ResultRecord
-
-    refs, unreadable = [], []
-    if not results_dir.is_dir():
-        return refs, unreadable
-    for path in sorted(results_dir.iterdir()):
-        if not path.is_file() or path.suffix == ".lock":
-            continue
-        try:
-            refs += list(_refs(ResultRecord.deserialize(path.read_bytes()).result))
-        except Exception:  # noqa: BLE001 - any unreadable result makes gc keep every artifact
-            unreadable.append(path)
-    return refs, unreadable
+def cached_refs(results_dir: Path) -> tuple[list[tuple[str, str]], list[Path]]:
+    """(uri, sha256) of the artifacts the cached results in ``results_dir`` refer to, and the result files
+    without a readable JSON record (``tasks.ref_records``): read as JSON only, never unpickled."""
+    return read_records(results_dir)
 
 
 def _registered_cache_garbage(cache: Path) -> list[Garbage]:
@@ -244,44 +247,78 @@ def _registered_cache_garbage(cache: Path) -> list[Garbage]:
     return found
 
 
+LIVE_SLACK_S = 2.0  # file times vs. the lock's time: coarse clocks, a publish that began just before
+
+
 def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
-    """What ``gram gc`` would remove, and why."""
+    """What ``gram gc`` would remove, and why. Nothing is unpickled: what is live comes from the JSON records
+    of cached results (``tasks.ref_records``), this state folder's and every other registered one's. What a
+    live run of another state folder may still commit stays: artifacts published since it started (not yet in
+    a record) and its Ray runs (checkpoints not yet in their snapshot)."""
     paths = state_paths(config)
     garbage = [Garbage(str(p), _size(p), "leftover of an interrupted run") for p in _leftovers(paths)]
     refs, unreadable = cached_refs(paths.prefect_results)
     store = open_store(paths)
+    live_since = None
     if store.local:  # what the other state folders sharing this store still use
-        for other in other_users(Path(store.uri), paths.home):
+        root = Path(store.uri)
+        for other in other_users(root, paths.home):
             other_refs, other_unreadable = cached_refs(other / "prefect-results")
             refs += other_refs
             unreadable += other_unreadable
-    keep_uris = {r.uri.rstrip("/") for r in refs}
-    keep_sha = {r.sha256 for r in refs}
-    store = open_store(paths)
-    if not unreadable:  # without every cached result read, any artifact might still be needed
+        started = live_holders(root, paths.home).values()
+        live_since = min(started) - LIVE_SLACK_S if started else None
+    keep_uris = {uri.rstrip("/") for uri, _ in refs}
+    keep_sha = {sha for _, sha in refs}
+    if not unreadable and store.local:  # without every cached result read, any artifact might still be needed
         for ref in store.list():
-            if ref.uri.rstrip("/") not in keep_uris and store.local:
-                garbage.append(Garbage(ref.uri, _size(Path(ref.uri)), f"{ref.kind} artifact no cached stage uses"))
+            if ref.uri.rstrip("/") in keep_uris:
+                continue
+            if live_since is not None and _mtime(Path(ref.uri) / MANIFEST) >= live_since:
+                continue  # published during another state folder's live run: its record may not exist yet
+            garbage.append(Garbage(ref.uri, _size(Path(ref.uri)), f"{ref.kind} artifact no cached stage uses"))
     cache = paths.artifact_cache
     if cache.is_dir():
         garbage += [Garbage(str(p), _size(p), "downloaded copy of an artifact no cached stage uses")
                     for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "staging"
                     and p.name not in keep_sha]
     garbage += _registered_cache_garbage(Path(str(paths.home)) / "registered")
-    ray_root = _local(paths.ray_storage)
-    if ray_root is not None and ray_root.is_dir():
-        cutoff = time.time() - keep_ray_runs_days * 86400
-        for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name not in (SCRATCH, USERS)):
-            if run.stat().st_mtime < cutoff:
-                garbage.append(Garbage(str(run), _size(run), f"interrupted Ray run older than {keep_ray_runs_days:g} days"))
-                continue
-            committed = committed_checkpoints(run)
-            if committed is None:  # no readable snapshot: a resume may need any of them
-                continue
-            garbage += [Garbage(str(c), _size(c), "Ray checkpoint not in its run's snapshot (superseded or torn)")
-                        for c in sorted(run.glob("checkpoint-*")) if c.is_dir() and c.name not in committed]
+    garbage += _ray_garbage(paths, keep_ray_runs_days)
     for path in unreadable:
-        garbage.append(Garbage(str(path), 0, "KEPT: unreadable cached result, so no artifact is pruned"))
+        garbage.append(Garbage(str(path), 0, "KEPT: cached result without a readable JSON record, so no artifact "
+                                             "is pruned (a `gram run` of its config records it again)"))
+    return garbage
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")  # vanished or unreadable: treat as new, keep
+
+
+def _ray_garbage(paths: StatePaths, keep_ray_runs_days: float) -> list[Garbage]:
+    """Ray runs older than the cut-off, and checkpoints their run's snapshot does not list; never a run of
+    another state folder whose run is live (a checkpoint it wrote may not be in its snapshot yet)."""
+    ray_root = _local(paths.ray_storage)
+    if ray_root is None or not ray_root.is_dir():
+        return []
+    ray_root = ray_root.expanduser().resolve()
+    live = live_holders(ray_root, paths.home)
+    cutoff = time.time() - keep_ray_runs_days * 86400
+    garbage = []
+    for run in sorted(p for p in ray_root.iterdir() if p.is_dir() and p.name not in (SCRATCH, USERS)):
+        owner = run_owner(run.name)
+        if owner in live or (owner is None and live):
+            continue  # another state folder's live run (an older name without its owner: any live one's)
+        if run.stat().st_mtime < cutoff:
+            garbage.append(Garbage(str(run), _size(run), f"interrupted Ray run older than {keep_ray_runs_days:g} days"))
+            continue
+        committed = committed_checkpoints(run)
+        if committed is None:  # no readable snapshot: a resume may need any of them
+            continue
+        garbage += [Garbage(str(c), _size(c), "Ray checkpoint not in its run's snapshot (superseded or torn)")
+                    for c in sorted(run.glob("checkpoint-*")) if c.is_dir() and c.name not in committed]
     return garbage
 
 

@@ -72,10 +72,30 @@ def _user_env_uri() -> str | None:
 
 
 def use_tracking_uri(uri: str) -> None:
-    """mlflow.set_tracking_uri, keeping track of whether $MLFLOW_TRACKING_URI was the user's or ours."""
+    """mlflow.set_tracking_uri, keeping track of whether $MLFLOW_TRACKING_URI was the user's or ours.
+
+    MLflow exports the URI to ``$MLFLOW_TRACKING_URI`` for child processes (Ray workers, subprocesses), whose
+    output we do not redact: a password in it moves to ``$MLFLOW_TRACKING_USERNAME/PASSWORD`` (MLflow's own
+    basic-auth variables), and the exported URI carries none."""
     _ENV_STATE["user"] = _user_env_uri()
     mlflow.set_tracking_uri(uri)
-    _ENV_STATE["written"] = uri
+    exported = _export_without_credentials(uri)
+    _ENV_STATE["written"] = exported
+
+
+def _export_without_credentials(uri: str) -> str:
+    """Put ``uri`` into the environment with its user:password moved to MLflow's basic-auth variables."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not is_http(uri) or parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    bare = urlunsplit(parts._replace(netloc=host))
+    os.environ["MLFLOW_TRACKING_URI"] = bare
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return bare
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, gram_home: str | Path) -> str:
@@ -172,7 +192,7 @@ def start_pipeline_run(cfg: MlflowConfig, gram_home: str | Path, run_name: str,
     The run ends FINISHED on normal exit and FAILED when the body raises (MLflow's context manager).
     """
     uri, experiment_id = ensure_experiment(cfg, gram_home)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=_fit_tags(tags)) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=redact(run_name), tags=_fit_tags(tags)) as run:
         handle = RunHandle(run.info.run_id, experiment_id, uri, run_url(uri, experiment_id, run.info.run_id))
         if params:
             log_params_flat(params, run_id=handle.run_id)
@@ -193,7 +213,7 @@ def stage_run(stage_name: str, params: Mapping[str, Any] | None = None,
     elif mlflow.get_tracking_uri() != parent.tracking_uri:
         use_tracking_uri(parent.tracking_uri)
     all_tags = _fit_tags({"gram.stage": stage_name, **(tags or {})})
-    with mlflow.start_run(experiment_id=parent.experiment_id, run_name=stage_name, nested=True,
+    with mlflow.start_run(experiment_id=parent.experiment_id, run_name=redact(stage_name), nested=True,
                           parent_run_id=parent.run_id, tags=all_tags) as run:
         handle = RunHandle(run.info.run_id, parent.experiment_id, parent.tracking_uri,
                            run_url(parent.tracking_uri, parent.experiment_id, run.info.run_id))

@@ -41,7 +41,7 @@ def model_label(start: ArtifactRef | str) -> str:
     return f"{start.kind}:{start.short}" if isinstance(start, ArtifactRef) else str(start)
 
 
-def run_name(stage: str, *parts: Any) -> str:
+def run_name(stage: str, *parts: Any, home: str | Path | None = None) -> str:
     """The resume key: a Ray run name that is the same whenever the stage's inputs are, so an interrupted
     run (stopped, crashed, killed) continues from its last checkpoint when the stage runs again.
 
@@ -50,10 +50,16 @@ def run_name(stage: str, *parts: Any) -> str:
     keeps the checkpoints; the checkpoint itself records the run layout (examples, global batch, total
     steps) and a mismatch on resume fails with a message. After a code change that alters what training
     computes, delete ``<ray_storage>/<run name>`` (or `gram gc`) to start that stage over.
+
+    With ``home`` the name ends with the state folder's identity (``tasks.state.home_id``): two state folders
+    sharing a Ray storage folder never share a run, and gc knows whose run a folder is.
     """
+    from tasks.state import home_id
+
     text = "|".join(p.sha256 if isinstance(p, ArtifactRef) else config_hash(p) if hasattr(p, "__dataclass_fields__")
                     else str(p) for p in parts)
-    return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    name = f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return f"{name}-{home_id(home)}" if home is not None else name
 
 
 def train_stage(data: ArtifactRef, start: ArtifactRef | str, settings: StageSettings,
@@ -70,7 +76,7 @@ def train_stage(data: ArtifactRef, start: ArtifactRef | str, settings: StageSett
     stage, log = settings.stage, stage_logger()
     store = open_store(settings.store)
     store.require(data)
-    name = run_name(stage, data, start, settings.model, settings.train, settings.encode)
+    name = run_name(stage, data, start, settings.model, settings.train, settings.encode, home=settings.store.home)
     log.info("%s: %d examples from %s, starting from %s (Ray run %s)", stage, data.rows or 0, data.short,
              model_label(start), name)
     began = time.monotonic()
@@ -95,6 +101,9 @@ def train_stage(data: ArtifactRef, start: ArtifactRef | str, settings: StageSett
 
 
 def _drop_checkpoints(state: StatePaths, name: str) -> None:
-    """Published: the run's Ray checkpoints were only there to resume it."""
-    if "://" not in state.ray_storage:
+    """Published: the run's Ray checkpoints were only there to resume it. Only this state folder's own run
+    (its name ends with the folder's identity): another folder's live run of the same inputs is its own."""
+    from tasks.state import home_id, run_owner
+
+    if "://" not in state.ray_storage and run_owner(name) == home_id(state.home):
         shutil.rmtree(Path(state.ray_storage) / name, ignore_errors=True)

@@ -230,6 +230,43 @@ def test_publish_fsyncs_every_file_and_folder_before_the_rename(tmp_path, monkey
     assert ("fsync", os.path.dirname(ref.uri)) in events[renamed:]
 
 
+def _fsync_log(monkeypatch):
+    """Every fsync and rename/replace in gram_core.folders, in order: (kind, path)."""
+    import os
+
+    from gram_core import folders
+
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    monkeypatch.setattr(folders.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                         real_fsync(fd))[1])
+    monkeypatch.setattr(folders.os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(folders.os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+    return events
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_write_folder_and_write_json_fsync_the_parent_after_the_rename(tmp_path, monkeypatch, existing):
+    """The rename that makes a folder (a replaced one too) or a JSON record visible is itself durable: the
+    parent folder is fsynced after the last rename into it."""
+    import os
+
+    from gram_core.folders import write_folder, write_json
+
+    target = tmp_path / "parent" / "model"
+    if existing:
+        target.mkdir(parents=True)
+        (target / "old.bin").write_bytes(b"old")
+    events = _fsync_log(monkeypatch)
+    write_folder(target, lambda folder: (folder / "w.bin").write_bytes(b"new"))
+    (tmp_path / "records").mkdir()
+    write_json(tmp_path / "records" / "record.json", {"a": 1})
+    for parent, name in (("parent", "model"), ("records", "record.json")):
+        last = max(i for i, e in enumerate(events) if e == ("rename", str(tmp_path / parent / name)))
+        assert ("fsync", os.fspath(tmp_path / parent)) in events[last + 1:], f"parent not fsynced after {name}"
+    assert (target / "w.bin").read_bytes() == b"new" and not (target / "old.bin").exists()
+
+
 def test_wall_clock_timings_stay_out_of_the_content_hash_and_back_in_the_history(tmp_path):
     """Two identical trainings differ only in tokens/s: their model artifacts hash the same (so `--refresh`
     finds the registered version by content), and the MLflow history still carries tokens/s."""

@@ -171,8 +171,9 @@ def test_eval_stops_on_a_chosen_equal_to_rejected_row_and_drops_it_with_the_opti
     data = _bench(tmp_path / "bench.parquet", 24, same=(5,))
     out_path = tmp_path / "scores.parquet"
     err = _one_line_error(capsys, ["eval", *judge_args, "--data", data, "--output", str(out_path)])
-    assert err.splitlines()[1] == ("  - column 'rejected': value outside its domain in 1 row(s); rows [5], values "
-                                   "{id=5, rejected='good 5'}; expected a response different from 'chosen'")
+    assert err == (f"gram eval: {data}: contract 'rewardbench' v1: column 'rejected': value outside its domain in "
+                   "1 row(s); rows [5], values {id=5, rejected='good 5'}; expected a response different from "
+                   "'chosen'")  # one line (issue 25); --debug raises the ContractError
     assert not out_path.exists()
     logged = _Lines()
     logging.getLogger("gram.contracts").addHandler(logged)
@@ -344,3 +345,43 @@ def test_a_model_folder_of_no_known_kind_is_a_one_line_error(case, tmp_path, cap
     expected = "neither a GRAM judge, a Bradley-Terry reward model nor a Hugging Face model folder" \
         if case == "no_config" else "is not a folder or .gguf file"
     assert expected in message
+
+
+@pytest.mark.parametrize("name, content", [("deep.json", b"[" * 200_000), ("deep.jsonl", b"[" * 200_000 + b"\n")])
+def test_deeply_nested_json_is_a_contract_error_exit_2_not_a_recursion_crash(tmp_path, capsys, name, content):
+    """`[` x 200,000 made the JSON parser raise RecursionError: "unexpected", exit 1. Now it is bad input."""
+    deep = tmp_path / name
+    deep.write_bytes(content)
+    assert cli.main(["eval", "--model", "tiny", "--data", str(deep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nested too deeply" in err[0] and str(deep) in err[0], err
+
+
+def test_a_contract_error_is_one_line_and_debug_shows_every_violation(tmp_path, capsys):
+    from data_contracts import ContractError
+
+    bad = tmp_path / "bench.jsonl"
+    rows = [{"id": 0, "prompt": "", "chosen": "a", "chosen_model": "m", "rejected": "a", "rejected_model": "n",
+             "subset": "chat"}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["eval", "--model", "tiny", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gram eval: {bad}: contract 'rewardbench' v1: column ")
+    assert "(and 1 more: column " in err[0] and "--debug shows each with its rows" in err[0], err
+    with pytest.raises(ContractError) as info:
+        cli.main(["eval", "--model", "tiny", "--data", str(bad), "--debug"])
+    assert {v.column for v in info.value.violations} == {"prompt", "rejected"}
+    assert "'prompt'" in str(info.value) and "'rejected'" in str(info.value)
+
+
+def test_a_promotion_conflict_is_one_line_exit_3_try_again(monkeypatch, capsys):
+    """A rival gate (another host) was deciding at the same time: like a held state folder, try again later."""
+    from tasks.promotion_gate import PromotionConflict
+
+    def conflict(args):
+        raise PromotionConflict("model 'm': another promotion gate is deciding at the same time (version 7 (...))")
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", conflict)
+    assert cli.main(["presets"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gram presets: model 'm': another promotion gate is deciding at the same time (version 7 (...))"]

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from data_contracts import PREFERENCE_PAIRS, ContractError, read_table, validate
 
 COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source")
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A fixed seed (derandomize): every run draws the same examples, so a failure reproduces.
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 def visible(text: str) -> bool:
@@ -287,3 +289,134 @@ def test_dropping_invalid_rows_keeps_only_valid_rows_and_accounts_for_every_row(
             return
         assert validate(table, contract).num_rows == table.num_rows == len(rows) - len(dropped)
         assert [d.row for d in dropped] == sorted({d.row for d in dropped}) and all(d.rules for d in dropped)
+
+
+# --------------------------------------------------------------------------------------------------
+# The strong checks for every contract: clean rows come back exactly; one defect (a missing column, a null, a
+# blank text, a value of another JSON type, a nested list or object, a float outside [0, 1]) is a ContractError
+# naming its column, and its row for a row-level defect.
+# --------------------------------------------------------------------------------------------------
+def _nested(depth: int, leaf):
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"v": value}
+    return value
+
+
+OUT_OF_UNIT = [-0.5, 1.5, -1e-9, 1.000001, 1e300, float("inf"), float("-inf"), float("nan")]
+
+
+from data_contracts.schemas import CONTRACTS  # noqa: E402 - the strong checks below cover every contract
+
+STRONG = settings(max_examples=8, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+ROW_KINDS = ("null", "blank", "wrong_type", "nested")
+TABLE_KINDS = ("none", "missing", "float_range")
+
+
+def _kinds(row_level: bool) -> list[tuple[str, str]]:
+    """(contract, defect kind) for every contract and every kind that applies to it."""
+    out = []
+    for name, contract in sorted(CONTRACTS.items()):
+        floats = any(pa.types.is_floating(f.type) for f in contract.schema)
+        for kind in (TABLE_KINDS + ROW_KINDS if row_level else TABLE_KINDS):
+            if (kind == "float_range" and not floats) or (kind == "blank" and not contract.non_empty):
+                continue
+            out.append((name, kind))
+    return out
+
+
+@st.composite
+def contract_cases(draw, name: str, kind: str):
+    """(rows, defect): 1-5 rows valid under contract ``name``, then one defect of ``kind`` (kind, column, row)
+    or none."""
+    contract = CONTRACTS[name]
+    n = draw(st.integers(1, 5))
+    rows = []
+    for i in range(n):
+        row = {}
+        for f in contract.schema:
+            if f.name == contract.id_column:
+                row[f.name] = i if pa.types.is_integer(f.type) else f"id-{i}"
+            elif pa.types.is_string(f.type):
+                row[f.name] = draw(TEXT)
+            elif pa.types.is_floating(f.type):
+                row[f.name] = draw(st.floats(0, 1))
+        if "rejected" in row and row["rejected"] == row["chosen"]:
+            row["rejected"] += " (other)"
+        if "p_chosen" in row:
+            row["p_chosen"] = (row["p_chosen_order1"] + row["p_chosen_order2"]) / 2
+            row["correct"] = row["p_chosen"] > 0.5
+        rows.append(row)
+    if kind == "none":
+        return rows, None
+    floats = [f.name for f in contract.schema if pa.types.is_floating(f.type)]
+    choices = floats if kind == "float_range" else list(contract.non_empty) if kind == "blank" else contract.columns
+    column, row = draw(st.sampled_from(choices)), draw(st.integers(0, n - 1))
+    if kind == "missing":
+        for r in rows:
+            del r[column]
+    elif kind == "null":
+        rows[row][column] = None
+    elif kind == "blank":
+        rows[row][column] = draw(st.sampled_from(["", " ", "\u3000", "\u200b"]))
+    elif kind == "wrong_type":
+        current = rows[row][column]
+        rows[row][column] = draw(st.sampled_from([v for v in ("0.5", 7, True, "x", 0.25)
+                                                  if type(v) is not type(current)]))
+    elif kind == "nested":
+        rows[row][column] = _nested(draw(st.integers(1, 60)), draw(st.sampled_from(["x", 0.5, 1, True])))
+    elif kind == "float_range":
+        rows[row][column] = draw(st.sampled_from(OUT_OF_UNIT))
+    return rows, (kind, column, row)
+
+
+def _strong(read, rows, defect) -> None:
+    """Clean: exactly the rows (nothing coerced). A defect: a ContractError naming the column (and the row)."""
+    if defect is None:
+        assert read().to_pylist() == rows
+        return
+    kind, column, row = defect
+    with pytest.raises(ContractError) as info:
+        read()
+    named = [v for v in info.value.violations if v.column == column]
+    assert named, f"{kind} in {column!r} not named: {info.value}"
+    if kind != "missing":
+        assert any(row in v.rows for v in named), f"{kind} at row {row} of {column!r} not named: {info.value}"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+@pytest.mark.parametrize("name, kind", _kinds(row_level=True))
+def test_every_contract_names_each_defect_in_json_and_coerces_nothing(name, kind, fmt):
+    @STRONG
+    @given(contract_cases(name, kind))
+    def check(case):
+        rows, defect = case
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"data.{fmt}"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else json.dumps(rows))
+            _strong(lambda: read_table(path, name), rows, defect)
+
+    check()
+
+
+@pytest.mark.parametrize("fmt", ["validate", "parquet"])
+@pytest.mark.parametrize("name, kind", _kinds(row_level=False))
+def test_every_contract_names_each_defect_in_tables_and_parquet(name, kind, fmt):
+    """Typed tables (missing columns, floats outside [0, 1] incl. NaN and inf) through validate() and Parquet."""
+    @STRONG
+    @given(contract_cases(name, kind))
+    def check(case):
+        rows, defect = case
+        contract = CONTRACTS[name]
+        present = [f for f in contract.schema if f.name in rows[0]]
+        table = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in present})
+        if fmt == "validate":
+            _strong(lambda: validate(table, contract), rows, defect)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "data.parquet"
+            pq.write_table(table, path)
+            _strong(lambda: read_table(path, contract), rows, defect)
+
+    check()

@@ -273,8 +273,9 @@ def test_eval_set_id_is_the_rows_not_the_file(tmp_path):
     assert eval_set_id(table, JudgeConfig(batch_size=2)) in ids  # batch size does not change scores
 
 
-def _ray_snapshot(run: Path, committed: list[str]) -> None:
-    """Ray Train's own run snapshot (its pydantic state, as its CheckpointManager writes it) listing ``committed``."""
+def _ray_snapshot(run: Path, committed: list[str], pending: tuple[str, ...] = ()) -> None:
+    """Ray Train's own run snapshot (its pydantic state, as its CheckpointManager writes it) listing ``committed``,
+    and ``pending``: checkpoints reported but awaiting validation (in no other field of the snapshot)."""
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
         _CheckpointManagerState,
         _TrainingResultState,
@@ -283,7 +284,8 @@ def _ray_snapshot(run: Path, committed: list[str]) -> None:
     results = [_TrainingResultState(checkpoint_dir_name=name, metrics={"step": i}) for i, name in enumerate(committed)]
     state = _CheckpointManagerState(
         checkpoint_results=results, checkpoint_report_indices=list(range(len(results))),
-        latest_checkpoint_result=results[-1] if results else None, pending_training_results=[],
+        latest_checkpoint_result=results[-1] if results else None,
+        pending_training_results=[_TrainingResultState(checkpoint_dir_name=n, metrics={}) for n in pending],
         pending_validation_specs=[], current_report_index=len(results), validated_checkpoint_dir_names=[],
         timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[])
     (run / "checkpoint_manager_snapshot.json").write_text(state.model_dump_json())
@@ -319,6 +321,21 @@ def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkey
     (run / torn).mkdir()
     assert main(["gc", "--preset", "smoke", "--apply"]) == 0
     assert (run / torn).is_dir() and (run / committed).is_dir()
+
+
+def test_drill_gc_keeps_a_checkpoint_awaiting_validation(tmp_path):
+    """A checkpoint Ray Train reported but has not validated yet is listed only under the snapshot's
+    `pending_training_results`; a resume restores it, so gc keeps it (and still removes a torn one)."""
+    from tasks.state import collect_garbage
+
+    cfg = _config(tmp_path / "home")
+    run = tmp_path / "home" / "ray_storage" / "finetune-0123456789abcdef"
+    for name in ("checkpoint-8", "checkpoint-16", "checkpoint-24"):
+        (run / name).mkdir(parents=True)
+    _ray_snapshot(run, ["checkpoint-8"], pending=("checkpoint-16",))
+    removed = {Path(g.path).name for g in collect_garbage(cfg, apply=True)}
+    assert (run / "checkpoint-16").is_dir(), "gc removed a checkpoint awaiting validation"
+    assert removed == {"checkpoint-24"} and (run / "checkpoint-8").is_dir()
 
 
 LIVE_RUN = """

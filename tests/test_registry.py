@@ -305,14 +305,20 @@ def paused(self, model, alias, v):  # the window in which an unlocked gate lets 
     return real(self, model, alias, v)
 
 MlflowClient.set_registered_model_alias = paused
+if len(sys.argv) > 6:  # another host: a lock folder of its own
+    from tasks import promotion_gate
+    promotion_gate.promotion_lock_path = lambda uri, name: Path(sys.argv[6]) / "promote.lock"
 go = out.with_suffix(".go")
 out.with_suffix(".ready").touch()
 while not go.exists():
     time.sleep(0.02)
 start = time.time()
-decision = model_registry.promote_if_better(client, name, version, "rewardbench/overall", 0.0, "set-a")
-out.write_text(json.dumps({"start": start, "end": time.time(), "decision": decision.decision,
-                           "champion_version": decision.champion_version}))
+try:
+    decision = model_registry.promote_if_better(client, name, version, "rewardbench/overall", 0.0, "set-a")
+    result = {"decision": decision.decision, "champion_version": decision.champion_version}
+except model_registry.PromotionConflict as err:
+    result = {"decision": "conflict", "champion_version": None, "error": str(err)}
+out.write_text(json.dumps({"start": start, "end": time.time(), **result}))
 """
 
 
@@ -368,6 +374,74 @@ def test_drill_concurrent_promotions_keep_the_better_model(store, tmp_path, slow
     assert second["start"] < first["end"] <= second["end"]  # it started during the first gate, and waited
     assert first["decision"] == "promoted" and second["champion_version"] == versions[slow_score]
     assert _alias(client, name, "champion") == versions[0.70]
+
+
+@pytest.mark.parametrize("slow_score", [0.65, 0.70])
+def test_drill_gates_on_two_hosts_keep_the_better_model_or_raise_a_conflict(store, tmp_path, slow_score):
+    """Two gate processes with two lock folders (two hosts: the file lock does not serialize them) race against
+    a 0.60 champion; the slow one pauses right before it moves the alias and the fast one runs meanwhile. The
+    registry claim (compare-and-set) lets at most one move: either the 0.70 model ends as champion and nobody
+    complains, or a gate raised ``PromotionConflict`` having moved nothing. No gate leaves a claim behind."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    client, metric, uri = MlflowClient(), "rewardbench/overall", mlflow_uri()
+    name = f"judge-hosts-{int(slow_score * 100)}"
+    champion = _new_version(client, name, 0.60, "set-a", metric)
+    assert model_registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
+    fast_score = 0.70 if slow_score == 0.65 else 0.65
+    versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    outs = {s: tmp_path / f"gate-{s}.json" for s in versions}
+    procs = {s: subprocess.Popen([sys.executable, "-c", GATE_PROCESS, uri, name, versions[s], p, str(outs[s]),
+                                  str(tmp_path / f"host-{s}")],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s, p in ((slow_score, "3.0"), (fast_score, "0"))}
+    try:
+        for s in versions:
+            _wait_for(outs[s].with_suffix(".ready"), procs[s])
+        outs[slow_score].with_suffix(".go").touch()
+        _wait_for(outs[slow_score].with_suffix(".decided"), procs[slow_score])
+        outs[fast_score].with_suffix(".go").touch()  # no shared lock: it runs while the slow one is paused
+        for proc in procs.values():
+            assert proc.wait(120) == 0, proc.communicate()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    results = {s: json.loads(outs[s].read_text()) for s in versions}
+    final = _alias(client, name, "champion")
+    conflicts = [s for s, r in results.items() if r["decision"] == "conflict"]
+    assert final == versions[0.70] or conflicts, f"the worse model is champion and no gate said so: {results}"
+    assert all(final != versions[s] for s in conflicts), "a gate that raised PromotionConflict left its move"
+    assert not [k for k in client.get_registered_model(name).tags if k.startswith("promotion/claim/")]
+
+
+def test_drill_a_hand_made_move_between_decision_and_move_makes_the_gate_decide_again(store, monkeypatch):
+    """The gate re-reads the champion right before it moves the alias: a writer without the lock that sets a
+    better champion (0.80) after the gate read 0.60 makes it keep, not overwrite the 0.80 with its 0.70."""
+    client, metric, name = MlflowClient(), "rewardbench/overall", "judge-reread"
+    base = _new_version(client, name, 0.60, "set-a", metric)
+    client.set_registered_model_alias(name, "champion", base)
+    better = _new_version(client, name, 0.80, "set-a", metric)
+    candidate = _new_version(client, name, 0.70, "set-a", metric)
+    read = MlflowClient.get_model_version_by_alias
+    calls = []
+
+    def read_then_rival_moves(self, model, alias):
+        found = read(self, model, alias)
+        if not calls:  # right after the gate's first read, the other writer moves the alias
+            MlflowClient.set_registered_model_alias(self, model, alias, better)
+        calls.append(alias)
+        return found
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", read_then_rival_moves)
+    decision = model_registry.promote_if_better(client, name, candidate, metric, 0.0, "set-a")
+    monkeypatch.undo()
+    assert decision.decision == "kept" and decision.champion_version == better
+    assert _alias(client, name, "champion") == better
 
 
 def test_gate_lock_key_ignores_spelling_credentials_and_loopback_aliases():

@@ -269,7 +269,10 @@ def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_pat
     ray_tmp = Path(f"/tmp/gc-{os.getpid()}")  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(GRAM_HOME=str(home), PREFECT_HOME=str(prefect_home), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(ROOT),
-               GRAM_LOCK_DIR=str(tmp_path / "locks"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="900")
+               GRAM_LOCK_DIR=str(tmp_path / "locks"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="900",
+               HF_TOKEN=f"hf_{CANARY}")  # a credential in another environment variable (unused offline)
+    study_out = tmp_path / "study-out" / "study.md"  # `gram study --out` writes its command line there
+    study_out.parent.mkdir()
     libpq = [f"--set=data.eval.name={SECRET_FORMS['libpq password']}",  # a hub config name: unused for a path
              f"--set=data.preferences.name={SECRET_FORMS['libpq quoted password']}"]
     data_urls = [f"--set=data.eval.path={SECRET_FORMS['query token']}",
@@ -281,7 +284,8 @@ def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_pat
             uri = f"http://gram:{quote(PASSWORD, safe='')}@127.0.0.1:{port}"
             for name, args, extra in (
                     ("run", ["run", "--preset", "smoke", f"--set=mlflow.tracking_uri={uri}", *libpq], {}),
-                    ("study", ["study", "--preset", "smoke", *libpq], {"MLFLOW_TRACKING_URI": uri}),
+                    ("study", ["study", "--preset", "smoke", *libpq, "--out", str(study_out)],
+                     {"MLFLOW_TRACKING_URI": uri}),
                     ("bad-data", ["run", "--preset", "smoke", *data_urls], {"MLFLOW_TRACKING_URI": uri})):
                 codes[name], out, err, seconds[name] = _gram(args, {**env, **extra})
                 (tmp_path / f"{name}.out").write_text(out)
@@ -297,6 +301,7 @@ def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_pat
                    base64.b64encode(f"gram:{PASSWORD}".encode()))  # as an Authorization header carries it
         hits = [*_hits(home, needles), *_hits(server_root, needles), *_hits(prefect_home, needles),
                 *_hits(ray_tmp, needles),  # Ray's session folder: its logs, spilled objects
+                *_hits(study_out.parent, needles),  # the study report with its command line
                 *[f"{name}: {line}" for name, text in console.items() for line in text.splitlines() if CANARY in line]]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -310,6 +315,7 @@ def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_pat
     assert any(p.get("config.mlflow.tracking_uri") == redacted_uri for p in params), params
     assert any(p.get("config.data.eval.name") == "host=db.invalid user=gram password=*** dbname=mlflow" for p in params)
     assert "study" in {r.data.tags.get("gram.flow") for r in parents}, [r.data.tags for r in parents]
+    assert "password=***" in study_out.read_text()  # the --set values are in the report's command, redacted
     assert f"at {redacted_uri}" in console["run stdout"]  # the summary names the server, redacted
     # ... and the overrides reached Prefect redacted, and the bad data URLs failed in a task, redacted.
     parameters, failed = _prefect_runs(prefect_home / "prefect.db")

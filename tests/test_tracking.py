@@ -176,3 +176,25 @@ def test_deleted_experiment_is_restored(home, monkeypatch):
     _, again = tracking.ensure_experiment(MlflowConfig(experiment="gone"), home)
     assert again == experiment_id
     assert MlflowClient(uri).get_experiment(experiment_id).lifecycle_stage == "active"
+
+
+def test_text_artifacts_are_uploaded_redacted_and_the_local_files_kept(home, tmp_path):
+    """A report or summary that names a credential (a store or tracking URI) reaches the tracking store redacted,
+    as a single file and inside a folder; binary files and the local originals are left as they were."""
+    secret = "pw-Zq81xTextArtifact"
+    report = tmp_path / "report.md"
+    report.write_text(f"store: https://gram:{secret}@store.example/p\n")
+    folder = tmp_path / "summary"
+    folder.mkdir()
+    (folder / "summary.json").write_text(f'{{"uri": "s3://b/p?token={secret}"}}')
+    (folder / "weights.bin").write_bytes(b"\x00" + secret.encode())
+    with tracking.start_pipeline_run(MlflowConfig(experiment="exp-redact"), home, "redact") as run:
+        tracking.log_artifact_file(report, artifact_path="reports")
+        tracking.log_artifact_file(folder)
+    root = Path(MlflowClient(run.tracking_uri).get_run(run.run_id).info.artifact_uri.removeprefix("file://"))
+    uploaded = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    texts = {k: v for k, v in uploaded.items() if not k.endswith(".bin")}
+    assert set(texts) == {"reports/report.md", "summary.json"}  # a folder's files land at the root
+    assert all(secret.encode() not in v and b"***" in v for v in texts.values()), texts
+    assert uploaded["weights.bin"] == b"\x00" + secret.encode()  # bytes are not text: never rewritten
+    assert secret in report.read_text() and secret in (folder / "summary.json").read_text()

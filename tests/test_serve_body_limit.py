@@ -1,0 +1,110 @@
+"""`gram serve`'s body-size cap, as a client meets it over HTTP (a real server process on a loopback port):
+both checks are drilled, each by the request only it can catch.
+
+* A body that declares more than the cap in ``Content-Length`` is refused before it is read: a client that
+  declares 10 MB and sends a few bytes gets 413 at once (without the check the server waits for the rest).
+* A body without ``Content-Length`` (chunked) is measured as read: valid JSON over the cap is 413, not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "body-cap-token"
+CAP_MB = 0.02  # 20971 bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`gram serve tiny` with a 0.02 MB body cap, ready; SIGTERM by PID at the end."""
+    port = _free_port()
+    work = Path(tempfile.mkdtemp(prefix="gb", dir="/tmp"))  # Ray's socket paths must stay short
+    (work / "token").write_text(TOKEN + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(work / "r"), "RAY_AUTH_MODE": "disabled",
+           "GRAM_HOME": str(work / "home")}
+    log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "tiny", "--port", str(port), "--token-file",
+           str(work / "token"), "--max-body-mb", str(CAP_MB), "--cpus-per-replica", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (work / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield port
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        # Ray Serve's replica and proxy logs (under the session folder) as well as our own: no token anywhere.
+        scanned = [p for p in work.rglob("*") if p.is_file() and p.name != "token" and not p.is_symlink()]
+        leaks = [str(p) for p in scanned if TOKEN.encode() in p.read_bytes()]
+        replica_logs = [p.name for p in scanned if p.name.startswith("replica_") and p.suffix == ".log"]
+        shutil.rmtree(work, ignore_errors=True)
+        assert leaks == [] and replica_logs, (leaks, replica_logs)
+
+
+def _raw(port: int, head: str, body: bytes, timeout: float) -> tuple[int, str]:
+    """Send ``head`` + ``body`` on a fresh connection and read the answer's status and text (socket timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1].decode(errors="replace")
+
+
+def test_a_declared_oversize_body_is_refused_before_it_is_read(server):
+    head = (f"POST /get_reward HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n")
+    started = time.monotonic()
+    try:
+        status, text = _raw(server, head, b'{"query": [', timeout=30)
+    except TimeoutError:
+        pytest.fail("no answer in 30 s: the server waited for a 10 MB body it should have refused by its header")
+    assert status == 413 and "10000000 bytes" in text, text
+    assert time.monotonic() - started < 30
+
+
+def test_an_undeclared_oversize_body_is_refused_once_read(server):
+    body = json.dumps({"query": [], "prompts": [], "labels": [], "pad": "x" * 30000}).encode()
+    chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
+                       for part in (body[i:i + 4096] for i in range(0, len(body), 4096))) + b"0\r\n\r\n"
+    head = (f"POST /get_reward HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    status, text = _raw(server, head, chunked, timeout=60)
+    assert status == 413 and f"{len(body)} bytes" in text, text
