@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import InputError
+from gram_core.report import pct
 
 
 def read_candidates(path: str) -> list[dict[str, Any]]:
@@ -32,9 +33,6 @@ def read_candidates(path: str) -> list[dict[str, Any]]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run summary: eval table, registered version and aliases, where to look."""
-    def pct(value: float | str | None) -> str:
-        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
-
     columns = summary.get("columns") or {"trained": "GRAM"}
     scalar = " (BT: a scalar reward model, one order)" if "bt" in columns else ""
     lines = ["", f"Evaluation on {summary.get('eval_rows')} pairs (accuracy %; judges in both slot orders"

@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import Runner, load_inputs, pipeline_config
+from gram_core.artifact_files import STUDY_CHART, STUDY_FILE
 from gram_core.config import check
 from tasks.baseline import bradley_terry
 from tasks.evaluate import evaluate
@@ -93,7 +94,7 @@ def _study(preset: str, config: Any, refresh: bool) -> dict[str, Any]:
         record_study(out["report"], out["models"], out["scores"], run.paths, tracking, dropped)
     report = out["report"]
     return redact_value({  # printed by `gram study` and kept by Prefect as the flow's result
-        "report": report.file("quality.md"), "chart": report.file("quality.png"), "arms": report.meta["arms"],
+        "report": report.file(STUDY_FILE), "chart": report.file(STUDY_CHART), "arms": report.meta["arms"],
         "eval_rows": report.meta.get("eval_rows"), "dropped_rows": dropped, "mlflow_run": tracking.url or tracking.run_id,
         "tracking_uri": tracking.tracking_uri, "stages": {r.name: r.state for r in run.records},
         "artifact_store": run.paths.artifact_store})

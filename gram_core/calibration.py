@@ -2,7 +2,7 @@
 
 A pair's prediction is the side with P > 0.5, its confidence max(P, 1 − P) ∈ [0.5, 1]. Pairs are put in
 ``bins`` equal-width confidence bins over [0.5, 1]; ECE = Σ_b (n_b / N) · |accuracy_b − mean confidence_b|
-(Guo et al. 2017, top-label form for two classes). A tie (P = 0.5) counts as wrong, as everywhere else.
+(Guo et al. 2017, top-label form for two classes). A tie (P = 0.5) counts as wrong, as in every report (gram_core.report).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from gram_core.report import is_correct
 
 
 def calibration_bins(p_chosen: Sequence[float], bins: int = 10) -> list[dict[str, float]]:
@@ -22,7 +24,7 @@ def calibration_bins(p_chosen: Sequence[float], bins: int = 10) -> list[dict[str
     if bins < 1:
         raise ValueError(f"calibration_bins: bins must be >= 1, got {bins}")
     confidence = np.maximum(p, 1 - p)
-    correct = p > 0.5
+    correct = is_correct(p)
     edges = np.linspace(0.5, 1.0, bins + 1)
     index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins - 1)
     out = []

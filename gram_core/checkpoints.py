@@ -17,11 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gram_core.artifact_files import OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE
 from gram_core.folders import write_folder
-
-WEIGHTS_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"
 
 
 def save_checkpoint(target: Path, model, named, optimizer, scheduler, state: dict, weights: dict | None = None,

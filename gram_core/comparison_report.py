@@ -14,7 +14,9 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from gram_core.artifact_files import CHART_FILE
 from gram_core.evidence import evidence_lines
+from gram_core.report import TIE_RULE, credit, mean_credit, pct
 from gram_core.rewardbench import (
     SECTIONS,
     RewardBenchResult,
@@ -36,10 +38,6 @@ COLUMNS = {"base": "zero-shot", "bt": "BT", "trained": "GRAM"}
 TRAINED = "trained"
 
 
-def _mean(values: list[bool]) -> float:
-    return sum(values) / len(values)
-
-
 def readout(scores: Any, scalar: bool = False) -> RewardBenchResult:
     """RewardBench readout of a scores table; a scalar model's per-order columns (both = p) are left out, so
     no position consistency is computed for it."""
@@ -56,27 +54,21 @@ def eval_metrics(scores: Any, scalar: bool = False) -> dict[str, float]:
 
     metrics = to_metrics(readout(scores, scalar))
     metrics[ORDERS] = 1.0 if scalar else 2.0
-    correct = scores["correct"].to_pylist()
+    correct = credit(scores).tolist()  # gram_core.report: a tie counts as wrong
     subsets = scores["subset"].to_pylist()
-    metrics[ACCURACY] = _mean(correct)
-    sections: dict[str, list[bool]] = {}
+    metrics[ACCURACY] = mean_credit(correct)
+    sections: dict[str, list[float]] = {}
     for subset, ok in zip(subsets, correct, strict=True):
         if subset in STARTER_SECTIONS:
             sections.setdefault(STARTER_SECTIONS[subset], []).append(ok)
     for section, values in sections.items():
-        metrics[STARTER_PREFIX + section.lower().replace(" ", "_")] = _mean(values)
+        metrics[STARTER_PREFIX + section.lower().replace(" ", "_")] = mean_credit(values)
     held = [ok for subset, ok in zip(subsets, correct, strict=True) if subset in HELDOUT_SUBSETS]
     if held and len(held) < len(correct):
-        metrics[HELDOUT] = _mean(held)
-        metrics[IN_DISTRIBUTION] = _mean([ok for s, ok in zip(subsets, correct, strict=True)
-                                          if s not in HELDOUT_SUBSETS])
+        metrics[HELDOUT] = mean_credit(held)
+        metrics[IN_DISTRIBUTION] = mean_credit([ok for s, ok in zip(subsets, correct, strict=True)
+                                                if s not in HELDOUT_SUBSETS])
     return metrics
-
-
-def _fmt(value: float | str | None) -> str:
-    if isinstance(value, str):
-        return value
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
 def _value(metrics: Mapping[str, float], key: str) -> float | str | None:
@@ -136,25 +128,26 @@ def protocol_note(names: Collection[str], scalar: Collection[str] = ()) -> str:
 def comparison_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] = (),
                     title: str = "GRAM judge evaluation", eval_name: str = "eval set",
                     evidence: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None,
-                    rows_read: int | None = None) -> str:
+                    rows_read: int | None = None, chart: str | None = CHART_FILE) -> str:
     """Comparison table of the models side by side, then the full RewardBench-style readout of each.
 
     ``columns``: model name -> scores table, in column order (e.g. zero-shot, BT, GRAM); the models named in
     ``scalar`` are scalar reward models (one order, see ``eval_metrics``). ``dropped``: the eval set's invalid rows
-    left out before scoring (``gram_core.sources.dropped_summary``), of ``rows_read`` when known."""
+    left out before scoring (``gram_core.sources.dropped_summary``), of ``rows_read`` when known. ``chart``: the
+    chart's file name beside the report (``write_chart``), None for a report without one."""
     from gram_core.sources import dropped_text
 
     metrics = {name: eval_metrics(table, name in scalar) for name, table in columns.items()}
     rows = next(iter(columns.values())).num_rows
     dropped_note = f"Before scoring, {dropped_text(dict(dropped), rows_read)}. " if dropped is not None else ""
-    lines = [f"# {title}", "", f"Eval set: {eval_name}, {rows} pairs. {dropped_note}Accuracies in %; a tie counts as "
-             "wrong. " + protocol_note(list(columns), scalar), "",
+    lines = [f"# {title}", "", f"Eval set: {eval_name}, {rows} pairs. {dropped_note}Accuracies in %; {TIE_RULE}. "
+             + protocol_note(list(columns), scalar), "",
              *(evidence_lines(evidence) + [""] if evidence else []),
              "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in comparison_rows(metrics):
         name = f"**{row['name']}**" if row["kind"] == "overall" else (
             row["name"] if row["kind"] == "section" else f"&nbsp;&nbsp;{row['name']}")
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in row["values"].values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(pct(v) for v in row["values"].values()) + " |")
     lines.append("")
     for name, table in columns.items():
         is_scalar = name in scalar
@@ -163,7 +156,8 @@ def comparison_markdown(columns: Mapping[str, Any], *, scalar: Collection[str] =
             lines.append(rewardbench_markdown(detail, title=f"{name}: detail", protocol=protocol_note([name], [name])))
         else:
             lines.append(rewardbench_markdown(detail, title=f"{name}: detail"))
-    lines.append("![accuracy per subset](chart.png)")
+    if chart:
+        lines.append(f"![accuracy per subset]({chart})")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gram_core.cues import REPORTED_CUES, cue_credits
+from gram_core.report import CUE_TIE_RULE, credit, is_correct, mean_credit, pct
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -51,12 +52,13 @@ def interval(point: float, spread: np.ndarray, level: float = LEVEL) -> dict[str
 
 def accuracy_interval(correct: Sequence[float], clusters: Sequence[Any] | None = None, seed: int = 0,
                       level: float = LEVEL) -> dict[str, float]:
-    """{"value", "low", "high"}: the mean and its percentile bootstrap interval (over clusters if given)."""
+    """{"value", "low", "high"}: the accuracy of per-pair credits (gram_core.report) and its percentile bootstrap
+    interval (over clusters if given)."""
     values = np.asarray(correct, dtype=float)
     if len(values) == 0:
         return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
     means = _resampled_means(values[:, None], clusters, seed)[:, 0]
-    return {k: v for k, v in interval(values.mean(), means, level).items() if k != "within_noise"}
+    return {k: v for k, v in interval(mean_credit(values), means, level).items() if k != "within_noise"}
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence[Any] | None = None,
@@ -71,15 +73,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float], clusters: Sequence
 
 
 def cue_rows(chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-pair credit of each reported cue baseline (prefer longer, shorter, more capitals)."""
+    """Per-pair credit of each reported cue baseline (prefer longer, shorter, more capitals): 1, 0, or 0.5 on a tie
+    (gram_core.report.CUE_TIE_RULE)."""
     return {cue: cue_credits(cue, chosen, rejected) for cue in REPORTED_CUES}
 
 
 def fmt_interval(interval: Mapping[str, float], signed: bool = False) -> str:
     """'66.2 [58.1, 73.4]' in percent; ``signed`` puts a + on positive values (for differences)."""
-    sign = "+" if signed else ""
-    value, low, high = (round(100 * interval[k], 1) + 0.0 for k in ("value", "low", "high"))  # no "-0.0"
-    return f"{value:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+    value, low, high = (pct(interval[k], signed=signed) for k in ("value", "low", "high"))
+    return f"{value} [{low}, {high}]"
 
 
 def starter_clusters(eval_rows: Sequence[Mapping[str, Any]]) -> list[str] | None:
@@ -105,29 +107,29 @@ def evidence(columns: Mapping[str, Any], eval_rows: Sequence[Mapping[str, Any]],
     """Accuracy intervals of each model and each cue baseline (overall, in-distribution, held-out), position
     consistency, and paired differences of the last model (the one under test) against every other.
 
-    ``columns``: name -> scores table (id, subset, correct, p_chosen_order1/2) in the order of ``eval_rows``'s
-    ids; ``eval_rows``: the eval set's rows (id, prompt, chosen, rejected, subset)."""
+    ``columns``: name -> scores table (id, subset, p_chosen, p_chosen_order1/2) in the order of ``eval_rows``'s
+    ids, counted by gram_core.report (a model's tie counts as wrong, a cue's half); ``eval_rows``: the eval set's rows (id, prompt, chosen, rejected, subset)."""
     from gram_core.starter import HELDOUT_SUBSETS
 
     order = {str(r["id"]): i for i, r in enumerate(eval_rows)}
     subsets = [r["subset"] for r in eval_rows]
     clusters = starter_clusters(eval_rows)
     held = np.array([s in HELDOUT_SUBSETS for s in subsets])
-    credit: dict[str, np.ndarray] = {}
+    credits: dict[str, np.ndarray] = {}
     consistency: dict[str, float | None] = {}
     for name, table in columns.items():
-        rows = table.select([c for c in ("id", "correct", "p_chosen_order1", "p_chosen_order2")
+        rows = table.select([c for c in ("id", "p_chosen_order1", "p_chosen_order2")
                              if c in table.column_names]).to_pylist()
         values = np.zeros(len(eval_rows))
         agree = []
-        for row in rows:
-            values[order[str(row["id"])]] = float(row["correct"])
+        for row, value in zip(rows, credit(table), strict=True):
+            values[order[str(row["id"])]] = value
             if name not in scalar and "p_chosen_order1" in row:
-                agree.append((row["p_chosen_order1"] > 0.5) == (row["p_chosen_order2"] > 0.5))
-        credit[name] = values
+                agree.append(bool(is_correct(row["p_chosen_order1"]) == is_correct(row["p_chosen_order2"])))
+        credits[name] = values
         consistency[name] = float(np.mean(agree)) if agree else None
     cues = cue_rows([r["chosen"] for r in eval_rows], [r["rejected"] for r in eval_rows])
-    credit.update(cues)
+    credits.update(cues)
 
     def parts(values: np.ndarray) -> dict[str, Any]:
         out = {"all": accuracy_interval(values, clusters, seed)}
@@ -138,19 +140,19 @@ def evidence(columns: Mapping[str, Any], eval_rows: Sequence[Mapping[str, Any]],
         return out
 
     rows = [{"name": name, "kind": "cue" if name in cues else "model", **parts(values),
-             "consistency": consistency.get(name)} for name, values in credit.items()]
+             "consistency": consistency.get(name)} for name, values in credits.items()]
     models = list(columns)
     differences = []
     split = held.any() and not held.all()
     if len(models) > 1:
         last = models[-1]
         for other in models[:-1]:
-            differences.append({"name": f"{last} - {other}", **paired_difference(credit[last], credit[other],
+            differences.append({"name": f"{last} - {other}", **paired_difference(credits[last], credits[other],
                                                                                   clusters, seed)})
             for part, mask in (("in_distribution", ~held), ("heldout", held)) if split else ():
                 sub = [c for c, m in zip(clusters, mask, strict=True) if m] if clusters else None
                 differences.append({"name": f"{last} - {other}", "part": part,
-                                    **paired_difference(credit[last][mask], credit[other][mask], sub, seed)})
+                                    **paired_difference(credits[last][mask], credits[other][mask], sub, seed)})
     return {"rows": rows, "differences": differences, "clusters": len(set(clusters)) if clusters else len(eval_rows),
             "clustered_by": "template" if clusters else "pair", "level": LEVEL}
 
@@ -161,10 +163,10 @@ def evidence_lines(ev: Mapping[str, Any]) -> list[str]:
     head = "| | accuracy | in-distribution | held-out | position consistency |" if split else \
         "| | accuracy | position consistency |"
     lines = [f"Accuracy in % with {ev['level']:.0%} bootstrap intervals over {ev['clusters']} "
-             f"{ev['clustered_by']}s (resampled {RESAMPLES}x); cue rows are surface-feature baselines (a tie "
-             "counts half).", "", head, "|---|" + "---|" * (head.count("|") - 2)]
+             f"{ev['clustered_by']}s (resampled {RESAMPLES}x); cue rows are surface-feature baselines "
+             f"({CUE_TIE_RULE}).", "", head, "|---|" + "---|" * (head.count("|") - 2)]
     for r in ev["rows"]:
-        cons = "—" if r["consistency"] is None else f"{100 * r['consistency']:.1f}"
+        cons = pct(r["consistency"])
         cells = [fmt_interval(r["all"])]
         if split:
             cells += [fmt_interval(r["in_distribution"]), fmt_interval(r["heldout"])]

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gram_core.artifact_files import JUDGE_SETTINGS_FILE
 from gram_core.config import EncodeConfig, JudgeConfig
 
-JUDGE_SETTINGS_FILE = "gram_judge.json"
 SETTINGS_KEYS = ("label_a", "label_b", "max_length", "system_prompt")
 
 

@@ -15,11 +15,11 @@ import numpy as np
 
 from gram_core.calibration import expected_calibration_error
 from gram_core.evidence import LEVEL, RESAMPLES, cue_rows, fmt_interval, interval
+from gram_core.report import CREDIT, CUE_TIE_RULE, accuracy, credit, pct
 from gram_core.rewardbench import (
     PROTOCOL_NOTE,
     SECTIONS,
     SUBSET_WEIGHTS,
-    correctness,
     section_scores,
     weighted_section_scores,
 )
@@ -37,12 +37,13 @@ COMPARED_ARM = "gram"  # the paired differences are GRAM minus each other arm
 
 def cue_tables(eval_rows: Any) -> dict[str, dict[str, list]]:
     """Scores tables of the reported cue baselines (prefer longer, shorter, more capitals) on the eval pairs:
-    P(chosen) = 1 when the cue picks the chosen answer, 0 when it picks the rejected one, 0.5 on a tie (which
-    counts as wrong, as a judge's tie does). A judge no better than its cue row has learned the shortcut."""
+    P(chosen) and ``credit`` = 1 when the cue picks the chosen answer, 0 when it picks the rejected one, 0.5 on a
+    tie (a cue's tie counts half, as in the run summary: gram_core.report). A judge no better than its cue row has
+    learned the shortcut."""
     table = eval_rows.to_pydict() if hasattr(eval_rows, "to_pydict") else eval_rows
     return {f"cue: {cue}": {"id": list(table["id"]), "subset": list(table["subset"]),
-                            "p_chosen": [float(c) for c in credit]}
-            for cue, credit in cue_rows(table["chosen"], table["rejected"]).items()}
+                            "p_chosen": [float(c) for c in credits], CREDIT: [float(c) for c in credits]}
+            for cue, credits in cue_rows(table["chosen"], table["rejected"]).items()}
 
 
 LENGTH_CUE = "cue: prefer longer"  # RewardBench's best-known shortcut; the study compares GRAM with it too
@@ -98,10 +99,10 @@ def training_markdown(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _by_id(scores: Any) -> dict[str, tuple[str, bool]]:
-    """id -> (subset, correct), with rewardbench's own correctness (checked p_chosen; a tie counts as wrong)."""
+def _by_id(scores: Any) -> dict[str, tuple[str, float]]:
+    """id -> (subset, credit), with the reports' one rule (gram_core.report: a model's tie counts as wrong)."""
     table = scores.to_pydict() if hasattr(scores, "to_pydict") else scores
-    return {str(i): (str(s), bool(c)) for i, s, c in zip(table["id"], table["subset"], correctness(scores), strict=True)}
+    return {str(i): (str(s), float(c)) for i, s, c in zip(table["id"], table["subset"], credit(scores), strict=True)}
 
 
 def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
@@ -113,7 +114,7 @@ def paired_differences(a: Any, b: Any, seed: int = 0, level: float = LEVEL,
     rows_a, rows_b = _by_id(a), _by_id(b)
     if set(rows_a) != set(rows_b):
         raise ValueError(f"paired differences need the same pairs: {len(set(rows_a) ^ set(rows_b))} ids differ")
-    subsets: dict[str, list[tuple[bool, bool]]] = {}
+    subsets: dict[str, list[tuple[float, float]]] = {}
     for key, (subset, correct) in rows_a.items():
         subsets.setdefault(subset, []).append((correct, rows_b[key][1]))
     rng = np.random.default_rng(seed)
@@ -180,15 +181,14 @@ def arm_metrics(scores: Any, scalar: bool = False) -> dict[str, Any]:
     """Sections, overall, per-subset accuracy, position consistency (None for a scalar model) and ECE."""
     result = section_scores(scores)
     p = scores["p_chosen"].to_pylist() if hasattr(scores, "column_names") else list(scores["p_chosen"])
-    correct = [x > 0.5 for x in p]  # strict, as everywhere: a tie counts as wrong
-    return {"sections": dict(result.sections), "overall": result.overall, "accuracy": sum(correct) / len(correct),
+    return {"sections": dict(result.sections), "overall": result.overall, "accuracy": accuracy(scores),
             "subsets": {k: v[0] for k, v in result.subsets.items()}, "rows": result.rows,
             "position_consistency": None if scalar else result.position_consistency,
             "ece": expected_calibration_error(p)}
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+    return pct(value, missing="n/a")
 
 
 def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, command: str | None = None,
@@ -224,7 +224,7 @@ def study_markdown(metrics: Mapping[str, Mapping[str, Any]], *, eval_name: str, 
            "Accuracies in %; overall = mean of the sections present, all pairs = plain pairwise accuracy. "
            "The Bradley-Terry model is scored in one order (a scalar reward has no slots). "
            "ECE: expected calibration error of P(chosen ≻ rejected), 10 confidence bins."
-           + (" *Cue* rows pick an answer by one surface feature alone (a tie counts as wrong)." if cues else ""),
+           + (f" *Cue* rows pick an answer by one surface feature alone ({CUE_TIE_RULE})." if cues else ""),
            "", *lines]
     if differences:
         out += ["", *differences_markdown(differences)]

@@ -25,16 +25,10 @@ from typing import Any
 
 import fsspec
 
+from gram_core.artifact_files import MANIFEST, TABLE_FILE, TIMINGS_FILE, TRAIN_HISTORY_FILE, UNHASHED
 from gram_core.folders import move_folder
 from tasks.settings import StatePaths
 
-MANIFEST = "_artifact.json"  # written last; a folder without it is not a (complete) artifact
-TABLE_FILE = "table.parquet"
-TRAIN_HISTORY_FILE = "metrics.jsonl"  # a model artifact's per-step training metrics, one JSON line a step
-# Its per-step wall-clock figures (tokens/s): beside the history, outside the content hash, so that the same
-# training on the same machine gives the same artifact hash (and `gram run --refresh` the same model version).
-TIMINGS_FILE = "timings.jsonl"
-UNHASHED = frozenset({MANIFEST, TIMINGS_FILE})
 HASH_CHARS = 16  # folder name length: 64 bits of SHA-256 are plenty to tell outputs apart
 
 
@@ -95,14 +89,46 @@ def folder_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+# The training history: written here, read here (a Ray Train final checkpoint holds the raw rows; a model
+# artifact holds them with the wall-clock figures split out).
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_history_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (one per step) as they are, as ``folder``'s TRAIN_HISTORY_FILE (a Ray Train final checkpoint)."""
+    _write_jsonl(Path(folder) / TRAIN_HISTORY_FILE, rows)
+
+
+def read_history_rows(folder: Path) -> list[dict[str, Any]]:
+    """``folder``'s TRAIN_HISTORY_FILE rows as written (none when the file is absent)."""
+    return _read_jsonl(Path(folder) / TRAIN_HISTORY_FILE)
+
+
 def write_train_history(folder: Path, rows: list[dict[str, Any]]) -> None:
-    """``rows`` (one per step) as TRAIN_HISTORY_FILE, their wall-clock figures split out into TIMINGS_FILE."""
+    """``rows`` (one per step) as a model artifact's TRAIN_HISTORY_FILE, their wall-clock figures split out into
+    TIMINGS_FILE."""
     from gram_core.training import WALL_CLOCK_METRICS
 
     history = [{k: v for k, v in r.items() if k not in WALL_CLOCK_METRICS} for r in rows]
     timings = [{"step": r.get("step"), **{k: v for k, v in r.items() if k in WALL_CLOCK_METRICS}} for r in rows]
-    (folder / TRAIN_HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
-    (folder / TIMINGS_FILE).write_text("".join(json.dumps(row) + "\n" for row in timings))
+    _write_jsonl(Path(folder) / TRAIN_HISTORY_FILE, history)
+    _write_jsonl(Path(folder) / TIMINGS_FILE, timings)
+
+
+def read_history(folder: Path) -> list[dict[str, Any]]:
+    """A model artifact's per-step training metrics (numbers only), from its TRAIN_HISTORY_FILE and the
+    wall-clock figures beside it (TIMINGS_FILE, when there); none when it has no history."""
+    rows = read_history_rows(folder)
+    by_step = {t["step"]: t for t in _read_jsonl(Path(folder) / TIMINGS_FILE) if "step" in t}
+    rows = [{**by_step.get(r.get("step"), {}), **r} for r in rows]
+    return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
 
 
 def _is_local(uri: str) -> bool:

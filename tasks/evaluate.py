@@ -11,6 +11,7 @@ import json
 
 from prefect import task
 
+from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from gram_core.config import JudgeConfig, ModelConfig
 from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
@@ -19,10 +20,6 @@ from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import RayConfig, StatePaths
 from tasks.train_stage import base_model_dir, model_folder, model_label
-
-REPORT_FILE = "report.md"
-CHART_FILE = "chart.png"
-EVAL_METRICS_FILE = "metrics.json"
 
 
 def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
@@ -119,7 +116,7 @@ def eval_report(scores: dict[str, ArtifactRef | None], eval_set: ArtifactRef, st
     with store.staging("eval_report") as folder:
         (folder / REPORT_FILE).write_text(comparison_markdown({labels[k]: tables[k] for k in refs},
                                                           scalar={labels[k] for k in scalar}, eval_name=eval_name,
-                                                          evidence=ev, dropped=dropped))
+                                                          evidence=ev, dropped=dropped, chart=CHART_FILE))
         write_chart(folder / CHART_FILE, {labels[k]: metrics[k] for k in refs})
         (folder / EVAL_METRICS_FILE).write_text(json.dumps({"columns": columns, **metrics}, indent=1, sort_keys=True))
         ref = store.publish("eval_report", folder, "report",

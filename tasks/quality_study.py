@@ -6,14 +6,11 @@ import json
 
 from prefect import task
 
-from tasks.artifacts import TRAIN_HISTORY_FILE, ArtifactRef, open_store, read_table_artifact
+from gram_core.artifact_files import STUDY_CHART, STUDY_FILE, STUDY_METRICS
+from tasks.artifacts import ArtifactRef, open_store, read_history, read_table_artifact
 from tasks.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import scrub_errors
 from tasks.settings import StatePaths
-
-STUDY_FILE = "quality.md"
-STUDY_CHART = "quality.png"
-STUDY_METRICS = "metrics.json"
 
 
 @task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)
@@ -23,11 +20,10 @@ def study_report(scores: dict[str, ArtifactRef], eval_set: ArtifactRef, state: S
     """quality.md + quality.png + metrics.json over the arms' scores tables (arm name -> scores artifact) and
     the training curves of ``models`` (arm name, or "stage1", -> model artifact)."""
     from gram_core.study_report import study_readout, write_study_chart
-    from tasks.run_record import read_history
 
     store = open_store(state)
     tables = {arm: read_table_artifact(store, ref) for arm, ref in scores.items()}
-    histories = {name: read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE) for name, ref in (models or {}).items()}
+    histories = {name: read_history(store.local_dir(ref)) for name, ref in (models or {}).items()}
     readout = study_readout(tables, read_table_artifact(store, eval_set), histories, eval_name)
     metrics = readout["arms"]
     with store.staging("study_report") as folder:
@@ -55,7 +51,6 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
     ``dropped`` (source role -> ``dropped_summary``): the rows drop_invalid_rows left out, as params of the study run."""
     from gram_core.sources import dropped_params
     from tasks import tracking as mlf
-    from tasks.run_record import read_history
 
     drops = {k: v for role, summary in (dropped or {}).items() for k, v in dropped_params(role, summary).items()}
     if drops:
@@ -69,7 +64,7 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
             tags["gram.model"] = models[arm].uri
         with mlf.stage_run(f"arm:{arm}", tags=tags, parent=tracking) as run:
             if arm in models:
-                history = read_history(store.local_dir(models[arm]) / TRAIN_HISTORY_FILE)
+                history = read_history(store.local_dir(models[arm]))
                 if history:
                     mlf.log_metric_history(history, run_id=run.run_id)
             flat = {"study/overall": arm_metrics["overall"], "study/accuracy": arm_metrics["accuracy"],

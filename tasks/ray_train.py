@@ -20,17 +20,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gram_core.artifact_files import MODEL_DIR, TRAIN_HISTORY_FILE
 from gram_core.folders import write_folder
-from tasks.artifacts import TRAIN_HISTORY_FILE, write_train_history
+from tasks.artifacts import read_history_rows, write_train_history
 from tasks.ray_runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
-from tasks.ray_worker import MODEL_DIR, WorkerJob, final_marker, train_loop
+from tasks.ray_worker import WorkerJob, final_marker, train_loop
 from tasks.settings import StageSettings
 from tasks.state import SCRATCH
 
@@ -119,7 +119,7 @@ def collect_model(result: Any, output_dir: str, run_name: str, expect_model: boo
             return {**base, "metrics_path": None, "final_metrics": metrics, "steps": int(metrics.get("step", 0)),
                     "completed": False}
         write_folder(output_dir, functools.partial(_copy_model, Path(folder)))  # replaces an empty staging folder
-    history = [json.loads(line) for line in (Path(output_dir) / TRAIN_HISTORY_FILE).read_text().splitlines()]
+    history = read_history_rows(Path(output_dir))
     if len(history) != final["steps"]:
         raise IncompleteTrainingError(f"Ray Train run {run_name}: {TRAIN_HISTORY_FILE} has {len(history)} steps, the "
                                       f"final checkpoint says {final['steps']}")
@@ -130,8 +130,7 @@ def collect_model(result: Any, output_dir: str, run_name: str, expect_model: boo
 def _copy_model(checkpoint: Path, target: Path) -> None:
     """The trained model folder and its training history, out of the final checkpoint."""
     shutil.copytree(checkpoint / MODEL_DIR, target, dirs_exist_ok=True)
-    rows = [json.loads(line) for line in (checkpoint / TRAIN_HISTORY_FILE).read_text().splitlines() if line.strip()]
-    write_train_history(target, rows)
+    write_train_history(target, read_history_rows(checkpoint))
 
 
 def _storage_path(path: str) -> str:

@@ -21,16 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gram_core.artifact_files import FINAL_FILE, MODEL_DIR, STATE_FILE, TRAIN_HISTORY_FILE
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from tasks.artifacts import TRAIN_HISTORY_FILE
+from tasks.artifacts import write_history_rows
 from tasks.ray_runtime import local_copy
 
 if TYPE_CHECKING:
     from gram_core.stages import TrainingStage
 
-MODEL_DIR = "model"  # inside the final checkpoint: the trained HF folder
 
-FINAL_FILE = "final.json"  # inside the final checkpoint, written last: {"stage", "steps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +80,7 @@ def train_loop(config: dict) -> None:
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_from:
             if resume_from is not None:
-                resumed["from"] = json.loads((Path(resume_from) / "trainer_state.json").read_text())["step"]
+                resumed["from"] = json.loads((Path(resume_from) / STATE_FILE).read_text())["step"]
             trained, result = stage.train(model, tokenizer, rows, job.train, job.encode, output_dir=local,
                                           resume_from=resume_from, on_metrics=on_metrics,
                                           on_checkpoint=on_checkpoint)
@@ -178,7 +177,7 @@ def write_final_checkpoint(folder: Path, save: Callable[[Path], Any], history: l
     """model/ (``save(folder)``), metrics.jsonl, then the marker last: a folder without it is incomplete."""
     folder.mkdir(parents=True)
     save(folder / MODEL_DIR)
-    (folder / TRAIN_HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+    write_history_rows(folder, history)
     (folder / FINAL_FILE).write_text(json.dumps({"stage": stage, "steps": len(history)}))
 
 

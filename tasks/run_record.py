@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
+from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from gram_core.comparison_report import COLUMNS
+from gram_core.report import pct
 from gram_core.sources import DROPPED_ROWS, dropped_params
 from tasks import tracking as mlf
-from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, ArtifactRef, ArtifactStore, open_store
+from tasks.artifacts import ArtifactRef, ArtifactStore, open_store, read_history
 from tasks.caching import code_version
-from tasks.evaluate import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from tasks.model_registry import current_aliases
 from tasks.redaction import redact, redact_value, scrub_errors
 from tasks.settings import StageSettings, StatePaths
@@ -89,19 +88,6 @@ def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """A model artifact's per-step training metrics (numbers only), from its TRAIN_HISTORY_FILE and the
-    wall-clock figures beside it (TIMINGS_FILE, when there)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    timings = path.parent / TIMINGS_FILE
-    if timings.is_file():
-        by_step = {t["step"]: t for t in map(json.loads, timings.read_text().splitlines()) if "step" in t}
-        rows = [{**by_step.get(r.get("step"), {}), **r} for r in rows]
-    return [{k: v for k, v in r.items() if k == "step" or isinstance(v, (int, float))} for r in rows if "step" in r]
-
-
 def dropped_rows(records: list[StageRecord]) -> dict[str, dict[str, Any]]:
     """Source role -> what ``drop_invalid_rows`` left out of it (``gram_core.sources.dropped_summary``), for the
     sources read with it on."""
@@ -122,7 +108,7 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
         if ref is None:
             return
         if ref.kind == "model":
-            history = read_history(store.local_dir(ref) / TRAIN_HISTORY_FILE)
+            history = read_history(store.local_dir(ref))
             if history:
                 mlf.log_metric_history(history, run_id=run.run_id)
         elif ref.kind == "table" and ref.contract == "scores":
@@ -172,7 +158,7 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
     columns = dict(report_columns(report.meta))
     rows = comparison_rows({key: report.meta[key] for key in columns})
     store = open_store(state)
-    training = {TRAINED_STAGES[r.name]: training_summary(read_history(store.local_dir(r.ref) / TRAIN_HISTORY_FILE))
+    training = {TRAINED_STAGES[r.name]: training_summary(read_history(store.local_dir(r.ref)))
                 for r in records if r.name in TRAINED_STAGES and r.ref is not None}
     summary: dict[str, Any] = {
         "columns": columns,
@@ -200,9 +186,6 @@ def summarize(report: ArtifactRef, registration: dict[str, Any] | None, records:
 def publish_prefect_artifacts(summary: dict[str, Any], report_md: str) -> None:
     """Eval table + report with links to MLflow, visible on the flow run page in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    def pct(value: float | str | None) -> str:
-        return value if isinstance(value, str) else "—" if value is None else f"{100 * value:.1f}"
 
     columns = summary["columns"]
     table = [{"metric": r["metric"], **{name: pct(r.get(key)) for key, name in columns.items()}}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import task
 
+from gram_core.artifact_files import POOL_FILE
 from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
 from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
@@ -15,8 +16,6 @@ from tasks.progress import ProgressLog
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
-
-POOL_FILE = "pool.parquet"
 
 
 def generator_name(source: str) -> str:

@@ -270,8 +270,7 @@ def test_write_folder_and_write_json_fsync_the_parent_after_the_rename(tmp_path,
 def test_wall_clock_timings_stay_out_of_the_content_hash_and_back_in_the_history(tmp_path):
     """Two identical trainings differ only in tokens/s: their model artifacts hash the same (so `--refresh`
     finds the registered version by content), and the MLflow history still carries tokens/s."""
-    from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, folder_sha256, write_train_history
-    from tasks.run_record import read_history
+    from tasks.artifacts import TIMINGS_FILE, TRAIN_HISTORY_FILE, folder_sha256, read_history, write_train_history
 
     hashes = []
     for speed in (6021.9, 1367.6):
@@ -282,7 +281,7 @@ def test_wall_clock_timings_stay_out_of_the_content_hash_and_back_in_the_history
         assert "tokens_per_s" not in (folder / TRAIN_HISTORY_FILE).read_text()
         assert (folder / TIMINGS_FILE).is_file()
         hashes.append(folder_sha256(folder))
-        assert read_history(folder / TRAIN_HISTORY_FILE) == [{"step": 1, "train/loss": 0.69, "train/tokens_per_s": speed}]
+        assert read_history(folder) == [{"step": 1, "train/loss": 0.69, "train/tokens_per_s": speed}]
     assert hashes[0] == hashes[1]
     (folder / TRAIN_HISTORY_FILE).write_text('{"step": 1, "train/loss": 0.7}\n')  # a real change still shows
     assert folder_sha256(folder) != hashes[0]

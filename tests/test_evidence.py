@@ -51,7 +51,7 @@ def test_evidence_table_has_judges_cues_and_differences():
         return pa.table({"id": [str(i) for i in range(10)], "subset": [r["subset"] for r in rows],
                          "p_chosen_order1": [0.9 if c else 0.1 for c in correct],
                          "p_chosen_order2": [0.8 if c else 0.4 for c in correct],
-                         "correct": correct})
+                         "p_chosen": [0.85 if c else 0.25 for c in correct], "correct": correct})
     ev = evidence({"zero-shot": scores([False] * 10), "GRAM": scores([True] * 8 + [False] * 2)}, rows)
     names = [r["name"] for r in ev["rows"]]
     assert names[:2] == ["zero-shot", "GRAM"] and "prefer longer" in names

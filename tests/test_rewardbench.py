@@ -5,10 +5,10 @@ import math
 import pyarrow as pa
 import pytest
 
+from gram_core.report import correct_flags
 from gram_core.rewardbench import (
     SECTIONS,
     SUBSET_WEIGHTS,
-    correctness,
     position_consistency,
     rewardbench_markdown,
     section_scores,
@@ -81,7 +81,7 @@ def test_sections_and_overall_match_hand_computation():
 def test_tie_counts_as_wrong():
     rows = [("llmbar-natural", 0.5, 0.5), ("llmbar-natural", 0.7, 0.4), ("llmbar-natural", 0.6, 0.6)]
     scores = make_scores(rows)
-    assert correctness(scores).tolist() == [False, True, True]  # (0.7+0.4)/2 = 0.55 > 0.5
+    assert correct_flags(scores).tolist() == [False, True, True]  # (0.7+0.4)/2 = 0.55 > 0.5
     result = section_scores(scores)
     assert result.subsets["llmbar-natural"] == pytest.approx((2 / 3, 3))
     assert result.ties == 1
