@@ -1,4 +1,4 @@
-"""The GRAM pipeline flow and one flow per stage: composition only (which task feeds which).
+"""The GRAM pipeline flow: composition only (which task feeds which).
 
     sources ─┬─ prompts/pools/pair sets ─ build_pairs ─ pretrain ─┐
              ├─ preferences ──────────────────────────────────── finetune ─ evaluate ────────┐
@@ -9,7 +9,7 @@ One run at a time per state folder (``hold_state_folder``; a second fails at onc
 server is checked before anything runs. Every data source is loaded and validated first, so bad input fails
 before any training. Each task is
 cached (inputs' content hashes + config + code version): re-running with nothing changed is all Cached.
-A stage flow (``finetune_flow`` ...) runs the DAG up to that stage; upstream stages come from the cache.
+The stages run in the order of the stage table (``gram_core.stages.STAGES``); ``STEPS`` says what feeds each.
 """
 
 from __future__ import annotations
@@ -99,9 +99,12 @@ def _pretrain(run: Runner, out: dict[str, Any], tracking: Any) -> None:
 
 
 def _finetune(run: Runner, out: dict[str, Any], tracking: Any) -> None:
-    """Stage 2, and the Bradley-Terry baseline (from the base model, on stage 2's pairs and steps) when enabled."""
     out["model"] = run("finetune", finetune, out["preferences"], out.get("pretrain"), run.settings("finetune"),
                        tracking=tracking)
+
+
+def _bradley_terry(run: Runner, out: dict[str, Any], tracking: Any) -> None:
+    """The Bradley-Terry baseline (from the base model, on stage 2's pairs and steps) when enabled."""
     if run.config.baseline.enabled:
         out["bt_model"] = run("bradley_terry", bradley_terry, out["preferences"], run.settings("bradley_terry"))
 
@@ -125,22 +128,25 @@ def _register(run: Runner, out: dict[str, Any], tracking: Any) -> None:
                               version_tags(cfg, run.records), run.paths, tracking=tracking)
 
 
-# The pipeline's stages in order, by name: `gram run --until NAME` runs the DAG up to and including NAME.
-PIPELINE_STAGES: dict[str, Callable[[Runner, dict[str, Any], Any], None]] = {
-    "build_pairs": _build_pairs, "pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate,
-    "register": _register,
+# What feeds each stage of the stage table (gram_core.stages.STAGES), by name; the table gives the order.
+STEPS: dict[str, Callable[[Runner, dict[str, Any], Any], None]] = {
+    "build_pairs": _build_pairs, "pretrain": _pretrain, "finetune": _finetune, "bradley_terry": _bradley_terry,
+    "evaluate": _evaluate, "register": _register,
 }
 
 
-def run_stages(run: Runner, until: str = "register", tracking: Any = None) -> dict[str, Any]:
-    """The DAG up to and including stage ``until``; returns every output produced."""
-    if until not in PIPELINE_STAGES:
-        raise ValueError(f"unknown stage {until!r}; stages are {tuple(PIPELINE_STAGES)}")
+def run_stages(run: Runner, tracking: Any = None) -> dict[str, Any]:
+    """Every stage, in the stage table's order (``PIPELINE_STAGES``); returns every output produced."""
+    from gram_core import stages
+
+    order = stages.PIPELINE_STAGES
+    missing = [name for name in order if name not in STEPS]
+    if missing:
+        raise ValueError(f"stage(s) {missing} of gram_core.stages.STAGES have no step in flows/pipeline.py STEPS "
+                         "(what feeds them)")
     out = load_inputs(run)
-    for name, stage in PIPELINE_STAGES.items():
-        stage(run, out, tracking)
-        if name == until:
-            break
+    for name in order:
+        STEPS[name](run, out, tracking)
     return out
 
 
@@ -152,16 +158,13 @@ def pipeline_config(preset: str, overrides: Any, drop_invalid_rows: bool = False
     return config.resolved()
 
 
-def _tracked(config: PipelineConfig, refresh: bool, until: str, run_name: str) -> dict[str, Any]:
+def _tracked(config: PipelineConfig, refresh: bool, run_name: str) -> dict[str, Any]:
     """Run the DAG inside one MLflow parent run; record stages and summarise."""
     run = Runner(config, refresh)
     with hold_state_folder(config), \
             start_pipeline_run(config.mlflow, run.paths.home, run_name, params=pipeline_params(config),
-                               tags={"gram.preset": config.preset, "gram.until": until}) as tracking:
-        out = run_stages(run, until, tracking)
-        if "report" not in out:
-            return {"stages": {r.name: r.state for r in run.records}, "artifact_store": run.paths.artifact_store,
-                    "outputs": {k: v.uri for k, v in out.items() if hasattr(v, "uri")}}
+                               tags={"gram.preset": config.preset}) as tracking:
+        out = run_stages(run, tracking)
         registration = out.get("registration")
         record_run(run.records, out["report"], registration, run.paths, tracking)
         return summarize(out["report"], registration, run.records, run.paths, tracking)
@@ -174,21 +177,4 @@ def gram_pipeline(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | 
     register (+ champion gate). ``drop_invalid_rows``: every data source drops (and logs) the rows that break a
     row-level rule of its contract instead of stopping the run."""
     with process_redacted():  # a deployment run too: no `gram` process set this up
-        return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, "register", f"gram-{preset}")
-
-
-def _stage_flow(stage: str):
-    def body(preset: Preset = DEFAULT_PRESET, overrides: ConfigOverrides | None = None,
-             refresh: bool = False, drop_invalid_rows: bool = False) -> dict[str, Any]:
-        with process_redacted():  # a deployment run too: no `gram` process set this up
-            return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, stage, f"gram-{preset}-{stage}")
-
-    body.__doc__ = f"The GRAM pipeline up to stage {stage!r} (upstream stages served from cache)."
-    return flow(name=f"gram-{stage.replace('_', '-')}")(body)
-
-
-build_pairs_flow = _stage_flow("build_pairs")
-pretrain_flow = _stage_flow("pretrain")
-finetune_flow = _stage_flow("finetune")
-evaluate_flow = _stage_flow("evaluate")
-register_flow = _stage_flow("register")
+        return _tracked(pipeline_config(preset, overrides, drop_invalid_rows), refresh, f"gram-{preset}")

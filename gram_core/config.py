@@ -292,6 +292,11 @@ class TrainConfig:
         check(self.verdict_lr_multiplier > 0, "train.verdict_lr_multiplier",
               f"must be > 0, got {self.verdict_lr_multiplier}")
 
+    def stage_train_config(self, sections: Any) -> TrainConfig:
+        """The TrainConfig of the training stage this section configures (gram_core.stages.STAGES); ``sections``:
+        the pipeline's config (every section). A plain TrainConfig section (finetune) trains with itself."""
+        return self
+
     @property
     def prefix_reuse(self) -> bool:
         """Whether stage 2 reuses the prefix's KV cache (see reuse_prefix)."""
@@ -328,6 +333,9 @@ class PretrainConfig(TrainConfig):
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
+    def stage_train_config(self, sections: Any) -> TrainConfig:
+        return self.train_config()
+
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
@@ -348,6 +356,10 @@ class BaselineConfig:
         check(self.learning_rate is None or self.learning_rate > 0, "baseline.learning_rate",
               f"must be > 0 or null, got {self.learning_rate}")
         check(self.max_steps >= 0, "baseline.max_steps", f"must be >= 0, got {self.max_steps}")
+
+    def stage_train_config(self, sections: Any) -> TrainConfig:
+        """The BT stage trains with stage 2's config (``sections.finetune``), see ``train_config``."""
+        return self.train_config(sections.finetune)
 
     def train_config(self, finetune: TrainConfig) -> TrainConfig:
         """Stage 2's TrainConfig with this learning rate and, when set, these steps (otherwise the BT task

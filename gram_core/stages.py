@@ -1,8 +1,10 @@
-"""The training stages as one table: name -> how its examples, step function and collator are built
-(a ``Plan``), and how the trained model is saved.
+"""The pipeline's stages as one table (``STAGES``): each stage's name, config section, and for a training stage
+how its examples, step function and collator are built (a ``Plan``) and how the trained model is saved, and
+whether its task logs its own MLflow child run.
 
-Adding a stage means adding one row here (and its task); the Ray worker and the in-process tests look the
-stage up by name instead of branching on it.
+Every other list of stages is read off this table: ``TRAINING_STAGES`` (here; the Ray worker and the in-process
+tests look a stage up by name instead of branching on it), ``PIPELINE_STAGES`` (the flow's order),
+``LIVE_STAGES`` (tasks/run_record.py) and the train configs of ``tasks.settings.stage_settings``.
 """
 
 from __future__ import annotations
@@ -46,29 +48,65 @@ def save_reward_model(model: torch.nn.Module, tokenizer: Any, encode: EncodeConf
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingStage:
-    """One training stage: ``plan`` builds what ``train`` runs, ``save`` writes the trained model folder."""
+class Stage:
+    """One row of the stage table. Every stage has a ``name`` and the ``section`` of the pipeline's config that
+    holds its settings; a training stage also has a ``plan`` (builds what ``train`` runs) and a ``save`` (writes
+    the trained model folder), and its section's class says which ``TrainConfig`` it trains with
+    (``stage_train_config``); ``live``: its task opens its own MLflow child run when it computes (a cached run
+    is recorded afterwards from its artifact)."""
 
     name: str
-    plan: PlanFn
-    save: SaveFn
+    section: str
+    plan: PlanFn | None = None
+    save: SaveFn | None = None
+    live: bool = False
+
+    @property
+    def trains(self) -> bool:
+        return self.plan is not None
 
     def train(self, model: torch.nn.Module, tokenizer: Any, rows: Iterable[dict], train_cfg: TrainConfig,
               encode_cfg: EncodeConfig, **kwargs: Any) -> tuple[torch.nn.Module, TrainResult]:
         """Train in place; returns the trained module (the reward model wraps ``model``) and the result."""
+        if self.plan is None:
+            raise ValueError(f"stage {self.name!r} does not train")
         plan = self.plan(model, tokenizer, rows, train_cfg, encode_cfg)
         return plan.model, run_plan(plan, train_cfg, **kwargs)
 
 
-TRAINING_STAGES: dict[str, TrainingStage] = {stage.name: stage for stage in (
-    TrainingStage("pretrain", plan_pretrain, save_language_model),
-    TrainingStage("finetune", plan_judge, save_judge),
-    TrainingStage("bradley_terry", plan_bradley_terry, save_reward_model),
-)}
+# The pipeline's stages, in the order the pipeline runs them: the one table. Adding a stage is a row here, its
+# plan function (a training stage) and its config class (a section of tasks.settings.PipelineConfig); the lists
+# below are read off it.
+STAGES: tuple[Stage, ...] = (
+    Stage("build_pairs", "pairing"),
+    Stage("pretrain", "pretrain", plan_pretrain, save_language_model, live=True),
+    Stage("finetune", "finetune", plan_judge, save_judge, live=True),
+    Stage("bradley_terry", "baseline", plan_bradley_terry, save_reward_model),
+    Stage("evaluate", "eval"),
+    Stage("register", "mlflow", live=True),
+)
 
 
-def training_stage(name: str) -> TrainingStage:
-    """The stage called ``name``; an unknown name lists the known ones."""
-    if name not in TRAINING_STAGES:
-        raise ValueError(f"unknown training stage {name!r}; expected one of {list(TRAINING_STAGES)}")
-    return TRAINING_STAGES[name]
+def _training_stages() -> dict[str, Stage]:
+    return {stage.name: stage for stage in STAGES if stage.trains}
+
+
+def __getattr__(name: str) -> Any:
+    """The lists derived from ``STAGES``, read off it on every access (PEP 562): ``TRAINING_STAGES`` (name ->
+    row, the stages that train), ``PIPELINE_STAGES`` (every name, in order) and ``LIVE_STAGES`` (the names
+    whose task opens its own child run)."""
+    if name == "TRAINING_STAGES":
+        return _training_stages()
+    if name == "PIPELINE_STAGES":
+        return tuple(stage.name for stage in STAGES)
+    if name == "LIVE_STAGES":
+        return tuple(stage.name for stage in STAGES if stage.live)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def training_stage(name: str) -> Stage:
+    """The training stage called ``name``; an unknown name lists the known ones."""
+    known = _training_stages()
+    if name not in known:
+        raise ValueError(f"unknown training stage {name!r}; expected one of {list(known)}")
+    return known[name]

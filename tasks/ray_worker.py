@@ -27,7 +27,7 @@ from tasks.artifacts import write_history_rows
 from tasks.ray_runtime import local_copy
 
 if TYPE_CHECKING:
-    from gram_core.stages import TrainingStage
+    from gram_core.stages import Stage
 
 
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 class WorkerJob:
     """What every Ray Train worker is handed, explicitly (workers read no environment variable for it)."""
 
-    stage: str  # a gram_core.stages.TRAINING_STAGES name
+    stage: str  # a training stage of gram_core.stages.STAGES
     model: ModelConfig
     train: TrainConfig
     encode: EncodeConfig
@@ -98,7 +98,7 @@ def train_loop(config: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def _save_as(stage: TrainingStage, trained: Any, tokenizer: Any, encode: EncodeConfig, state: dict | None,
+def _save_as(stage: Stage, trained: Any, tokenizer: Any, encode: EncodeConfig, state: dict | None,
              folder: Path) -> None:
     stage.save(trained, tokenizer, encode, folder, state)
 

@@ -30,8 +30,6 @@ from tasks.redaction import redact, redact_value, scrub_errors
 from tasks.settings import StageSettings, StatePaths
 from tasks.tracking import RunHandle
 
-# Stages whose task opens its own child run when it computes (cached ones are recorded by record_run).
-LIVE_STAGES = ("pretrain", "finetune", "register")
 TRAINED_STAGES = {"finetune": "trained", "bradley_terry": "bt"}  # stage -> its column key in the summary
 
 
@@ -125,9 +123,12 @@ def _log_stage(record: StageRecord, store: ArtifactStore, parent: RunHandle) -> 
 def record_run(records: list[StageRecord], report: ArtifactRef, registration: dict[str, Any] | None,
                state: StatePaths, tracking: RunHandle) -> None:
     """Child runs for the stages (cached ones included) and the outcome on the parent run."""
+    from gram_core import stages
+
     store = open_store(state)
+    live = stages.LIVE_STAGES  # stages whose task opens its own child run when it computes
     for record in records:
-        if record.name in LIVE_STAGES and not record.cached:
+        if record.name in live and not record.cached:
             continue  # the task wrote its own child run (register: the model; training: live metrics)
         _log_stage(record, store, tracking)
     mlf.log_eval_metrics(report_metrics(report.meta), run_id=tracking.run_id)

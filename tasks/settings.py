@@ -155,7 +155,8 @@ class PipelineConfig:
     study: StudyConfig = field(StudyConfig(), "The arms of `gram study` (read by that flow only).")
 
     def __post_init__(self) -> None:
-        for stage, train in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for stage, train in ((k, v) for k, v in sections.items() if isinstance(v, TrainConfig)):  # the trained ones
             check(train.sharding == "none" or not self.model.lora_r, f"{stage}.sharding",
                   f"{train.sharding!r} does not support LoRA (model.lora_r={self.model.lora_r}); use sharding none "
                   "with LoRA (its trainable state is small) or model.lora_r 0")
@@ -198,7 +199,7 @@ class StageSettings:
     """Everything one training stage needs besides its data and start model: frozen and hashable, so it is
     one input of the stage's cache key, and its MLflow params are derived from it (``params``)."""
 
-    stage: str  # a gram_core.stages.TRAINING_STAGES name
+    stage: str  # a training stage of gram_core.stages.STAGES
     model: ModelConfig
     train: TrainConfig
     encode: EncodeConfig
@@ -211,11 +212,14 @@ class StageSettings:
 
 
 def stage_settings(config: PipelineConfig, stage: str) -> StageSettings:
-    """The settings of training stage ``stage`` ('pretrain', 'finetune', 'bradley_terry') of ``config``."""
-    train = {"pretrain": config.pretrain.train_config(), "finetune": config.finetune,
-             "bradley_terry": config.baseline.train_config(config.finetune)}
-    check(stage in train, "stage", f"unknown training stage {stage!r}; expected one of {list(train)}")
-    return StageSettings(stage=stage, model=config.model, train=train[stage], encode=config.encode,
+    """The settings of training stage ``stage`` of ``config``: its TrainConfig comes from the config section its
+    row of ``gram_core.stages.STAGES`` names (``stage_train_config``)."""
+    from gram_core import stages  # torch: loaded when a stage's settings are built, not with the CLI
+
+    known = stages.TRAINING_STAGES
+    check(stage in known, "stage", f"unknown training stage {stage!r}; expected one of {list(known)}")
+    train = getattr(config, known[stage].section).stage_train_config(config)
+    return StageSettings(stage=stage, model=config.model, train=train, encode=config.encode,
                          runtime=config.ray, store=state_paths(config))
 
 
