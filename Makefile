@@ -38,10 +38,10 @@ test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(DEV_STAMP)
-	$(BIN)/python bench/judge_prefix.py
-	$(BIN)/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 24
-	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/serve_load.py --model tiny
+	$(BIN)/python -m bench.judge_prefix
+	$(BIN)/python -m bench.judge_prefix --real ../shared/data/rewardbench_lite.parquet --pairs 24
+	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.serve_load --model tiny
 
 # On a GPU machine with a CUDA build of torch in $(VENV): bf16 training, judge throughput, bf16-vs-fp32 scores.
 gpu-check:

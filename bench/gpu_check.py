@@ -8,7 +8,7 @@
 4. FSDP2 on one GPU (a 1-process group): gram_core.sharding.shard_model over the stage-2 step with bf16
    mixed precision, a few optimizer steps against the same steps unsharded (losses, peak memory, s/step).
 
-    HF_HUB_OFFLINE=1 python bench/gpu_check.py [--source smollm2] [--pairs 64] [--steps 20]
+    HF_HUB_OFFLINE=1 python -m bench.gpu_check [--source smollm2] [--pairs 64] [--steps 20]
 
 ``--device cpu --source tiny`` runs the same code paths on a CPU in seconds (no figures worth keeping).
 """

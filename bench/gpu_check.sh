@@ -8,4 +8,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTHON=${PYTHON:-python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible to torch"'
-timeout 470 "$PYTHON" bench/gpu_check.py --output "${OUT:-.}/gpu_check.json" "$@"
+timeout 470 "$PYTHON" -m bench.gpu_check --output "${OUT:-.}/gpu_check.json" "$@"

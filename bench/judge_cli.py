@@ -5,7 +5,7 @@ version 1 of `gram-reward-model` in a temporary state folder, then times `gram j
 models:/gram-reward-model@champion` as a user runs it (a fresh process each time): once with an empty model
 cache, then --repeats times with the cache filled. Prints each wall time and the ratio.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/judge_cli.py [--source smollm2|tiny|FOLDER] [--repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.judge_cli [--source smollm2|tiny|FOLDER] [--repeats 3]
 """
 
 from __future__ import annotations

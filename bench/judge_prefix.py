@@ -16,8 +16,8 @@ real pairs in both slot orders at --max-length (1024 by default), end to end, tw
          answer-only logits
 and prints pairs/s and their ratio; the bench fails unless every P(chosen) agrees to 1e-5.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/judge_prefix.py [--pairs 32] [--batch-size 8]
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/judge_prefix.py --real ../shared/data/rewardbench_lite.parquet --pairs 16
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.judge_prefix [--pairs 32] [--batch-size 8]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.judge_prefix --real ../shared/data/rewardbench_lite.parquet --pairs 16
 """
 
 from __future__ import annotations

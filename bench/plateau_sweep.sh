@@ -40,14 +40,14 @@ declare -A SET=(
 )
 for name in ${SETTINGS-norm1 norm30 norm100 verdict1 verdict01 norm30-warm0 norm30-b16}; do
   # shellcheck disable=SC2086
-  $PY bench/stage2_sweep.py --name "of60-$name" "${OVERFIT[@]}" ${SET[$name]}
+  $PY -m bench.stage2_sweep --name "of60-$name" "${OVERFIT[@]}" ${SET[$name]}
 done
 
 # Full set (FULL=1): every starter pair, eps = 0.1, the demo's batch, scored on the leak-free starter eval
 # (120 in-distribution pairs, stratified, plus every held-out pair) every EVAL_EVERY steps (30).
 for name in ${FULL_SETTINGS:-}; do
   # shellcheck disable=SC2086
-  $PY bench/stage2_sweep.py --name "full${FULL_STEPS:-60}-$name" --eval-limit 120 --eval-every ${EVAL_EVERY:-30} --set encode.order=both \
+  $PY -m bench.stage2_sweep --name "full${FULL_STEPS:-60}-$name" --eval-limit 120 --eval-every ${EVAL_EVERY:-30} --set encode.order=both \
     --set finetune.max_steps=${FULL_STEPS:-60} --set finetune.batch_size=8 --set finetune.grad_accum_steps=1 \
     --set finetune.label_smoothing=0.1 --set finetune.learning_rate=1e-3 ${SET[$name]}
 done

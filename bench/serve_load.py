@@ -10,8 +10,8 @@
    call beside it. Then GRPO-shaped requests (one request = one prompt's completions vs its reference) with the
    server sharing prefixes and, restarted with --no-share-prefix, without; and a 2x-overload burst.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --model tiny
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --model smollm2 --requests 16 --skip-overload
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load --model tiny
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load --model smollm2 --requests 16 --skip-overload
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.judge_prefix import sentence  # the same filler text as the judging bench
+from gram_core.config import JudgeConfig
+from gram_core.judging import Judge
+from gram_core.models import resolve_model_source
+from gram_core.reward_scoring import ScoreStats, pairwise
+from gram_core.scorers import load_scorer
 
-from bench.judge_prefix import sentence  # noqa: E402  (the same filler text as the judging bench)
-from gram_core.config import JudgeConfig  # noqa: E402
-from gram_core.judging import Judge  # noqa: E402
-from gram_core.models import resolve_model_source  # noqa: E402
-from gram_core.reward_scoring import ScoreStats, pairwise  # noqa: E402
-from gram_core.scorers import load_scorer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def paragraph(rng: random.Random) -> str:

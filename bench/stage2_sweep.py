@@ -1,7 +1,7 @@
 """Stage-2 sweep: train the judge in-process on starter pairs with one setting, then score the leak-free
 starter eval in both orders. One JSON line per setting (final train loss, accuracies, consistency, minutes).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/stage2_sweep.py --name top10-lr3e-5 \\
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.stage2_sweep --name top10-lr3e-5 \\
         --set model.freeze_layers=20 --set finetune.learning_rate=3e-5 [--pairs 608] [--eval-limit 160]
 
 ``--set`` takes the pipeline's own keys (model.*, encode.*, finetune.*) on top of the demo preset, so a
@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gram_core.judging import Judge, score_pairs  # noqa: E402
-from gram_core.losses import optimal_margin  # noqa: E402
-from gram_core.models import load_model  # noqa: E402
-from gram_core.rewardbench import position_consistency  # noqa: E402
-from gram_core.starter import HELDOUT_SUBSETS, starter_eval, starter_preferences  # noqa: E402
-from gram_core.training import train_judge  # noqa: E402
-from tasks.settings import load_preset  # noqa: E402
+from gram_core.judging import Judge, score_pairs
+from gram_core.losses import optimal_margin
+from gram_core.models import load_model
+from gram_core.rewardbench import position_consistency
+from gram_core.starter import HELDOUT_SUBSETS, starter_eval, starter_preferences
+from gram_core.training import train_judge
+from tasks.settings import load_preset
 
 
 def stratified(table, limit: int, seed: int):

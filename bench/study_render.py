@@ -4,7 +4,7 @@ The study's stages are cached under a key that includes the library's code versi
 report alone would retrain every arm. This reads the arms' scores, the eval set and the models' training
 histories from the artifacts instead (no training, no scoring) and writes the same Markdown and chart:
 
-    python bench/study_render.py --home /path/to/.gram --out docs/quality.md [--command "gram study ..."]
+    python -m bench.study_render --home /path/to/.gram --out docs/quality.md [--command "gram study ..."]
 
 It picks the eval set that the most arms were scored on; each scores artifact names its arm (``label``) and
 its model, and the GRAM model names its stage-1 start.
@@ -68,7 +68,7 @@ def render(home: Path, out: Path, command: str | None, wall_minutes: float | Non
     readout = study_readout(tables, eval_rows, histories, eval_name or f"sha256 {eval_sha[:16]}")
     head = f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else "") + ". " \
         if command else ""
-    out.write_text(f"# Quality study\n\n{head}Rendered from the state folder by `bench/study_render.py`.\n\n"
+    out.write_text(f"# Quality study\n\n{head}Rendered from the state folder by `python -m bench.study_render`.\n\n"
                    f"![study]({out.with_suffix('.png').name})\n\n{readout['markdown']}")
     write_study_chart(out.with_suffix(".png"), readout["arms"])
     print(f"wrote {out} and {out.with_suffix('.png')} ({len(tables)} arms, {eval_rows.num_rows} pairs)")

@@ -20,7 +20,7 @@ compare directly. Rounds alternate the trainers; each keeps its fastest round (r
 machine). ``--blend R`` also prints the shared path's rate for a run in which a share R of the pair visits are
 revisits (the demo: 240 steps x 4 pairs over 728 pairs, R = 0.24).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py [--pairs 24] [--data starter|file.parquet]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.train_throughput [--pairs 24] [--data starter|file.parquet]
         [--max-length 512] [--top-layers 10]
 """
 

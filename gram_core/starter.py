@@ -4,7 +4,7 @@ Small preference data in the shapes of RewardBench's sections (chat facts, instr
 checkable constraints, safety refusals and over-refusals, verifiable reasoning), with labels correct by
 construction: every pair carries a check spec, and ``label_problems`` re-runs the check on the shipped text.
 How it was built (policy samples from SmolLM2-135M-Instruct + programmatic transformations and templates)
-is in ``gram_core/starter/README.md``; the builder is ``scripts/build_starter.py``.
+is in ``gram_core/starter/README.md``; the builder is ``scripts/build_starter.py`` (``python -m scripts.build_starter``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _read(kind: str, schema: pa.Schema) -> pa.Table:
     path = STARTER_DIR / FILES[kind]
     if not path.is_file():
         raise FileNotFoundError(f"starter data file {path} is missing; rebuild it with "
-                                "`python scripts/build_starter.py` (or reinstall the package)")
+                                "`python -m scripts.build_starter` (or reinstall the package)")
     table = pq.read_table(path)
     if table.column_names != schema.names:
         raise ValueError(f"{path}: columns {table.column_names}, expected {schema.names}")

@@ -1,8 +1,8 @@
 """Build the GRAM starter dataset into gram_core/starter/ (deterministic from --seed).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_starter.py [--seed 0] [--no-sample] [--samples CACHE.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m scripts.build_starter [--seed 0] [--no-sample] [--samples CACHE.json]
 
-A rebuild that keeps the shipped policy samples (no model load): ``scripts/recover_starter_samples.py CACHE.json``,
+A rebuild that keeps the shipped policy samples (no model load): ``python -m scripts.recover_starter_samples CACHE.json``,
 then ``--samples CACHE.json``.
 
 1. Make every prompt of every category (scripts/starter_categories.py) from gram_core/starter/tables.json
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,14 +29,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# The sibling module: scripts/ is sys.path[0] when this file runs as a script.
-from starter_categories import POLICY, Item, clean_sample, make_items, normalize  # noqa: E402
-
-from gram_core import starter as S  # noqa: E402
-from gram_core.cues import strongest_cue  # noqa: E402
-from gram_core.sampling import prompt_id  # noqa: E402
+from gram_core import starter as S
+from gram_core.cues import strongest_cue
+from gram_core.sampling import prompt_id
+from scripts.starter_categories import POLICY, Item, clean_sample, make_items, normalize
 
 HELDOUT_CUE_LIMIT = 0.62  # issue 13: no single surface cue may pick the chosen answer more than ~60 %
 SAMPLING = dict(k=1, temperature=0.7, top_p=0.9, max_new_tokens=48, batch_size=32)
@@ -189,7 +184,7 @@ def write(rows_train: list[dict], rows_eval: list[dict], out: Path) -> dict:
 
 README = """# GRAM starter dataset
 
-Built by `scripts/build_starter.py --seed {seed}` ({built}) in {seconds:.0f} s on 2 shared CPU cores (1 torch
+Built by `python -m scripts.build_starter --seed {seed}` ({built}) in {seconds:.0f} s on 2 shared CPU cores (1 torch
 thread), {sample_seconds:.0f} s of it loading and sampling the policy. Labels are correct by construction: each pair has a check spec in
 `checks.parquet`, and `gram_core.starter.label_problems` re-runs it (the build refuses to write a failing pair).
 

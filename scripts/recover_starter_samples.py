@@ -1,7 +1,7 @@
 """Write a policy-sample cache for ``build_starter.py --samples`` from the shipped starter files (no sampling).
 
-    .venv/bin/python scripts/recover_starter_samples.py CACHE.json [--seed 0]
-    .venv/bin/python scripts/build_starter.py --seed 0 --samples CACHE.json
+    .venv/bin/python -m scripts.recover_starter_samples CACHE.json [--seed 0]
+    .venv/bin/python -m scripts.build_starter --seed 0 --samples CACHE.json
 
 Every sample that the shipped data uses is there: a training prompt's sample is its response-pool row with
 generator SmolLM2-135M-Instruct, an eval prompt's is its chosen or rejected text whose model is exactly that.
@@ -15,15 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from build_starter import prompts_to_sample  # noqa: E402
-from starter_categories import POLICY, clean_sample, make_items  # noqa: E402
-
-from gram_core import starter as S  # noqa: E402
+from gram_core import starter as S
+from scripts.build_starter import prompts_to_sample
+from scripts.starter_categories import POLICY, clean_sample, make_items
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
     seconds = re.search(r"(\d+) s of it loading and sampling", readme)
     origin = f"the {built.group(1)} build" if built else "the previous build"
     note = (f"This build did not sample again: it read the {len(samples)} samples the data uses back from the\n"
-            f"  shipped files of {origin} (`scripts/recover_starter_samples.py`); the other\n"
+            f"  shipped files of {origin} (`python -m scripts.recover_starter_samples`); the other\n"
             f"  {len(prompts) - len(samples)} were used by no pair and are not needed. Counts and seconds are that build's.")
     cache = {"seed": args.seed, "prompts": prompts, "samples": samples, "note": note,
              "seconds": float(seconds.group(1)) if seconds else 0.0}

@@ -1,6 +1,6 @@
 """The categories of the GRAM starter dataset: seeded prompts with label-by-construction pair makers.
 
-Used by ``scripts/build_starter.py`` (which puts the repository root on ``sys.path`` first). ``make_items(seed)``
+Used by ``scripts.build_starter`` (run from the repository root: ``python -m scripts.build_starter``). ``make_items(seed)``
 returns every training and eval ``Item``; each category builder draws from one shared ``random.Random``, so
 the order of the calls in ``make_items`` is part of the dataset's definition.
 

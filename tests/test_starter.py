@@ -148,7 +148,7 @@ def test_check_helpers():
 def test_template_rebuild_matches_shipped_data(tmp_path):
     """The builder is deterministic from its seed: a rebuild without the policy reproduces every pair that
     does not depend on a policy sample."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_starter.py"), "--no-sample", "--out",
+    subprocess.run([sys.executable, "-m", "scripts.build_starter", "--no-sample", "--out",
                     str(tmp_path)], check=True, capture_output=True, cwd=ROOT)
     rebuilt = {r["pair_id"]: r for r in pq.read_table(tmp_path / "preferences.parquet").to_pylist()}
     shipped = {r["pair_id"]: r for r in S.starter_preferences().to_pylist()}
