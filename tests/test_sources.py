@@ -76,8 +76,8 @@ def test_the_counts_are_mlflow_params_of_the_run_and_of_the_source_stage(tmp_pat
     """record_run: dropped_rows.<role>[.<rule>] on the parent run and on the load stage's child run."""
     from mlflow import MlflowClient
 
+    from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
     from tasks import tracking
-    from tasks.evaluate import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
     from tasks.run_record import StageRecord, record_run
 
     state = state_paths(load_preset("smoke", [f"home={mlflow_root / 'home'}"]))
