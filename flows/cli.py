@@ -6,6 +6,7 @@
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet [--drop-invalid-rows]
     gram serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas 1] [--token-file F] [--reward probability|logit]
+               [--policy-template auto|chatml|qwen|llama3|gemma|none] [--insecure]
     gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md] [--drop-invalid-rows]
     gram presets [--fields]
     gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
@@ -103,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "GRPO group rewards, best-of-n; see docs/serving.md")
     config_args(serve)
     serve.add_argument("model", help="MODEL as for `gram judge` (registry URI, folder, .gguf, smollm2, tiny)")
-    serve.add_argument("--host", default="127.0.0.1", help="listen address (default loopback only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="listen address (default loopback only; any other needs --token-file or --insecure)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host without --token-file (a network you trust)")
+    serve.add_argument("--policy-template", default="auto",
+                       choices=("auto", "chatml", "qwen", "llama3", "gemma", "none"),
+                       help="/get_reward: the RL policy's chat template, stripped from prompts and responses "
+                       "so the judge sees plain text (auto: detected per prompt; none: texts as sent)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--replicas", type=int, default=1, help="judge replicas (each loads the model)")
     serve.add_argument("--max-replicas", type=int, default=None,
@@ -339,12 +347,15 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 def cmd_serve(args: argparse.Namespace) -> None:
     from flows.errors import InputError
     from tasks.serve import serve_forever
-    from tasks.serve_api import ServeLimits
+    from tasks.serve_api import ServeLimits, exposure_error
 
     config = _config(args)
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
                          max_request_tokens=args.max_request_tokens, max_group=args.max_group,
-                         max_queue_rows=args.max_queue, reward=args.reward)
+                         max_queue_rows=args.max_queue, reward=args.reward, policy_template=args.policy_template)
+    exposed = exposure_error(args.host, bool(args.token_file), args.insecure)
+    if exposed:
+        raise InputError(exposed)
     token = None
     if args.token_file:
         token = Path(args.token_file).read_text(encoding="utf-8").strip()

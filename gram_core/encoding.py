@@ -30,9 +30,13 @@ def tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
-def tokenize(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` alone, without BOS/EOS added by the tokenizer."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+def tokenize(tokenizer, text: str, literal: bool = False) -> list[int]:
+    """Token ids of ``text`` alone, without BOS/EOS added by the tokenizer. ``literal``: a special token's text
+    (e.g. "<|im_end|>") is split into ordinary tokens, never read as the control token."""
+    if not text:
+        return []
+    options = {"split_special_tokens": True} if literal else {}
+    return list(tokenizer(text, add_special_tokens=False, **options)["input_ids"])
 
 
 def _render_pieces(tokenizer, roles: list[str], add_generation_prompt: bool, **kwargs) -> list[str]:
@@ -180,6 +184,8 @@ class JudgeEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.response_floor = response_floor
+        # Texts from outside (a reward server's requests) set this: their special-token strings stay plain text.
+        self.literal = False
         head, tail = split_chat_template(tokenizer, ["user"], add_generation_prompt=True, system_prompt=system_prompt)
         self.tail_text = tail
         # The prefix ends with "\n\n": tokenize it as it appears before "[User Question]".
@@ -209,7 +215,7 @@ class JudgeEncoder:
 
     def encode(self, prompt: str, response_a: str, response_b: str, pair_id: str | None = None) -> JudgeEncoding:
         """Encode one pair (truncated to max_length as in plan_truncation); ``pair_id`` names it in errors."""
-        p, a, b = (tokenize(self.tokenizer, _text(t, n, pair_id)) for t, n in
+        p, a, b = (tokenize(self.tokenizer, _text(t, n, pair_id), self.literal) for t, n in
                    ((prompt, "prompt"), (response_a, "response_a"), (response_b, "response_b")))
         kept = _fit(p, a, b, self, pair_id)
         p_kept, a_kept, b_kept = keep_ends(p, kept[0]), a[:kept[1]], b[:kept[2]]

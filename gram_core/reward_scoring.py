@@ -60,6 +60,7 @@ class ScoreStats:
     padded_tokens: int = 0   # remainder tokens including padding
     naive_tokens: int = 0    # sum of (sequence − template) lengths
     truncated: int = 0       # sequences the encoder shortened to fit max_length
+    truncated_at: list[int] = dataclasses.field(default_factory=list)  # their indices in the call's input order
 
     def add(self, other: ScoreStats) -> None:
         for f in dataclasses.fields(self):
@@ -157,7 +158,9 @@ def prob_a(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], res
     full, a_starts, b_starts = [], [], []
     for i, (x, a, b) in enumerate(zip(prompts, responses_a, responses_b, strict=True)):
         enc = encoder.encode(x, a, b, pair_id=f"#{i}")
-        stats.truncated += int(enc.tokens_removed > 0)
+        if enc.tokens_removed > 0:
+            stats.truncated += 1
+            stats.truncated_at.append(i)
         full.append(encoder.full_ids(enc))
         a_starts.append(template + enc.a_start)
         b_starts.append(template + enc.b_start)

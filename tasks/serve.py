@@ -4,8 +4,12 @@ Requests become pairs (tasks/serve_api.py); ``@serve.batch`` gathers the pairs o
 ``max_rows`` judge sequences, and one call of ``gram_core.reward_scoring.pairwise`` scores them with each
 shared prefix (template + prompt [+ reference]) run once, in length-sorted forward batches capped in rows and
 padded tokens. The model loads in a thread after the replica starts: until then every scoring endpoint and
-/ready answer 503. Admission is bounded per replica: past ``max_queue_rows`` pending sequences the answer is
-an immediate 503 with Retry-After. No request text is logged.
+/ready answer 503; a failed load turns /health into a 503 naming the error and stops `gram serve` non-zero.
+Admission is bounded per replica, before any text is tokenized: past ``max_queue_rows`` pending sequences the
+answer is an immediate 503 with Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which
+carries no Retry-After) is never reached: the replica takes enough requests at once to turn the excess away
+itself. Request texts are tokenized literally (``JudgeEncoder.literal``): they never become control tokens. No
+request text is logged. SIGTERM drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
 
 One of the Ray modules (tests/test_layers.py): Ray and Ray Serve are imported here and nowhere else.
 """
@@ -16,12 +20,14 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import json
 import logging
 import math
 import os
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -41,12 +47,17 @@ from tasks.serve_api import (
     openrlhf_job,
     pairwise_job,
     parse_body,
+    read_body,
 )
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="GRAM reward server", docs_url=None, redoc_url=None, openapi_url=None)
 LOAD_RETRY_AFTER_S = 5
 APP_NAME = "gram-reward"
+DRAIN_S = 5.0   # in-flight requests get this long to finish after SIGTERM
+STOP_S = 9.5    # after SIGTERM the process exits within this, drained or not
+REJECT_SLOTS = 64  # requests a full replica can hold at once just to answer them 503
+RETRY_HEADERS = {"Retry-After": str(LOAD_RETRY_AFTER_S)}  # every 503 carries one
 
 
 def _error(err: RequestError) -> JSONResponse:
@@ -58,7 +69,13 @@ def _rows(jobs: list) -> int:
     return sum(2 * len(pairs) for pairs, _ in jobs)
 
 
-@serve.deployment(graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=120, health_check_period_s=5)
+def request_bounds(limits: ServeLimits) -> dict[str, int]:
+    """Ray Serve's per-replica bounds: as many requests at once as can be admitted (each is at least one pair,
+    two sequences) plus slots to reject the rest with our 503 + Retry-After; Ray's own queue unbounded (-1)."""
+    return {"max_ongoing_requests": limits.max_queue_rows // 2 + REJECT_SLOTS, "max_queued_requests": -1}
+
+
+@serve.deployment(graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=DRAIN_S, health_check_period_s=5)
 @serve.ingress(app)
 class RewardServer:
     """One replica: a judge, an admission bound, and a dynamic batcher by judge sequences."""
@@ -94,7 +111,10 @@ class RewardServer:
             deadline = time.monotonic() + 300
             while gate and not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self.judge = load_scorer(folder, judge_config)
+            judge = load_scorer(folder, judge_config)
+            if hasattr(judge, "encoder"):
+                judge.encoder.literal = True  # request texts never become the judge's control tokens
+            self.judge = judge
         except Exception as err:  # noqa: BLE001 - reported by /ready and every scoring call
             self.load_error = f"{type(err).__name__}: {err}"
             log.error("gram serve: loading %s failed: %s", folder, self.load_error)
@@ -102,21 +122,29 @@ class RewardServer:
     # ---------------------------------------------------------------- scoring
 
     @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
-    async def _score(self, jobs: list[tuple[list, float]]) -> list[tuple[Any, Any]]:
-        """All pairs of the gathered requests in one grouped call; (P order 1, P order 2) per request."""
+    async def _score(self, jobs: list[tuple[list, float]]) -> list[tuple[Any, Any, Any]]:
+        """All pairs of the gathered requests in one grouped call; (P order 1, P order 2, truncated) per request."""
         started = time.perf_counter()
         pairs = [pair for job, _ in jobs for pair in job]
         scores, stats = await asyncio.to_thread(self._pairwise, pairs)
         self._record(jobs, started, stats)
+        truncated = np.zeros(len(pairs), dtype=bool)
+        truncated[[i % len(pairs) for i in stats.truncated_at]] = True  # sequence i and i + n are one pair
         out, at = [], 0
         for job, _ in jobs:
-            out.append((scores.p_order1[at:at + len(job)], scores.p_order2[at:at + len(job)]))
+            out.append((scores.p_order1[at:at + len(job)], scores.p_order2[at:at + len(job)],
+                        truncated[at:at + len(job)]))
             at += len(job)
         return out
 
     def _pairwise(self, pairs: list) -> tuple[Any, Any]:
         from gram_core.reward_scoring import ScoreStats, pairwise
 
+        # Tests hold a batch here while the file named by GRAM_SERVE_TEST_HOLD exists (a request mid-batch).
+        hold = os.environ.get("GRAM_SERVE_TEST_HOLD")
+        deadline = time.monotonic() + 60
+        while hold and os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
         stats = ScoreStats()
         prompts, r1, r2 = (list(col) for col in zip(*pairs, strict=True))
         options = {"max_rows": self.forward_rows, "max_tokens": self.forward_tokens, "stats": stats,
@@ -140,23 +168,27 @@ class RewardServer:
     async def _admit_and_score(self, request: Request, make_job: Callable[[dict, ServeLimits], Job]):
         body = await self._body(request)
         job = make_job(body, self.limits)
-        await self._check_tokens(job.texts)
-        p1, p2 = await self._run(job.pairs)
-        return job.answer(p1, p2)
+        with self._admitted(job.rows):  # before tokenizing: a full replica spends nothing on a request
+            await self._check_tokens(job.texts)
+            return job.answer(*await self._run(job.pairs))
 
-    async def _run(self, pairs: list) -> tuple[Any, Any]:
-        rows = 2 * len(pairs)
-        if not pairs:  # e.g. an OpenRLHF request with empty lists: an empty answer, not a batch
-            return np.empty(0), np.empty(0)
-        if self.pending_rows + rows > self.limits.max_queue_rows:
+    @contextlib.contextmanager
+    def _admitted(self, rows: int):
+        """Hold ``rows`` of the replica's queue bound for the block, or answer 503 + Retry-After at once."""
+        if rows and self.pending_rows + rows > self.limits.max_queue_rows:
             self.stats["rejected"] += 1
             raise RequestError(503, f"queue full ({self.pending_rows} sequences pending, bound "
                                f"{self.limits.max_queue_rows}); retry later", retry_after_s=self._retry_after())
         self.pending_rows += rows
         try:
-            return await self._score((pairs, time.perf_counter()))
+            yield
         finally:
             self.pending_rows -= rows
+
+    async def _run(self, pairs: list) -> tuple[Any, Any, Any]:
+        if not pairs:  # e.g. an OpenRLHF request with empty lists: an empty answer, not a batch
+            return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
+        return await self._score((pairs, time.perf_counter()))
 
     def _retry_after(self) -> float:
         busy = self.stats["batch_compute_s"] / max(self.stats["batches"], 1)  # seconds per full batch, roughly
@@ -166,7 +198,8 @@ class RewardServer:
         tokenizer = getattr(self.judge, "tokenizer", None)
         if tokenizer is None or not texts:
             return
-        ids = await asyncio.to_thread(lambda: tokenizer(texts, add_special_tokens=False)["input_ids"])
+        ids = await asyncio.to_thread(
+            lambda: tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         total = sum(len(x) for x in ids)
         if total > self.limits.max_request_tokens:
             raise RequestError(413, f"request texts are {total} tokens, more than the cap "
@@ -174,14 +207,14 @@ class RewardServer:
 
     async def _body(self, request: Request) -> dict:
         self._authorize(request)
-        if self.judge is None:
+        if self.judge is None:  # a failed load also answers Retry-After: a restarted server may take it
             raise RequestError(503, f"model not loaded: {self.load_error or self.load_stage}",
                                retry_after_s=LOAD_RETRY_AFTER_S)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise RequestError(413, f"request body is {declared} bytes, more than the cap "
                                f"{self.limits.max_body_bytes}")
-        return parse_body(await request.body(), self.limits)
+        return parse_body(await read_body(request.stream(), self.limits.max_body_bytes), self.limits)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -215,27 +248,33 @@ class RewardServer:
         """The knockout of `gram rank`; each round's pairs go through the batcher with other requests'."""
         try:
             prompt, candidates = best_of_n_request(await self._body(request), self.limits)
-            await self._check_tokens([prompt, *candidates])
-            alive, comparisons = list(range(len(candidates))), 0
-            while len(alive) > 1:
-                pairs = list(zip(alive[0::2], alive[1::2], strict=False))
-                p1, p2 = await self._run([(prompt, candidates[i], candidates[j]) for i, j in pairs])
-                comparisons += len(pairs)
-                winners = [i if p > 0.5 else j for (i, j), p in zip(pairs, (p1 + p2) / 2, strict=True)]
-                alive = winners + ([alive[-1]] if len(alive) % 2 else [])
+            with self._admitted(2 * (len(candidates) // 2)):  # the first round, the largest
+                await self._check_tokens([prompt, *candidates])
+                alive, comparisons = list(range(len(candidates))), 0
+                while len(alive) > 1:
+                    pairs = list(zip(alive[0::2], alive[1::2], strict=False))
+                    p1, p2, _ = await self._run([(prompt, candidates[i], candidates[j]) for i, j in pairs])
+                    comparisons += len(pairs)
+                    winners = [i if p > 0.5 else j for (i, j), p in zip(pairs, (p1 + p2) / 2, strict=True)]
+                    alive = winners + ([alive[-1]] if len(alive) % 2 else [])
             return JSONResponse({"best_index": alive[0], "comparisons": comparisons})
         except RequestError as err:
             return _error(err)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        if self.load_error is not None:  # it will not recover: no Retry-After
+            return JSONResponse({"status": "failed", "loaded": False, "error": f"model load failed: "
+                                 f"{self.load_error}"}, status_code=503, headers=RETRY_HEADERS)
         return JSONResponse({"status": "ok", "loaded": self.judge is not None})
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
+        if self.load_error is not None:
+            return JSONResponse({"error": f"model load failed: {self.load_error}", "failed": True}, status_code=503,
+                                headers=RETRY_HEADERS)
         if self.judge is None:
-            return _error(RequestError(503, f"model not loaded: {self.load_error or self.load_stage}",
-                                       LOAD_RETRY_AFTER_S))
+            return _error(RequestError(503, f"model not loaded: {self.load_stage}", LOAD_RETRY_AFTER_S))
         return JSONResponse({"status": "ready"})
 
     @app.get("/v1/stats")
@@ -261,17 +300,47 @@ def _start_ray() -> None:
              logging_config=ray.LoggingConfig(log_level="ERROR"))
 
 
+class ModelLoadError(RuntimeError):
+    """The replica could not load the judge; `gram serve` exits non-zero with this line."""
+
+
 def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
+    """True once /ready answers 200; False on timeout or stop; ModelLoadError when the load failed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:
             with urllib.request.urlopen(f"{url}/ready", timeout=5) as answer:
                 if answer.status == 200:
                     return True
+        except urllib.error.HTTPError as err:
+            with contextlib.suppress(ValueError):
+                body = json.loads(err.read())
+                if body.get("failed"):
+                    raise ModelLoadError(body.get("error", "model load failed")) from None
         except OSError:
             pass
         stop.wait(0.5)
     return False
+
+
+def _stop_within(seconds: float) -> None:
+    """A last resort after SIGTERM: if draining and Ray's shutdown hang, the process still exits (code 1)."""
+    def expire() -> None:
+        log.error("gram serve: not stopped %.1f s after the signal; exiting now", seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def client_hint(url: str) -> str:
+    """The flags each RL client takes, printed at start (docs/serving.md has the full commands)."""
+    return (f"OpenRLHF >= 0.10.2: --reward.remote_url {url}/get_reward --data.label_key <reference column> "
+            f"(before 0.10.2: --remote_rm_url, --label_key)\n"
+            f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.reward_functions\n"
+            f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/reward_client.py "
+            f"(name=compute_score, or compute_score_batch with reward_model.reward_manager=batch)")
 
 
 def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *, host: str = "127.0.0.1",
@@ -279,8 +348,9 @@ def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *
                   batch_wait_ms: float = 5.0, forward_rows: int = 32, forward_tokens: int | None = 32768,
                   cpus_per_replica: float | None = None, share_prefix: bool = True,
                   say: Callable[[str], Any] = print) -> None:
-    """Start Ray (local, or RAY_ADDRESS) and the server; print the URL and the OpenRLHF flag; on SIGTERM or
-    Ctrl-C drain in-flight requests (Serve's graceful shutdown) and stop."""
+    """Start Ray (local, or RAY_ADDRESS) and the server; print the URL and the client flags; on SIGTERM or
+    Ctrl-C drain in-flight requests (Serve's graceful shutdown, at most DRAIN_S) and stop within STOP_S.
+    Raises ModelLoadError when the replica cannot load the judge."""
     import ray
 
     _start_ray()
@@ -289,13 +359,17 @@ def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *
     actor = {"num_cpus": cpus, "num_gpus": min(1.0, gpus / max(replicas, 1)) if gpus else 0}
     scaling = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": max_replicas}} if max_replicas \
         else {"num_replicas": replicas}
-    deployment = RewardServer.options(
-        ray_actor_options=actor, max_ongoing_requests=max(64, limits.max_queue_rows // 2),
-        max_queued_requests=limits.max_queue_rows, **scaling)
+    deployment = RewardServer.options(ray_actor_options=actor, **request_bounds(limits), **scaling)
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # access lines carry no texts, but are noise
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly", logging_config=quiet)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(*_) -> None:
+        if not stop.is_set():
+            _stop_within(STOP_S)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.run(deployment.bind(folder, judge_config, limits, token, cpus, batch_wait_ms / 1000, forward_rows,
                                   forward_tokens, share_prefix),
@@ -303,16 +377,18 @@ def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *
         url = f"http://{host}:{port}"
         device = "GPU" if actor["num_gpus"] else f"CPU ({int(cpus)} threads)"
         say(f"GRAM reward server: {url}  ({replicas} replica(s), {device}; loading the model, GET {url}/ready)")
-        say(f"OpenRLHF flag: --remote_rm_url {url}/get_reward")
+        say(client_hint(url))
         if _wait_ready(url, 600, stop):
             say(f"ready: POST {url}/get_reward, /v1/pairwise, /v1/grpo, /v1/best_of_n; Ctrl-C stops")
         while not stop.wait(0.5):
             pass
         say("gram serve: draining in-flight requests and stopping")
     finally:
-        # Deleting the app drains each replica (graceful_shutdown_timeout_s); then Ray and Serve go together.
-        with contextlib.suppress(Exception):
-            serve.delete(APP_NAME)
+        # Deleting the app drains each replica (at most DRAIN_S); then Ray and Serve go together. The delete
+        # runs in a thread so a replica that does not answer cannot hold the process past STOP_S.
+        deleting = threading.Thread(target=lambda: serve.delete(APP_NAME), name="gram-stop", daemon=True)
+        deleting.start()
+        deleting.join(DRAIN_S + 2)
         ray.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
