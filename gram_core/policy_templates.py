@@ -77,26 +77,50 @@ def _common_prefix(a: str, b: str) -> int:
     return low
 
 
+def _agreement_before(query: str, end: int, prompt: str) -> int:
+    """How many characters of ``query`` ending at ``end`` equal the prompt's last characters."""
+    low, high = 0, min(end, len(prompt))
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if query[end - mid:end] == prompt[len(prompt) - mid:] else (low, mid - 1)
+    return low
+
+
+def _prompt_end(query: str, prompt: str, needle: str, start: int) -> int | None:
+    """The end of the occurrence of ``needle`` (at or after ``start``) that agrees longest, backwards, with the
+    prompt's end; the first one on a tie. At most 64 occurrences are weighed."""
+    best, best_agreement, at = None, -1, query.find(needle, start)
+    for _ in range(64):
+        if at < 0:
+            break
+        agreement = _agreement_before(query, at + len(needle), prompt)
+        if agreement > best_agreement:
+            best, best_agreement = at + len(needle), agreement
+        at = query.find(needle, at + 1)
+    return best
+
+
 def split_query(query: str, prompt: str, template: PolicyTemplate | None) -> tuple[int, int]:
     """(where the response starts in ``query``, index into SPLIT_METHODS).
 
-    ``query`` should start with ``prompt``; when it does not (a decode that drifted, a prompt cut from the left),
-    the response starts after the first place, at or after the longest common prefix, where the prompt's last
-    64 or 16 characters occur, else after the template's generation header, else at the longest common prefix.
+    ``query`` should start with ``prompt``. When it does not (a decode that drifted, a prompt cut from the left),
+    the prompt ends in the query where its last 64, else 16, characters occur (at or after the longest common
+    prefix; of several occurrences, the one whose preceding text agrees longest with the prompt's end), else
+    after the template's generation header chosen the same way, else at the longest common prefix.
     """
     if query.startswith(prompt):
         return len(prompt), 0
     common = _common_prefix(query, prompt)
     for n in TAIL_LENGTHS:
         if len(prompt) >= n:
-            at = query.find(prompt[-n:], max(0, common - n))
-            if at >= 0:
-                return at + n, 1
+            end = _prompt_end(query, prompt, prompt[-n:], max(0, common - n))
+            if end is not None:
+                return end, 1
     if template is not None:
         header = template.generation_header
-        at = query.find(header, max(0, common - len(header)))
-        if at >= 0:
-            return at + len(header), 2
+        end = _prompt_end(query, prompt, header, max(0, common - len(header)))
+        if end is not None:
+            return end, 2
     return common, 3
 
 
