@@ -3,74 +3,33 @@
 * TRL ``GRPOTrainer(reward_funcs=[GramReward(...)])``: ``(prompts, completions, **columns) -> list[float]``.
   ``mode="group"``: each completion's mean P(win) against the other completions of its prompt (both slot
   orders; n(n−1)/2 pairs per group of n). ``mode="reference"``: P(completion ≻ the dataset's reference column).
-* verl ``custom_reward_function.path=<this file>``, ``name=compute_score``:
-  ``compute_score(data_source, solution_str, ground_truth, extra_info) -> float`` = P(solution ≻ ground_truth),
-  from the server at ``GRAM_REWARD_URL`` (bearer token in ``GRAM_REWARD_TOKEN``) or, without it, the judge
-  ``GRAM_REWARD_MODEL`` (any MODEL `gram judge` takes that is a folder, .gguf, smollm2 or tiny) in process.
+  On several processes TRL may spread one prompt's completions across ranks; group mode then gathers the
+  whole groups from every rank (torch.distributed), scores each group once on one rank and hands every rank
+  its own rewards, so group-relative rewards are those of the whole group.
+* verl: ``compute_score`` / ``compute_score_batch`` live in tasks/reward_client.py (no torch on import) and
+  are re-exported here.
 
-Over HTTP, 429/503 answers are retried after their Retry-After (like OpenRLHF's client, 5 tries by default).
+Over HTTP, requests stay under the server's row cap (``max_rows``, `gram serve --max-batch`) and 503 answers
+are retried after their Retry-After (like OpenRLHF's client, 5 tries by default).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from gram_core.reward_scoring import DEFAULT_MAX_GROUP, group_rewards, rewards_vs_reference
+from tasks.reward_client import (
+    DEFAULT_MAX_ROWS,
+    GramServerClient,
+    compute_score,
+    compute_score_batch,
+    message_text,
+)
 
-__all__ = ["GramReward", "GramServerClient", "compute_score", "message_text"]
-
-
-def message_text(value: Any, role: str | None = None) -> str:
-    """The text of a TRL prompt or completion: a string, or a conversation (list of {role, content}) whose last
-    message of ``role`` (any role when None) is taken."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        picked = [m for m in value if role is None or m.get("role") == role] or value
-        content = picked[-1].get("content", "") if picked else ""
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return str(content)
-    raise TypeError(f"expected a string or a list of chat messages, got {type(value).__name__}")
-
-
-class GramServerClient:
-    """POST JSON to a `gram serve` URL; retries 429/503 and connection errors after Retry-After (or 1 s)."""
-
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 180, tries: int = 5):
-        self.url, self.token, self.timeout_s, self.tries = url.rstrip("/"), token, timeout_s, tries
-
-    def post(self, path: str, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"}
-                                                           if self.token else {})}
-        last: Exception | None = None
-        for _ in range(self.tries):
-            request = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                    return json.loads(answer.read())
-            except urllib.error.HTTPError as err:
-                reason = err.read().decode(errors="replace")[:300]
-                if err.code not in (429, 503):
-                    raise RuntimeError(f"{self.url}{path}: HTTP {err.code}: {reason}") from None
-                last = RuntimeError(f"{self.url}{path}: HTTP {err.code}: {reason}")
-                time.sleep(float(err.headers.get("Retry-After") or 1))
-            except OSError as err:  # connection refused or reset: the server may be starting
-                last = err
-                time.sleep(1)
-        raise RuntimeError(f"{self.url}{path}: no answer after {self.tries} tries ({last})")
-
-    def group_rewards(self, groups: list[dict]) -> list[list[float]]:
-        """POST /v1/grpo: one reward list per group {prompt, completions[, reference]}."""
-        return self.post("/v1/grpo", {"groups": groups})["rewards"]
+__all__ = ["GramReward", "GramServerClient", "compute_score", "compute_score_batch", "local_rewards_vs_reference",
+           "message_text"]
 
 
 def _groups_by_prompt(prompts: Sequence[str]) -> list[list[int]]:
@@ -85,12 +44,13 @@ class GramReward:
     """A TRL GRPOTrainer reward function backed by a GRAM judge (``url`` of `gram serve`, or ``judge``)."""
 
     def __init__(self, url: str | None = None, judge: Any = None, mode: str = "group",
-                 reference_column: str = "reference", token: str | None = None, max_group: int = DEFAULT_MAX_GROUP):
+                 reference_column: str = "reference", token: str | None = None, max_group: int = DEFAULT_MAX_GROUP,
+                 max_rows: int = DEFAULT_MAX_ROWS):
         if (url is None) == (judge is None):
             raise ValueError("GramReward: pass exactly one of url (a `gram serve` server) or judge (in process)")
         if mode not in ("group", "reference"):
             raise ValueError(f"GramReward: mode must be 'group' or 'reference', got {mode!r}")
-        self.client = GramServerClient(url, token) if url else None
+        self.client = GramServerClient(url, token, max_rows=max_rows) if url else None
         self.judge, self.mode, self.reference_column, self.max_group = judge, mode, reference_column, max_group
         self.__name__ = f"gram_{mode}"  # TRL logs each reward function under its __name__
 
@@ -107,12 +67,35 @@ class GramReward:
             specs = [{"prompt": prompt_texts[i], "completions": [texts[i]], "reference": references[i]}
                      for i in range(len(texts))]
         else:
+            dist = _distributed()
+            if dist is not None:
+                return self._gathered_groups(dist, prompt_texts, texts)
             groups = _groups_by_prompt(prompt_texts)
             specs = [{"prompt": prompt_texts[g[0]], "completions": [texts[i] for i in g]} for g in groups]
         for members, values in zip(groups, self._score(specs), strict=True):
             for i, value in zip(members, values, strict=True):
                 rewards[i] = float(value)
         return rewards
+
+    def _gathered_groups(self, dist: Any, prompt_texts: list[str], texts: list[str]) -> list[float]:
+        """Group mode on several ranks: every rank's (prompt, completion) gathered, the groups of the whole
+        batch split among ranks, each scored once, and the rewards gathered back; this rank's slice returned."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (prompt_texts, texts))
+        offsets = [0]
+        for part_prompts, _ in parts:
+            offsets.append(offsets[-1] + len(part_prompts))
+        all_prompts = [p for part_prompts, _ in parts for p in part_prompts]
+        all_texts = [t for _, part_texts in parts for t in part_texts]
+        mine = [g for k, g in enumerate(_groups_by_prompt(all_prompts)) if k % world == rank]
+        specs = [{"prompt": all_prompts[g[0]], "completions": [all_texts[i] for i in g]} for g in mine]
+        scored = {i: float(v) for members, values in zip(mine, self._score(specs) if specs else [], strict=True)
+                  for i, v in zip(members, values, strict=True)}
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, scored)
+        merged = {i: v for part in everyone for i, v in part.items()}
+        return [merged[i] for i in range(offsets[rank], offsets[rank + 1])]
 
     def _score(self, specs: list[dict]) -> list[list[float]]:
         if self.client is not None:
@@ -125,6 +108,15 @@ class GramReward:
                 for s in specs]
 
 
+def _distributed() -> Any:
+    """torch.distributed when this process is one of several initialized ranks (TRL under accelerate), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _local_judge(model: str) -> Any:
     from gram_core.config import JudgeConfig
@@ -134,20 +126,7 @@ def _local_judge(model: str) -> Any:
     return load_scorer(resolve_model_source(model), JudgeConfig())
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None) -> float:
-    """verl's reward-function shape: P(solution ≻ ground_truth), the reference, in [0, 1] (0.5 = as good).
-
-    The prompt is ``extra_info['question']`` or ``extra_info['prompt']`` when the dataset put it there.
-    """
-    info = extra_info or {}
-    prompt = message_text(info.get("question") or info.get("prompt") or "", "user")
-    url = os.environ.get("GRAM_REWARD_URL")
-    if url:
-        client = GramServerClient(url, os.environ.get("GRAM_REWARD_TOKEN"))
-        return float(client.group_rewards([{"prompt": prompt, "completions": [solution_str],
-                                            "reference": str(ground_truth)}])[0][0])
-    model = os.environ.get("GRAM_REWARD_MODEL")
-    if not model:
-        raise RuntimeError("compute_score: set GRAM_REWARD_URL (a `gram serve` server) or GRAM_REWARD_MODEL "
-                           "(a judge folder, .gguf, smollm2 or tiny, scored in process)")
-    return float(rewards_vs_reference(_local_judge(model), [prompt], [solution_str], [str(ground_truth)])[0])
+def local_rewards_vs_reference(model: str, prompts: list[str], solutions: list[str],
+                               references: list[str]) -> list[float]:
+    """P(solution ≻ reference) from the judge ``model`` loaded in this process (once), for verl without a server."""
+    return [float(v) for v in rewards_vs_reference(_local_judge(model), prompts, solutions, references)]
