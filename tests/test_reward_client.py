@@ -1,0 +1,160 @@
+"""The thin `gram serve` client (tasks/reward_client.py) without a model: it imports no torch, splits /v1/grpo
+under the row cap and puts every reward back in place (against a stub server that records each request),
+verl's compute_score takes reward_kwargs and refuses a missing question; TRL group mode on two ranks (gloo)
+scores whole groups that TRL split across ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tasks.reward_client import GramServerClient, _chunks, compute_score, compute_score_batch, group_cost
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stub_reward(prompt: str, completion: str, reference: str | None) -> float:
+    return (len(prompt) * 7 + len(completion) * 3 + len(reference or "")) % 101 / 100
+
+
+@pytest.fixture()
+def stub_server():
+    """A /v1/grpo stub: reward = a function of the texts; records the sequences each request carried; 413 over
+    512 sequences, like `gram serve`."""
+    seen: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            rows = sum(group_cost(g) for g in body["groups"])
+            seen.append(rows)
+            status, answer = (413, {"error": "too many"}) if rows > 512 else (200, {"rewards": [
+                [_stub_reward(g["prompt"], c, g.get("reference")) for c in g["completions"]] for g in body["groups"]]})
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_client_module_imports_no_torch():
+    code = ("import sys, tasks.reward_client; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gram_core', 'numpy', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_chunks_stay_under_the_row_cap_and_keep_groups_whole():
+    groups = [{"prompt": f"p{i}", "completions": [f"c{j}" for j in range(8)]} for i in range(32)]  # 1792 rows
+    requests = _chunks(groups, 512)
+    assert [sum(group_cost(part) for _, _, part in r) for r in requests] == [504, 504, 504, 280]
+    assert [g for r in requests for g, _, _ in r] == list(range(32))
+    big = {"prompt": "p", "completions": [f"c{j}" for j in range(600)], "reference": "r"}  # 1200 rows
+    parts = [part for r in _chunks([big], 512) for part in r]
+    assert [at for _, at, _ in parts] == [0, 256, 512]
+    assert all(group_cost(p) <= 512 for _, _, p in parts)
+
+
+def test_group_rewards_split_under_the_cap_and_reassembled(stub_server):
+    url, seen = stub_server
+    groups = [{"prompt": f"prompt {i}", "completions": [f"answer {i}.{j}" * (j + 1) for j in range(8)]}
+              for i in range(32)]
+    groups.append({"prompt": "q", "completions": [f"x{j}" for j in range(300)], "reference": "ref"})
+    rewards = GramServerClient(url).group_rewards(groups)
+    want = [[_stub_reward(g["prompt"], c, g.get("reference")) for c in g["completions"]] for g in groups]
+    assert rewards == want
+    assert max(seen) <= 512 and sum(seen) == 32 * 56 + 600
+
+
+def test_verl_compute_score_takes_reward_kwargs_and_a_batch(stub_server, monkeypatch):
+    url, seen = stub_server
+    monkeypatch.setenv("GRAM_REWARD_URL", url)
+    info = {"question": "Name a colour.", "num_turns": None, "rollout_reward_scores": {}}
+    assert compute_score("demo", "Blue.", "Red.", info, some_reward_kwarg=1) == _stub_reward("Name a colour.",
+                                                                                             "Blue.", "Red.")
+    seen.clear()
+    scores = compute_score_batch(["demo"] * 300, [f"s{i}" for i in range(300)], ["Red."] * 300,
+                                 [{"prompt": [{"role": "user", "content": "Q?"}]}] * 300, another=2)
+    assert scores == [_stub_reward("Q?", f"s{i}", "Red.") for i in range(300)]
+    assert seen == [512, 88]  # one request per 256 samples, not one per sample
+
+
+@pytest.mark.parametrize("info", [None, {}, {"index": 3}, {"question": ""}])
+def test_verl_without_a_question_is_a_clear_error(info, monkeypatch):
+    monkeypatch.setenv("GRAM_REWARD_URL", "http://127.0.0.1:9")  # never reached
+    with pytest.raises(ValueError, match="extra_info has no 'question'"):
+        compute_score("demo", "Blue.", "Red.", info)
+    with pytest.raises(ValueError, match="item 1: extra_info has no 'question'"):
+        compute_score_batch(["d", "d"], ["a", "b"], ["r", "r"], [{"question": "q"}, info])
+
+
+class _LengthJudge:
+    """A scorer whose preference is a function of both texts (not a Judge: read through ``preference``)."""
+
+    def preference(self, prompts, responses_1, responses_2):
+        import numpy as np
+
+        from gram_core.judging import PairScores
+
+        p = np.array([1 / (1 + np.exp(len(b) - len(a) + 0.1 * len(x))) for x, a, b in
+                      zip(prompts, responses_1, responses_2, strict=True)])
+        return PairScores(p_order1=p, p_order2=p, p=p)
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from tasks.reward_functions import GramReward
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    prompts, completions = _split_batch()
+    half = len(prompts) // 2  # TRL's per-process slice of the generation batch
+    local = slice(rank * half, (rank + 1) * half)
+    rewards = GramReward(judge=_LengthJudge())(prompts[local], completions[local])
+    Path(out, f"{rank}.json").write_text(json.dumps(rewards))
+    dist.destroy_process_group()
+
+
+def _split_batch():
+    """2 prompts × 6 completions, 6 rows per rank, laid out so that each group spans both ranks."""
+    prompts = ["Say hi."] * 3 + ["Name a colour."] * 6 + ["Say hi."] * 3
+    completions = [f"answer {'x' * k}" for k in range(12)]
+    return prompts, completions
+
+
+def test_trl_group_mode_on_two_ranks_scores_whole_groups(tmp_path):
+    import socket
+
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from gram_core.reward_scoring import group_rewards
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    got = json.loads((tmp_path / "0.json").read_text()) + json.loads((tmp_path / "1.json").read_text())
+    prompts, completions = _split_batch()
+    want = np.zeros(12)
+    for prompt in set(prompts):
+        members = [i for i, p in enumerate(prompts) if p == prompt]
+        want[members] = group_rewards(_LengthJudge(), prompt, [completions[i] for i in members])
+    np.testing.assert_allclose(got, want, atol=1e-12)
