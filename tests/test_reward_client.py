@@ -216,3 +216,39 @@ def test_verl_reward_managers_call_our_functions_with_reward_kwargs(stub_server,
     assert got == pytest.approx(want, abs=1e-6)
     assert float(rewards.sum()) == pytest.approx(sum(want), abs=1e-5)  # nothing anywhere else
     assert len(seen) == (3 if manager == "naive" else 1)  # the batch manager: one request for the batch
+
+
+def test_trl_grpo_trainer_on_two_processes_scores_whole_groups(tmp_path, tiny_tokenizer):
+    """TRL's GRPOTrainer on 2 CPU processes with every group split across them: each rank's rewards equal the
+    group-relative rewards of the whole group (as one process would score it), not of its half."""
+    pytest.importorskip("trl")
+    import socket
+
+    import numpy as np
+
+    from gram_core.config import JudgeConfig
+    from gram_core.judging import Judge
+    from gram_core.models import build_tiny_model
+    from gram_core.reward_scoring import group_rewards
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(ROOT / "tests" / "trl_two_ranks.py"), str(tmp_path)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [2, 2] and len(ranks[0]["calls"]) == len(ranks[1]["calls"]) == 2
+    judge = Judge(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, JudgeConfig(max_length=512))
+    for step in range(2):
+        calls = [r["calls"][step] for r in ranks]
+        prompts = calls[0]["prompts"] + calls[1]["prompts"]
+        completions = calls[0]["completions"] + calls[1]["completions"]
+        got = calls[0]["rewards"] + calls[1]["rewards"]
+        assert all(set(c["prompts"]) & set(calls[1 - k]["prompts"]) for k, c in enumerate(calls))  # split groups
+        for prompt in set(prompts):
+            members = [i for i, p in enumerate(prompts) if p == prompt]
+            want = group_rewards(judge, prompt, [completions[i] for i in members])
+            np.testing.assert_allclose([got[i] for i in members], want, atol=1e-6)
