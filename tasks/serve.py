@@ -316,11 +316,22 @@ def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
             with contextlib.suppress(ValueError):
                 body = json.loads(err.read())
                 if body.get("failed"):
-                    raise ModelLoadError(body.get("error", "model load failed")) from None
+                    raise ModelLoadError(f"{body.get('error', 'model load failed')} ({_health(url)})") from None
         except OSError:
             pass
         stop.wait(0.5)
     return False
+
+
+def _health(url: str) -> str:
+    """What GET /health answers, in a few words (a failed load: 503 and "failed")."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+            return f"GET /health: {answer.status} {json.loads(answer.read()).get('status')}"
+    except urllib.error.HTTPError as err:
+        return f"GET /health: {err.code} {json.loads(err.read()).get('status')}"
+    except (OSError, ValueError) as err:
+        return f"GET /health: {type(err).__name__}"
 
 
 def _stop_within(seconds: float) -> None:
