@@ -103,13 +103,13 @@ def open_server():
                 time.sleep(0.1)
             signalled = time.monotonic()
             os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            code = proc.wait(timeout=60)
             stopped = time.monotonic() - signalled
             try:
                 status = stuck.result()[0]
             except OSError:  # the connection closed under it
                 status = None
-        assert stopped < 10, f"stopped {stopped:.1f} s after SIGTERM"
+        assert stopped < 10 and code == 0, f"exit {code} {stopped:.1f} s after SIGTERM (1: the last-resort timer)"
         assert status != 200  # dropped when the drain gave up, not answered
     finally:
         if proc.poll() is None:
