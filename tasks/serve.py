@@ -43,11 +43,13 @@ from tasks.serve_api import (
     RequestError,
     ServeLimits,
     best_of_n_request,
+    client_hint,
     grpo_job,
     openrlhf_job,
     pairwise_job,
     parse_body,
     read_body,
+    request_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,6 @@ LOAD_RETRY_AFTER_S = 5
 APP_NAME = "gram-reward"
 DRAIN_S = 5.0   # in-flight requests get this long to finish after SIGTERM
 STOP_S = 9.5    # after SIGTERM the process exits within this, drained or not
-REJECT_SLOTS = 64  # requests a full replica can hold at once just to answer them 503
 RETRY_HEADERS = {"Retry-After": str(LOAD_RETRY_AFTER_S)}  # every 503 carries one
 
 
@@ -67,12 +68,6 @@ def _error(err: RequestError) -> JSONResponse:
 
 def _rows(jobs: list) -> int:
     return sum(2 * len(pairs) for pairs, _ in jobs)
-
-
-def request_bounds(limits: ServeLimits) -> dict[str, int]:
-    """Ray Serve's per-replica bounds: as many requests at once as can be admitted (each is at least one pair,
-    two sequences) plus slots to reject the rest with our 503 + Retry-After; Ray's own queue unbounded (-1)."""
-    return {"max_ongoing_requests": limits.max_queue_rows // 2 + REJECT_SLOTS, "max_queued_requests": -1}
 
 
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=DRAIN_S, health_check_period_s=5)
@@ -263,7 +258,7 @@ class RewardServer:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        if self.load_error is not None:  # it will not recover: no Retry-After
+        if self.load_error is not None:  # it will not recover; Retry-After still, as on every 503
             return JSONResponse({"status": "failed", "loaded": False, "error": f"model load failed: "
                                  f"{self.load_error}"}, status_code=503, headers=RETRY_HEADERS)
         return JSONResponse({"status": "ok", "loaded": self.judge is not None})
@@ -337,21 +332,17 @@ def _health(url: str) -> str:
 def _stop_within(seconds: float) -> None:
     """A last resort after SIGTERM: if draining and Ray's shutdown hang, the process still exits (code 1)."""
     def expire() -> None:
+        import psutil  # a dependency of Ray
+
         log.error("gram serve: not stopped %.1f s after the signal; exiting now", seconds)
+        for child in psutil.Process().children(recursive=True):  # the local Ray runtime this process started
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         os._exit(1)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()
-
-
-def client_hint(url: str) -> str:
-    """The flags each RL client takes, printed at start (docs/serving.md has the full commands)."""
-    return (f"OpenRLHF >= 0.10.2: --reward.remote_url {url}/get_reward --data.label_key <reference column> "
-            f"(before 0.10.2: --remote_rm_url, --label_key)\n"
-            f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.reward_functions\n"
-            f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/reward_client.py "
-            f"(name=compute_score, or compute_score_batch with reward_model.reward_manager=batch)")
 
 
 def serve_forever(folder: str, judge_config: JudgeConfig, limits: ServeLimits, *, host: str = "127.0.0.1",

@@ -290,3 +290,21 @@ def exposure_error(host: str, has_token: bool, insecure: bool) -> str | None:
     return (f"--host {host} listens beyond this machine without a token: anyone who reaches the port can use "
             "the judge; pass --token-file FILE (clients send 'Authorization: Bearer <token>'), or --insecure "
             "on a network you trust")
+
+
+REJECT_SLOTS = 64  # requests a full replica can hold at once just to answer them 503
+
+
+def request_bounds(limits: ServeLimits) -> dict[str, int]:
+    """Ray Serve's per-replica bounds: as many requests at once as can be admitted (each is at least one pair,
+    two sequences) plus slots to reject the rest with our 503 + Retry-After; Ray's own queue unbounded (-1)."""
+    return {"max_ongoing_requests": limits.max_queue_rows // 2 + REJECT_SLOTS, "max_queued_requests": -1}
+
+
+def client_hint(url: str) -> str:
+    """The flags each RL client takes, printed at start (docs/serving.md has the full commands)."""
+    return (f"OpenRLHF >= 0.10.2: --reward.remote_url {url}/get_reward --data.label_key <reference column> "
+            f"(before 0.10.2: --remote_rm_url, --label_key)\n"
+            f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.reward_functions\n"
+            f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/reward_client.py "
+            f"(name=compute_score, or compute_score_batch with reward_model.reward_manager=batch)")

@@ -12,6 +12,7 @@ stuck mid-scoring: the process is gone within 10 s."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -112,9 +113,9 @@ def open_server():
         assert stopped < 10 and code == 0, f"exit {code} {stopped:.1f} s after SIGTERM (1: the last-resort timer)"
         assert status != 200  # dropped when the drain gave up, not answered
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # also Ray processes the server left behind
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
 

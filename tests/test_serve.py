@@ -405,12 +405,3 @@ def test_a_failed_load_exits_non_zero_and_says_why(tmp_path):
     assert proc.returncode not in (0, None) and "model load failed" in out, out[-3000:]
     assert "GET /health: 503 failed" in out, out[-3000:]
 
-
-def test_ray_serve_never_answers_its_own_bare_503():
-    """Ray Serve's queue-full 503 has no Retry-After: its queue is unbounded, and a replica takes every request it
-    could admit plus slots to reject the rest with ours."""
-    from tasks.serve import REJECT_SLOTS, request_bounds
-    from tasks.serve_api import ServeLimits
-
-    limits = ServeLimits(max_queue_rows=64, max_rows=64, max_group=4)
-    assert request_bounds(limits) == {"max_ongoing_requests": 32 + REJECT_SLOTS, "max_queued_requests": -1}
