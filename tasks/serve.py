@@ -334,7 +334,7 @@ def _stop_within(seconds: float) -> None:
     def expire() -> None:
         import psutil  # a dependency of Ray
 
-        log.error("gram serve: not stopped %.1f s after the signal; exiting now", seconds)
+        os.write(2, f"gram serve: not stopped {seconds} s after the signal; exiting now\n".encode())  # no locks
         for child in psutil.Process().children(recursive=True):  # the local Ray runtime this process started
             with contextlib.suppress(psutil.Error):
                 child.kill()
