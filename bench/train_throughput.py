@@ -1,14 +1,14 @@
 """Stage-2 training speed: a naive trainer against ours on the same examples and trainable layers.
 
-One step = forward + backward over every example (micro-batches of --batch-size, gradients accumulated,
-no optimizer update, so every round sees the same weights). Both sides compute the same global mean loss
-(label-smoothed two-way CE on the verdict logits), so their first-step losses must agree; the bench fails
-if they differ by more than 1e-4.
+One round = forward + backward over every example as the demo's optimizer steps (each step one micro-batch
+of --batch-size sequences, 4 pairs x 2 orders; no optimizer update, so every round sees the same weights).
+All sides compute the same global mean loss (label-smoothed two-way CE on the verdict logits), so their
+first-step losses must agree; the bench fails if they differ by more than 1e-4.
   naive  full sequences (instruction prefix included), padded batches in data order, the LM head's
          full-vocabulary logits at every position, then the answer position's A/B columns
   today  gram_core.training with train.shared_segments off: length-grouped batches, the shared prefix run
-         once per step (forward and backward) and its KV reused by every micro-batch, the decoder's last hidden
-         state times the A/B rows of the LM head only
+         once per step (forward and backward) with its KV reused, the decoder's last hidden state times the
+         A/B rows of the LM head only
   shared train.shared_segments on (gram_core.shared_forward): today's path, plus each pair's common prefix
          run once for both slot orders, the frozen layers without grad over the instruction once per run, the
          last layer at the verdict position only. "cold": the frozen layers run over every sequence (a
@@ -61,17 +61,18 @@ def naive_step(model, examples, prefix, label_ids, pad_id, batch_size, smoothing
 
 
 def our_step(model, examples, step_fn, collate, batch_size) -> float:
-    """The training loop's micro-batches of whole pairs (both orders together), the prefix run once per step with
-    its KV reused by every micro-batch (as ``training.train`` does), answer-only logits."""
+    """The demo's optimizer steps over the examples (forward and backward, no update): each step one micro-batch
+    of whole pairs (both orders together), its shared prefix run once (as ``training.train`` does with
+    grad_accum_steps 1), answer-only logits."""
     pair_lengths = [len(examples[i]["suffix_ids"]) for i in range(0, len(examples), 2)]
     total, n = 0.0, len(examples)
-    step_fn.step_prefix.begin(model)
     for pairs in length_grouped_batches(pair_lengths, batch_size // 2, seed=0, shuffle=False):
         batch = [i for p in pairs for i in (2 * p, 2 * p + 1)]
+        step_fn.step_prefix.begin(model)
         loss, _ = step_fn(model, collate([examples[i] for i in batch]))
         (loss * len(batch) / n).backward()
+        step_fn.step_prefix.finish()
         total += float(loss.detach()) * len(batch)
-    step_fn.step_prefix.finish()
     return total / n
 
 
