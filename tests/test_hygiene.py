@@ -390,6 +390,10 @@ def test_drill_two_state_folders_sharing_a_store_never_clean_or_gc_each_others_f
     with hold_state_folder(cfg_a):
         used_by_a = once()  # A's cached result refers to this artifact; B's results do not
     orphan = _publish_local(store, b"nobody's")
+    # An old orphan: gc keeps what was published just before a live holder started (state.LIVE_SLACK_S), and
+    # on a quiet machine A's process takes its lock within that slack of this publish.
+    old = (Path(orphan.uri) / MANIFEST).stat().st_mtime - 3600
+    os.utime(Path(orphan.uri) / MANIFEST, (old, old))
     signal = tmp_path / "signal"
     signal.mkdir()
     live = subprocess.Popen([sys.executable, "-c", LIVE_RUN, str(paths_a.home), str(store_root), str(signal)],
