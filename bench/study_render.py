@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from gram_core.study_report import ARMS, study_readout, write_study_chart
-from tasks.run_record import read_history
+from tasks.artifacts import read_history
 
 
 def _meta(folder: Path) -> dict:
@@ -64,7 +64,7 @@ def render(home: Path, out: Path, command: str | None, wall_minutes: float | Non
     scores, models, eval_sha = _inputs(artifacts)
     tables = {arm: pq.read_table(scores[arm] / "table.parquet") for arm in ARMS if arm in scores}
     eval_rows = pq.read_table(_find(artifacts, eval_sha) / "table.parquet")
-    histories = {name: read_history(folder / "metrics.jsonl") for name, folder in models.items()}
+    histories = {name: read_history(folder) for name, folder in models.items()}
     readout = study_readout(tables, eval_rows, histories, eval_name or f"sha256 {eval_sha[:16]}")
     head = f"Command: `{command}`" + (f" — wall time {wall_minutes:.1f} min" if wall_minutes else "") + ". " \
         if command else ""

@@ -496,7 +496,7 @@ def test_study_smoke(env, tmp_path):
     from tasks.settings import load_preset
 
     again = tmp_path / "rendered.md"
-    subprocess.run([sys.executable, str(REPO / "bench" / "study_render.py"), "--home", os.environ["GRAM_HOME"],
+    subprocess.run([sys.executable, "-m", "bench.study_render", "--home", os.environ["GRAM_HOME"],
                     "--out", str(again), "--eval-name", load_preset("smoke", SMOKE).data.eval.describe()],
                    check=True, cwd=REPO)
     assert again.read_text().endswith(report) and again.with_suffix(".png").stat().st_size > 1000
