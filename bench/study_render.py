@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from gram_core.study_report import ARMS, study_readout, write_study_chart
-from tasks.artifacts import read_history
+from tasks.store.artifacts import read_history
 
 
 def _meta(folder: Path) -> dict:

@@ -18,10 +18,10 @@ from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
 from tasks.redaction import process_redacted, redact
 from tasks.register import fetch_registered_model, register, version_tags
-from tasks.run_record import pipeline_params, record_run, summarize
+from tasks.store.run_record import pipeline_params, record_run, summarize
 from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
-from tasks.state import hold_state_folder
-from tasks.tracking import start_pipeline_run
+from tasks.store.state import hold_state_folder
+from tasks.on_mlflow.tracking import start_pipeline_run
 
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
 

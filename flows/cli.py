@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _preflight(config: Any) -> Iterator[None]:
     """Fail before the Prefect API starts (10-20 s) when another run holds the state folder or the tracking
     server is unreachable; hold the folder for the whole command (the flow re-enters the lock)."""
-    from tasks.state import hold_state_folder
-    from tasks.tracking import check_tracking_server, resolve_tracking_uri
+    from tasks.store.state import hold_state_folder
+    from tasks.on_mlflow.tracking import check_tracking_server, resolve_tracking_uri
 
     with hold_state_folder(config):
         check_tracking_server(resolve_tracking_uri(config.mlflow, config.home))
@@ -219,8 +219,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
 
     config = adapt_config(args.preset, args.overrides or None, args.data, args.drop_invalid_rows)
     if args.model.startswith("models:/"):  # a missing model or alias fails here, before Prefect starts
-        from tasks.model_registry import find_version
-        from tasks.tracking import resolve_tracking_uri
+        from tasks.on_mlflow.model_registry import find_version
+        from tasks.on_mlflow.tracking import resolve_tracking_uri
 
         find_version(args.model, resolve_tracking_uri(config.mlflow, config.home))
     with _preflight(config):
@@ -235,7 +235,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_gc(args: argparse.Namespace) -> list[Any]:
-    from tasks.state import collect_garbage
+    from tasks.store.state import collect_garbage
 
     garbage = collect_garbage(_config(args), apply=args.apply, keep_ray_runs_days=args.keep_ray_runs_days)
     for item in garbage:
@@ -255,8 +255,8 @@ def _config(args: argparse.Namespace):
 def resolve_model(spec: str, config: Any) -> str:
     """A local model folder for any MODEL spec (a registry version is downloaded once, into <home>/registered)."""
     if spec.startswith("models:/"):
-        from tasks.model_registry import registered_model_dir
-        from tasks.tracking import resolve_tracking_uri
+        from tasks.on_mlflow.model_registry import registered_model_dir
+        from tasks.on_mlflow.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(config.mlflow, config.home)
         folder, resolved = registered_model_dir(spec, tracking_uri, Path(str(config.home)) / "registered")
@@ -346,8 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from flows.errors import InputError
-    from tasks.serve import serve_forever
-    from tasks.serve_api import ServeLimits, exposure_error
+    from tasks.serving.server import serve_forever
+    from tasks.serving.api import ServeLimits, exposure_error
 
     config = _config(args)
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
@@ -411,9 +411,9 @@ def _main(args: argparse.Namespace) -> int:
     from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
 
     debug = getattr(args, "debug", False)
-    from tasks.locks import LockHeldError
-    from tasks.promotion_gate import PromotionConflict
-    from tasks.tracking import TrackingServerUnreachable
+    from tasks.store.locks import LockHeldError
+    from tasks.on_mlflow.promotion_gate import PromotionConflict
+    from tasks.on_mlflow.tracking import TrackingServerUnreachable
 
     try:
         if args.command in ("run", "adapt", "study") and not debug:

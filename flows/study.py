@@ -28,11 +28,11 @@ from tasks.finetune import finetune
 from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
 from tasks.redaction import process_redacted, redact, redact_value
-from tasks.run_record import dropped_rows, pipeline_params
+from tasks.store.run_record import dropped_rows, pipeline_params
 from tasks.settings import StageSettings
 from tasks.stage1_pairs import build_stage1_pairs
-from tasks.state import hold_state_folder
-from tasks.tracking import start_pipeline_run
+from tasks.store.state import hold_state_folder
+from tasks.on_mlflow.tracking import start_pipeline_run
 
 DEFAULT_STUDY_PRESET = "study"
 

@@ -1,6 +1,6 @@
 """Every file name an artifact or model folder holds, in one place: the writers and the readers import them.
 
-The artifact store (``tasks.artifacts``): each stage's folder ``<store>/<stage>/<hash>/``. Model folders: what a
+The artifact store (``tasks.store.artifacts``): each stage's folder ``<store>/<stage>/<hash>/``. Model folders: what a
 training stage, a checkpoint and a Ray Train final checkpoint hold besides the Hugging Face files. (The
 Bradley-Terry head's two names, ``reward_head.safetensors`` and ``reward_head.json``, are still defined by
 ``gram_core.baseline``, which writes and reads them.)
@@ -34,6 +34,6 @@ JUDGE_SETTINGS_FILE = "gram_judge.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
-# A Ray Train final checkpoint (tasks.ray_worker): the trained HF folder, the history, the marker written last.
+# A Ray Train final checkpoint (tasks.on_ray.worker): the trained HF folder, the history, the marker written last.
 MODEL_DIR = "model"
 FINAL_FILE = "final.json"  # {"stage", "steps"}

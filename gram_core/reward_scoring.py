@@ -16,7 +16,7 @@ unshared path to float32 rounding (tests check 1e-4). Readouts:
 * pointwise:  r(x, y) = P(y ≻ y_ref)
 * group:      r_i = mean_{j≠i} P(y_i ≻ y_j), from the n(n−1)/2 pairs, each in both orders (n(n−1) sequences)
 
-The MLflow pyfunc (tasks/judge_pyfunc.py) and the reward server (tasks/serve.py) both score through here.
+The MLflow pyfunc (tasks/on_mlflow/judge_pyfunc.py) and the reward server (tasks/serving/server.py) both score through here.
 """
 
 from __future__ import annotations

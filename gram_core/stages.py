@@ -4,7 +4,7 @@ whether its task logs its own MLflow child run.
 
 Every other list of stages is read off this table: ``TRAINING_STAGES`` (here; the Ray worker and the in-process
 tests look a stage up by name instead of branching on it), ``PIPELINE_STAGES`` (the flow's order),
-``LIVE_STAGES`` (tasks/run_record.py) and the train configs of ``tasks.settings.stage_settings``.
+``LIVE_STAGES`` (tasks/store/run_record.py) and the train configs of ``tasks.settings.stage_settings``.
 """
 
 from __future__ import annotations

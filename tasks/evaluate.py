@@ -13,8 +13,8 @@ from prefect import task
 
 from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from gram_core.config import JudgeConfig, ModelConfig
-from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
-from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
@@ -34,7 +34,7 @@ def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: Ra
 
     bt_here = Path(str(folder)).is_dir() and scorers.folder_kind(folder) == "bradley_terry"
     if actors and not bt_here:
-        from tasks.ray_judge import score_pairs_distributed
+        from tasks.on_ray.judge import score_pairs_distributed
 
         return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig(), state), False
     scorer = scorers.load_scorer(folder, judge)

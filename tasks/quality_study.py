@@ -7,8 +7,8 @@ import json
 from prefect import task
 
 from gram_core.artifact_files import STUDY_CHART, STUDY_FILE, STUDY_METRICS
-from tasks.artifacts import ArtifactRef, open_store, read_history, read_table_artifact
-from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.store.artifacts import ArtifactRef, open_store, read_history, read_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import scrub_errors
 from tasks.settings import StatePaths
 
@@ -50,7 +50,7 @@ def record_study(report: ArtifactRef, models: dict[str, ArtifactRef], scores: di
     """One MLflow child run per arm (its training curve, its eval metrics) and the report on the study run;
     ``dropped`` (source role -> ``dropped_summary``): the rows drop_invalid_rows left out, as params of the study run."""
     from gram_core.sources import dropped_params
-    from tasks import tracking as mlf
+    from tasks.on_mlflow import tracking as mlf
 
     drops = {k: v for role, summary in (dropped or {}).items() for k, v in dropped_params(role, summary).items()}
     if drops:

@@ -1,7 +1,7 @@
 """Register the judge in MLflow (promotion gate included), and fetch a registered judge to train further.
 
-The run's record (stage child runs, the summary) is ``tasks.run_record``; the registry itself
-(``log_and_register``, aliases, the gate) is ``tasks.model_registry``.
+The run's record (stage child runs, the summary) is ``tasks.store.run_record``; the registry itself
+(``log_and_register``, aliases, the gate) is ``tasks.on_mlflow.model_registry``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from gram_core.config import JudgeConfig
-from tasks.artifacts import ArtifactRef, open_store
-from tasks.caching import code_version, stage_logger
-from tasks.model_registry import download_registered_model
+from tasks.store.artifacts import ArtifactRef, open_store
+from tasks.store.caching import code_version, stage_logger
+from tasks.on_mlflow.model_registry import download_registered_model
 from tasks.redaction import scrub_errors
 from tasks.retries import REGISTRY_RETRIES
-from tasks.run_record import StageRecord
+from tasks.store.run_record import StageRecord
 from tasks.settings import MlflowConfig, StatePaths
-from tasks.tracking import RunHandle
+from tasks.on_mlflow.tracking import RunHandle
 
 PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
 
@@ -51,9 +51,9 @@ def register(model: ArtifactRef, report: ArtifactRef, eval_set: ArtifactRef, mlf
              judge: JudgeConfig, tags: dict[str, str], state: StatePaths,
              tracking: RunHandle | None = None) -> dict[str, Any]:
     """Register the judge (a new version, or the existing one with the same content), alias candidate, gate."""
-    from tasks import model_registry
-    from tasks import tracking as mlf
-    from tasks.artifacts import read_table_artifact
+    from tasks.on_mlflow import model_registry
+    from tasks.on_mlflow import tracking as mlf
+    from tasks.store.artifacts import read_table_artifact
 
     log = stage_logger()
     store = open_store(state)
@@ -85,7 +85,7 @@ def fetch_registered_model(model_uri: str, mlflow: MlflowConfig, state: StatePat
     import shutil
     import tempfile
 
-    from tasks import tracking as mlf
+    from tasks.on_mlflow import tracking as mlf
 
     store = open_store(state)
     with tempfile.TemporaryDirectory(prefix="gram-registered-") as tmp, store.staging("registered") as folder:

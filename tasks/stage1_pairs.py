@@ -10,8 +10,8 @@ from prefect import task
 from gram_core.artifact_files import POOL_FILE
 from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
-from tasks.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
-from tasks.caching import STAGE_CACHE_POLICY, stage_logger
+from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES

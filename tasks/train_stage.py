@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.config import ModelConfig, config_hash
-from tasks import tracking as mlf
-from tasks.artifacts import TABLE_FILE, ArtifactRef, open_store
-from tasks.caching import stage_logger
+from tasks.on_mlflow import tracking as mlf
+from tasks.store.artifacts import TABLE_FILE, ArtifactRef, open_store
+from tasks.store.caching import stage_logger
 from tasks.progress import ProgressLog
 from tasks.settings import StageSettings, StatePaths
 
@@ -51,10 +51,10 @@ def run_name(stage: str, *parts: Any, home: str | Path | None = None) -> str:
     steps) and a mismatch on resume fails with a message. After a code change that alters what training
     computes, delete ``<ray_storage>/<run name>`` (or `gram gc`) to start that stage over.
 
-    With ``home`` the name ends with the state folder's identity (``tasks.state.home_id``): two state folders
+    With ``home`` the name ends with the state folder's identity (``tasks.store.state.home_id``): two state folders
     sharing a Ray storage folder never share a run, and gc knows whose run a folder is.
     """
-    from tasks.state import home_id
+    from tasks.store.state import home_id
 
     text = "|".join(p.sha256 if isinstance(p, ArtifactRef) else config_hash(p) if hasattr(p, "__dataclass_fields__")
                     else str(p) for p in parts)
@@ -71,7 +71,7 @@ def train_stage(data: ArtifactRef, start: ArtifactRef | str, settings: StageSett
     settings' params, and receives every step's metrics live from rank 0; a Prefect progress artifact
     follows the steps.
     """
-    from tasks.ray_train import fit
+    from tasks.on_ray.train import fit
 
     stage, log = settings.stage, stage_logger()
     store = open_store(settings.store)
@@ -103,7 +103,7 @@ def train_stage(data: ArtifactRef, start: ArtifactRef | str, settings: StageSett
 def _drop_checkpoints(state: StatePaths, name: str) -> None:
     """Published: the run's Ray checkpoints were only there to resume it. Only this state folder's own run
     (its name ends with the folder's identity): another folder's live run of the same inputs is its own."""
-    from tasks.state import home_id, run_owner
+    from tasks.store.state import home_id, run_owner
 
     if "://" not in state.ray_storage and run_owner(name) == home_id(state.home):
         shutil.rmtree(Path(state.ray_storage) / name, ignore_errors=True)

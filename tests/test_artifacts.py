@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks import caching
-from tasks.artifacts import MANIFEST, ArtifactError, ArtifactRef, ArtifactStore, folder_sha256
+from tasks.store import caching
+from tasks.store.artifacts import MANIFEST, ArtifactError, ArtifactRef, ArtifactStore, folder_sha256
 
 
 def _write(folder, files: dict[str, bytes]):
@@ -270,7 +270,7 @@ def test_write_folder_and_write_json_fsync_the_parent_after_the_rename(tmp_path,
 def test_wall_clock_timings_stay_out_of_the_content_hash_and_back_in_the_history(tmp_path):
     """Two identical trainings differ only in tokens/s: their model artifacts hash the same (so `--refresh`
     finds the registered version by content), and the MLflow history still carries tokens/s."""
-    from tasks.artifacts import (
+    from tasks.store.artifacts import (
         TIMINGS_FILE,
         TRAIN_HISTORY_FILE,
         folder_sha256,

@@ -376,7 +376,7 @@ def test_a_contract_error_is_one_line_and_debug_shows_every_violation(tmp_path, 
 
 def test_a_promotion_conflict_is_one_line_exit_3_try_again(monkeypatch, capsys):
     """A rival gate (another host) was deciding at the same time: like a held state folder, try again later."""
-    from tasks.promotion_gate import PromotionConflict
+    from tasks.on_mlflow.promotion_gate import PromotionConflict
 
     def conflict(args):
         raise PromotionConflict("model 'm': another promotion gate is deciding at the same time (version 7 (...))")

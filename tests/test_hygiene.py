@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import MANIFEST, ArtifactError, ArtifactStore, artifact_cache_dir
+from tasks.store.artifacts import MANIFEST, ArtifactError, ArtifactStore, artifact_cache_dir
 
 
 def _remote(tmp_path):
@@ -70,9 +70,9 @@ def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, mo
 
 
 def test_the_state_folder_travels_as_an_argument_not_through_the_environment(tmp_path, monkeypatch):
-    from tasks.artifacts import open_store
+    from tasks.store.artifacts import open_store
     from tasks.settings import state_paths
-    from tasks.state import hold_state_folder
+    from tasks.store.state import hold_state_folder
 
     monkeypatch.setenv("GRAM_HOME", str(tmp_path / "elsewhere"))
     cfg = _config(tmp_path / "home")
@@ -94,7 +94,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
     import sys
 
     from tasks.settings import state_paths
-    from tasks.state import StateFolderBusy, hold_state_folder
+    from tasks.store.state import StateFolderBusy, hold_state_folder
 
     cfg = _config(tmp_path / "home")
     paths = state_paths(cfg)
@@ -112,7 +112,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
             pass
         other = subprocess.run([sys.executable, "-c", (
             "import sys; sys.path.insert(0, '.');"
-            "from tasks.settings import load_preset; from tasks.state import hold_state_folder;"
+            "from tasks.settings import load_preset; from tasks.store.state import hold_state_folder;"
             f"cfg = load_preset('smoke', ['home={paths.home}']).resolved()\n"
             "with hold_state_folder(cfg): pass")], capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert other.returncode != 0 and "another run holds this state folder" in other.stderr
@@ -124,7 +124,7 @@ def test_second_holder_of_a_state_folder_fails_and_leftovers_are_cleaned(tmp_pat
 
 LEFTOVER_DRIVER = """
 import subprocess, sys, time
-from tasks.leftover_processes import RuntimeRecord
+from tasks.store.leftover_processes import RuntimeRecord
 with RuntimeRecord(sys.argv[1]):  # as ray_runtime wraps ray.init: what starts here carries the mark
     # a worker in a process group of its own, with a child that does not carry the mark (env cleared)
     worker = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
@@ -137,7 +137,7 @@ time.sleep(600)
 
 
 def _children(pid: int) -> list[int]:
-    from tasks.leftover_processes import _processes
+    from tasks.store.leftover_processes import _processes
 
     return [child for child, (ppid, _, state) in _processes().items() if ppid == pid and state != "Z"]
 
@@ -153,8 +153,8 @@ def test_a_killed_drivers_leftover_processes_are_stopped_by_the_next_holder(tmp_
     import sys
     import time
 
-    from tasks.leftover_processes import RECORD, _alive, start_time, stop_leftovers
-    from tasks.state import hold_state_folder
+    from tasks.store.leftover_processes import RECORD, _alive, start_time, stop_leftovers
+    from tasks.store.state import hold_state_folder
 
     cfg = _config(tmp_path / "home")
     home = tmp_path / "home"
@@ -199,9 +199,9 @@ def test_a_killed_drivers_leftover_processes_are_stopped_by_the_next_holder(tmp_
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
-    from tasks.caching import STAGE_CACHE_POLICY, bind
+    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.settings import state_paths
-    from tasks.state import collect_garbage
+    from tasks.store.state import collect_garbage
 
     cfg = _config(tmp_path / "home")
     paths = state_paths(cfg)
@@ -300,7 +300,7 @@ def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkey
     that it removed the torn folder and kept every checkpoint the snapshot lists, and the restarted `gram run`
     resumes from the committed one."""
     from flows.cli import main
-    from tasks.state import committed_checkpoints
+    from tasks.store.state import committed_checkpoints
 
     home = tmp_path / "home"
     monkeypatch.setenv("GRAM_HOME", str(home))
@@ -326,7 +326,7 @@ def test_drill_gc_keeps_the_committed_checkpoint_not_the_newest(tmp_path, monkey
 def test_drill_gc_keeps_a_checkpoint_awaiting_validation(tmp_path):
     """A checkpoint Ray Train reported but has not validated yet is listed only under the snapshot's
     `pending_training_results`; a resume restores it, so gc keeps it (and still removes a torn one)."""
-    from tasks.state import collect_garbage
+    from tasks.store.state import collect_garbage
 
     cfg = _config(tmp_path / "home")
     run = tmp_path / "home" / "ray_storage" / "finetune-0123456789abcdef"
@@ -341,9 +341,9 @@ def test_drill_gc_keeps_a_checkpoint_awaiting_validation(tmp_path):
 LIVE_RUN = """
 import sys, time
 from pathlib import Path
-from tasks.artifacts import open_store
+from tasks.store.artifacts import open_store
 from tasks.settings import load_preset
-from tasks.state import hold_state_folder
+from tasks.store.state import hold_state_folder
 
 home, store, signal = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 cfg = load_preset("smoke", [f"home={home}", f"artifact_store={store}"]).resolved()
@@ -366,9 +366,9 @@ def test_drill_two_state_folders_sharing_a_store_never_clean_or_gc_each_others_f
 
     from prefect import flow, task
 
-    from tasks.caching import STAGE_CACHE_POLICY, bind
+    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.settings import load_preset, state_paths
-    from tasks.state import collect_garbage, hold_state_folder
+    from tasks.store.state import collect_garbage, hold_state_folder
 
     store_root = tmp_path / "store"
 

@@ -26,25 +26,25 @@ FLOOR_OF = {package: level for level, packages in enumerate(FLOORS) for package 
 # The modules allowed to import each engine, with the reason each one is needed. One module per engine is not
 # possible for these two; the reasons say why, so a new entry has to bring one.
 RAY_MODULES = {
-    "tasks/ray_runtime.py": "the runtime every Ray user shares: start or join a cluster, object-store URIs, the "
+    "tasks/on_ray/runtime.py": "the runtime every Ray user shares: start or join a cluster, object-store URIs, the "
                             "progress queue",
-    "tasks/ray_train.py": "the Ray Train driver (TorchTrainer, checkpoints, the run's result)",
-    "tasks/ray_worker.py": "the loop each Ray Train worker runs (ray.train.report, its rank); apart from the driver "
+    "tasks/on_ray/train.py": "the Ray Train driver (TorchTrainer, checkpoints, the run's result)",
+    "tasks/on_ray/worker.py": "the loop each Ray Train worker runs (ray.train.report, its rank); apart from the driver "
                            "so that a worker unpickles none of the driver's code",
-    "tasks/ray_judge.py": "Ray Data: actors that judge the eval set (eval.actors), another Ray library than Train",
-    "tasks/serve.py": "Ray Serve: the reward server's deployment, a third Ray library",
+    "tasks/on_ray/judge.py": "Ray Data: actors that judge the eval set (eval.actors), another Ray library than Train",
+    "tasks/serving/server.py": "Ray Serve: the reward server's deployment, a third Ray library",
 }
 MLFLOW_MODULES = {
-    "tasks/tracking.py": "tracking: runs, params, metrics and artifacts of a pipeline run",
-    "tasks/model_registry.py": "the registry: logs the judge as a pyfunc model, versions, aliases, the model cache",
-    "tasks/promotion_gate.py": "the champion gate: moves the alias under the promotion lock (MlflowClient)",
-    "tasks/judge_pyfunc.py": "the pyfunc's code, which MLflow stores inside the model (models-from-code) and runs "
+    "tasks/on_mlflow/tracking.py": "tracking: runs, params, metrics and artifacts of a pipeline run",
+    "tasks/on_mlflow/model_registry.py": "the registry: logs the judge as a pyfunc model, versions, aliases, the model cache",
+    "tasks/on_mlflow/promotion_gate.py": "the champion gate: moves the alias under the promotion lock (MlflowClient)",
+    "tasks/on_mlflow/judge_pyfunc.py": "the pyfunc's code, which MLflow stores inside the model (models-from-code) and runs "
                              "alone in a scoring server: it subclasses mlflow.pyfunc.PythonModel and can lean on no "
                              "other tasks module",
 }
 # Files allowed a dynamic import whose module name is computed at run time, with the reason.
 DYNAMIC_IMPORTS = {
-    "tasks/caching.py": "code_version hashes the sources of CODE_PACKAGES (gram_core, data_contracts, tasks: its "
+    "tasks/store/caching.py": "code_version hashes the sources of CODE_PACKAGES (gram_core, data_contracts, tasks: its "
                         "own floor and below), imported by name to find their folders",
 }
 DYNAMIC = "<a module name computed at run time>"
@@ -171,7 +171,16 @@ def test_the_engine_allowlists_hold_no_stale_entry():
     assert [path for path in DYNAMIC_IMPORTS if DYNAMIC not in files[path]] == []
     # tasks/__init__.py points here instead of keeping a second list that goes stale.
     package_doc = (ROOT / "tasks" / "__init__.py").read_text()
-    assert "tests/test_layers.py" in package_doc and not any(Path(p).stem in package_doc for p in RAY_MODULES)
+    assert "tests/test_layers.py" in package_doc and not any(p in package_doc for p in [*RAY_MODULES, *MLFLOW_MODULES])
+
+
+def test_each_engine_stays_in_its_room():
+    """tasks/ has rooms (issue 23): Ray lives in tasks/on_ray/ (plus the server, on Ray Serve), MLflow in
+    tasks/on_mlflow/, and the store imports neither."""
+    assert all(p.startswith("tasks/on_ray/") or p == "tasks/serving/server.py" for p in RAY_MODULES)
+    assert all(p.startswith("tasks/on_mlflow/") for p in MLFLOW_MODULES)
+    store = {p: tops for p, tops in package_files().items() if p.startswith("tasks/store/")}
+    assert store and not any({"ray", "mlflow"} & tops for tops in store.values())
 
 
 @pytest.mark.parametrize("path, source, expected", [

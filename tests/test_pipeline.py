@@ -133,7 +133,7 @@ def other_registry(run4, env):
 @pytest.fixture(scope="module")
 def retried(other_registry, env):
     import flows.pipeline
-    from tasks import model_registry
+    from tasks.on_mlflow import model_registry
 
     calls = []
     real = model_registry.log_and_register
@@ -337,7 +337,7 @@ def test_drill_registration_retries_a_transient_failure(retried, env):
 
 def test_drill_unreachable_tracking_server_fails_before_training(retried, env):
     """Drill 8: nothing runs when the tracking server does not answer; the message says what to do."""
-    from tasks.tracking import TrackingServerUnreachable
+    from tasks.on_mlflow.tracking import TrackingServerUnreachable
 
     before = set((env / "artifacts").rglob("_artifact.json"))
     with pytest.raises(TrackingServerUnreachable, match=r"http://127\.0\.0\.1:9 is unreachable.*nothing was run"):
@@ -351,7 +351,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
 
     from gram_core.config import JudgeConfig
     from gram_core.judging import load_judge as core_judge
-    from tasks.model_registry import download_registered_model, load_registered_judge
+    from tasks.on_mlflow.model_registry import download_registered_model, load_registered_judge
 
     name = run4[0]["registered"]["name"]
     uri = f"sqlite:///{env / 'mlflow.db'}"
@@ -406,8 +406,8 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env, tmp_path):
     from gram_core.pairs import PairingConfig
     from gram_core.sampling import SamplingConfig
     from gram_core.sources import SourceConfig
-    from tasks.artifacts import ArtifactStore, read_table_artifact
-    from tasks.caching import bind
+    from tasks.store.artifacts import ArtifactStore, read_table_artifact
+    from tasks.store.caching import bind
     from tasks.evaluate import evaluate
     from tasks.settings import load_preset, state_paths
     from tasks.sources import load_source

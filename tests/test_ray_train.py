@@ -1,4 +1,4 @@
-"""tasks.ray_train on a local Ray runtime: 1- and 2-worker fine-tuning of a tiny model, resuming, the model
+"""tasks.on_ray.train on a local Ray runtime: 1- and 2-worker fine-tuning of a tiny model, resuming, the model
 coming back through Ray's checkpoint storage (workers may not write to the driver's folder), live metrics."""
 
 import json
@@ -84,7 +84,7 @@ def changed_fraction(folder, start):
 
 
 def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, start_model, tmp_path):
-    from tasks.ray_train import fit
+    from tasks.on_ray.train import fit
 
     rows = [{"pair_id": r["pair_id"], "prompt": r["prompt"], "response_a": r["chosen"], "response_b": r["rejected"],
              "source": "toy"} for r in toy_rows(16, seed=2)]
@@ -109,8 +109,8 @@ def test_lora_pretrain_stops_and_resumes_under_the_same_run_name(ray_cluster, st
 @pytest.mark.parametrize("sharding", ["none", "fsdp"])
 def test_two_workers_finetune_and_return_the_model_through_storage_with_live_metrics(ray_cluster, start_model,
                                                                                       tmp_path, mlflow_root, sharding):
-    from tasks import tracking
-    from tasks.ray_train import fit
+    from tasks.on_mlflow import tracking
+    from tasks.on_ray.train import fit
     from tasks.settings import MlflowConfig
 
     @ray.remote(num_cpus=0)
@@ -157,7 +157,7 @@ def test_two_workers_finetune_and_return_the_model_through_storage_with_live_met
 def test_an_incomplete_result_is_refused():
     from types import SimpleNamespace
 
-    from tasks.ray_train import IncompleteTrainingError, collect_model
+    from tasks.on_ray.train import IncompleteTrainingError, collect_model
 
     with pytest.raises(IncompleteTrainingError, match="without a complete model"):
         collect_model(SimpleNamespace(error=None, metrics={"step": 3}, checkpoint=None), "/nonexistent", "r")
@@ -168,7 +168,7 @@ def test_an_incomplete_result_is_refused():
 def test_distributed_judging_gives_the_single_process_scores(ray_cluster, start_model):
     from gram_core.config import JudgeConfig
     from gram_core.judging import load_judge, score_pairs
-    from tasks.ray_judge import score_pairs_distributed
+    from tasks.on_ray.judge import score_pairs_distributed
 
     rows = toy_rows(11, seed=4)  # odd: the two actors get blocks of 6 and 5 pairs
     table = pa.Table.from_pylist([{"id": r["pair_id"], "subset": f"s{i % 3}", "prompt": r["prompt"],

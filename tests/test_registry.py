@@ -1,4 +1,4 @@
-"""tasks/model_registry.py: pyfunc judge, registration, aliases and the promotion gate on a temporary sqlite store."""
+"""tasks/on_mlflow/model_registry.py: pyfunc judge, registration, aliases and the promotion gate on a temporary sqlite store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks import model_registry, tracking
+from tasks.on_mlflow import model_registry, tracking
 from tasks.settings import MlflowConfig
 
 ROWS = pd.DataFrame({
@@ -170,7 +170,7 @@ def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
 
 
 def test_predict_rejects_bad_input():
-    from tasks.judge_pyfunc import JudgeInputError, check_input
+    from tasks.on_mlflow.judge_pyfunc import JudgeInputError, check_input
 
     with pytest.raises(JudgeInputError, match=r"missing column\(s\) \['response_b'\]"):
         check_input(ROWS.drop(columns=["response_b"]))
@@ -233,7 +233,7 @@ def test_pip_requirements_are_exact_pins():
 def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from tasks.artifacts import folder_sha256
+    from tasks.store.artifacts import folder_sha256
 
     cfg, client, uri = MlflowConfig(model_name="judge-cache"), MlflowClient(), mlflow_uri()
     version = _register(store, model_dir, cfg, 0.5).version
@@ -292,7 +292,7 @@ GATE_PROCESS = """
 import json, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from tasks import model_registry
+from tasks.on_mlflow import model_registry
 
 uri, name, version, pause, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), Path(sys.argv[5])
 client = MlflowClient(uri)
@@ -306,7 +306,7 @@ def paused(self, model, alias, v):  # the window in which an unlocked gate lets 
 
 MlflowClient.set_registered_model_alias = paused
 if len(sys.argv) > 6:  # another host: a lock folder of its own
-    from tasks import promotion_gate
+    from tasks.on_mlflow import promotion_gate
     promotion_gate.promotion_lock_path = lambda uri, name: Path(sys.argv[6]) / "promote.lock"
 go = out.with_suffix(".go")
 out.with_suffix(".ready").touch()
@@ -475,9 +475,9 @@ def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, mode
     removing its `.download-*` folder."""
     import threading
 
-    from tasks.artifacts import folder_sha256
+    from tasks.store.artifacts import folder_sha256
     from tasks.settings import load_preset
-    from tasks.state import collect_garbage
+    from tasks.store.state import collect_garbage
 
     cfg, uri = MlflowConfig(model_name="judge-cold"), mlflow_uri()
     _register(store, model_dir, cfg, 0.5)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.state import committed_checkpoints
+from tasks.store.state import committed_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def _reference_losses(home: Path) -> list[float]:
     """Per-step train/loss of an uninterrupted in-process training on the same data and config."""
     from gram_core.models import load_model
     from gram_core.training import train_judge
-    from tasks.ray_worker import read_rows
+    from tasks.on_ray.worker import read_rows
     from tasks.settings import load_preset
     from tasks.train_stage import base_model_dir
 

@@ -1,4 +1,4 @@
-"""The thin `gram serve` client (tasks/reward_client.py) without a model: it imports no torch, splits /v1/grpo
+"""The thin `gram serve` client (tasks/serving/reward_client.py) without a model: it imports no torch, splits /v1/grpo
 under the row cap and puts every reward back in place (against a stub server that records each request),
 verl's compute_score takes reward_kwargs and refuses a missing question; TRL group mode on two ranks (gloo)
 scores whole groups that TRL split across ranks."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.reward_client import GramServerClient, _chunks, compute_score, compute_score_batch, group_cost
+from tasks.serving.reward_client import GramServerClient, _chunks, compute_score, compute_score_batch, group_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def stub_server():
 
 
 def test_the_client_module_imports_no_torch():
-    code = ("import sys, tasks.reward_client; "
+    code = ("import sys, tasks.serving.reward_client; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gram_core', 'numpy', 'transformers')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
@@ -121,7 +121,7 @@ class _LengthJudge:
 def _rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from tasks.reward_functions import GramReward
+    from tasks.serving.reward_functions import GramReward
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     prompts, completions = _split_batch()
@@ -187,7 +187,7 @@ def _verl_batch(tokenizer, questions, responses, references):
 
 @pytest.mark.parametrize("manager, name", [("naive", "compute_score"), ("batch", "compute_score_batch")])
 def test_verl_reward_managers_call_our_functions_with_reward_kwargs(stub_server, monkeypatch, manager, name):
-    """verl loads tasks/reward_client.py by path (get_custom_reward_fn, reward_kwargs merged in) and its naive or
+    """verl loads tasks/serving/reward_client.py by path (get_custom_reward_fn, reward_kwargs merged in) and its naive or
     batch manager calls it: each reward lands on the response's last token, as the stub server scored it."""
     pytest.importorskip("verl")
     from omegaconf import OmegaConf
@@ -200,7 +200,7 @@ def test_verl_reward_managers_call_our_functions_with_reward_kwargs(stub_server,
     url, seen = stub_server
     monkeypatch.setenv("GRAM_REWARD_URL", url)
     config = OmegaConf.create({"reward": {"custom_reward_function": {
-        "path": str(ROOT / "tasks" / "reward_client.py"), "name": name, "reward_kwargs": {"temperature": 0.5}}}})
+        "path": str(ROOT / "tasks" / "serving" / "reward_client.py"), "name": name, "reward_kwargs": {"temperature": 0.5}}}})
     fn = get_custom_reward_fn(config)
     tokenizer = build_tiny_tokenizer()
     questions, responses = ["Name a colour.", "Say hi.", "Name a colour."], ["Blue.", "Hello there!", "Red"]

@@ -8,7 +8,7 @@ import pytest
 from gram_core.config import JudgeConfig
 from gram_core.judging import Judge
 from gram_core.reward_scoring import group_rewards, rewards_vs_reference
-from tasks.reward_functions import GramReward, compute_score, message_text
+from tasks.serving.reward_functions import GramReward, compute_score, message_text
 
 PROMPTS = ["Name a colour."] * 3 + ["Say hi."] * 2
 COMPLETIONS = ["Red.", "Blue, like the sky.", "Green grass.", "Hi!", "Hello there, friend."]

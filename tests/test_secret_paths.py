@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import cli
-from tasks import tracking
+from tasks.on_mlflow import tracking
 from tasks.redaction import redact, remember_environment, secret_env_names
 from tasks.settings import MlflowConfig
 

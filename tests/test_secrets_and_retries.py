@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.tracking import redact
+from tasks.on_mlflow.tracking import redact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_credentials_in_uris_are_redacted(uri, secret):
 def test_params_and_tags_logged_to_mlflow_are_redacted(mlflow_root):
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tasks.on_mlflow import tracking
     from tasks.settings import MlflowConfig
 
     cfg = MlflowConfig(experiment="redact")
@@ -51,7 +51,7 @@ def test_params_and_tags_logged_to_mlflow_are_redacted(mlflow_root):
 RAY_PROBE = """
 import json, ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
-from tasks.ray_runtime import ray_runtime
+from tasks.on_ray.runtime import ray_runtime
 from tasks.settings import RayConfig
 
 with ray_runtime(RayConfig(object_store_memory_mb=100)):
@@ -123,7 +123,7 @@ def test_only_transient_failures_are_retried():
 
 
 def test_unreachable_tracking_server_is_reported_with_what_to_do():
-    from tasks.tracking import TrackingServerUnreachable, check_tracking_server
+    from tasks.on_mlflow.tracking import TrackingServerUnreachable, check_tracking_server
 
     check_tracking_server("sqlite:////tmp/x.db")  # no server behind a file URI: nothing to check
     with pytest.raises(TrackingServerUnreachable, match=r"http://\*\*\*@127\.0\.0\.1:9 is unreachable after 2 "

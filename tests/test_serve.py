@@ -294,7 +294,7 @@ def test_trl_and_verl_adapters_through_the_server(server, local_judge, tmp_path,
     from test_reward_functions import two_grpo_steps
 
     from gram_core.reward_scoring import rewards_vs_reference
-    from tasks.reward_functions import GramReward, compute_score
+    from tasks.serving.reward_functions import GramReward, compute_score
 
     url, _ = server
     logged = two_grpo_steps(tmp_path, [GramReward(url=url, token=TOKEN),

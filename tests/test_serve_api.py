@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.serve_api import (
+from tasks.serving.api import (
     RequestError,
     ServeLimits,
     exposure_error,
@@ -216,17 +216,17 @@ def test_request_texts_never_become_control_tokens(tiny_tokenizer):
 def test_ray_serve_never_answers_its_own_bare_503():
     """Ray Serve's queue-full 503 has no Retry-After: its queue is unbounded, and a replica takes every request it
     could admit (each is at least 2 sequences) plus slots to reject the rest with ours."""
-    from tasks.serve_api import REJECT_SLOTS, request_bounds
+    from tasks.serving.api import REJECT_SLOTS, request_bounds
 
     limits = ServeLimits(max_queue_rows=64, max_rows=64, max_group=4)
     assert request_bounds(limits) == {"max_ongoing_requests": 32 + REJECT_SLOTS, "max_queued_requests": -1}
 
 
 def test_the_printed_hint_gives_each_clients_current_flags():
-    from tasks.serve_api import client_hint
+    from tasks.serving.api import client_hint
 
     hint = client_hint("http://127.0.0.1:5000")
     for words in ("--reward.remote_url http://127.0.0.1:5000/get_reward", "--data.label_key",
                   "before 0.10.2: --remote_rm_url, --label_key", "TRL 1.x", "GramReward(url='http://127.0.0.1:5000')",
-                  "verl 0.9", "tasks/reward_client.py", "compute_score_batch"):
+                  "verl 0.9", "tasks/serving/reward_client.py", "compute_score_batch"):
         assert words in hint

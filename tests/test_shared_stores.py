@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.artifacts import MANIFEST, ArtifactStore
-from tasks.ref_records import read_records, record_path
+from tasks.store.artifacts import MANIFEST, ArtifactStore
+from tasks.store.ref_records import read_records, record_path
 from tasks.settings import StatePaths, load_preset, state_paths
-from tasks.state import USERS, collect_garbage, hold_state_folder, home_id
+from tasks.store.state import USERS, collect_garbage, hold_state_folder, home_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_cached_results_get_a_json_record_that_gc_reads(tmp_path):
     """The bound stage writes `<results>/.refs/<key>.json` on compute and again on a cache hit."""
     from prefect import flow, task
 
-    from tasks.caching import STAGE_CACHE_POLICY, bind
+    from tasks.store.caching import STAGE_CACHE_POLICY, bind
 
     paths = StatePaths(home=tmp_path, artifact_store=str(tmp_path / "store"),
                        prefect_results=tmp_path / "results", ray_storage=str(tmp_path / "ray"))

@@ -10,7 +10,7 @@ import pytest
 from data_contracts import ContractError
 from gram_core.config import JudgeConfig
 from gram_core.sources import DROPPED_ROWS, SourceConfig, dropped_params
-from tasks.artifacts import open_store, read_table_artifact
+from tasks.store.artifacts import open_store, read_table_artifact
 from tasks.register import eval_set_id
 from tasks.settings import load_preset, state_paths
 from tasks.sources import load_source
@@ -63,7 +63,7 @@ def test_the_counts_per_rule_travel_with_the_source(tmp_path, state):
 
 
 def test_the_run_record_reads_the_drops_of_each_source(tmp_path, state):
-    from tasks.run_record import StageRecord, dropped_rows
+    from tasks.store.run_record import StageRecord, dropped_rows
 
     ref = load_eval(state, bench(tmp_path / "bad.parquet", same=(7,)), drop=True)
     plain = load_eval(state, bench(tmp_path / "clean.parquet"))
@@ -77,8 +77,8 @@ def test_the_counts_are_mlflow_params_of_the_run_and_of_the_source_stage(tmp_pat
     from mlflow import MlflowClient
 
     from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
-    from tasks import tracking
-    from tasks.run_record import StageRecord, record_run
+    from tasks.on_mlflow import tracking
+    from tasks.store.run_record import StageRecord, record_run
 
     state = state_paths(load_preset("smoke", [f"home={mlflow_root / 'home'}"]))
     ref = load_eval(state, bench(tmp_path / "bad.parquet", same=(7,)), drop=True)
@@ -100,7 +100,7 @@ def test_the_counts_are_mlflow_params_of_the_run_and_of_the_source_stage(tmp_pat
 def test_the_study_run_gets_the_counts_as_params_too(tmp_path, mlflow_root):
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tasks.on_mlflow import tracking
     from tasks.quality_study import STUDY_CHART, STUDY_FILE, STUDY_METRICS, record_study
 
     state = state_paths(load_preset("smoke", [f"home={mlflow_root / 'home'}"]))

@@ -65,7 +65,7 @@ def test_a_toy_stage_is_one_row_its_plan_function_and_its_config_class(monkeypat
     monkeypatch.setattr(stages, "STAGES", (*stages.STAGES, row))  # the one change: a row in the table
 
     assert stages.PIPELINE_STAGES[-1] == "toy" and stages.TRAINING_STAGES["toy"] is row
-    assert "toy" in stages.LIVE_STAGES  # tasks/run_record.py leaves its child run to its task
+    assert "toy" in stages.LIVE_STAGES  # tasks/store/run_record.py leaves its child run to its task
     assert stages.training_stage("toy") is row  # what the Ray worker looks up by WorkerJob.stage
     config = ToyPipelineConfig()
     settings = stage_settings(config, "toy")  # tasks/settings.py reads the row's section
@@ -80,7 +80,7 @@ def test_a_toy_stage_is_one_row_its_plan_function_and_its_config_class(monkeypat
     assert any(not torch.equal(p.detach(), before[n]) for n, p in trained.named_parameters())
 
     # No other module names the stages: the consumers read the table, so the row above was all it took.
-    for path in ("tasks/settings.py", "tasks/ray_worker.py", "tasks/ray_train.py", "tasks/train_stage.py"):
+    for path in ("tasks/settings.py", "tasks/on_ray/worker.py", "tasks/on_ray/train.py", "tasks/train_stage.py"):
         text = (ROOT / path).read_text()
         assert not re.search(r"\"(pretrain|finetune|bradley_terry|register)\"\s*[,:)]", text), path
 

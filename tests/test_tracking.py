@@ -1,4 +1,4 @@
-"""tasks/tracking.py against a temporary sqlite MLflow store (never ./mlruns)."""
+"""tasks/on_mlflow/tracking.py against a temporary sqlite MLflow store (never ./mlruns)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
-from tasks import tracking
+from tasks.on_mlflow import tracking
 from tasks.settings import MlflowConfig
 
 

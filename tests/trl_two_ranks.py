@@ -12,7 +12,7 @@ import trl
 from gram_core.config import JudgeConfig
 from gram_core.judging import Judge
 from gram_core.models import build_tiny_model, build_tiny_tokenizer
-from tasks.reward_functions import GramReward
+from tasks.serving.reward_functions import GramReward
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])

@@ -1,4 +1,4 @@
-"""Run a training stage under Ray Train, driver side (the worker is ``tasks.ray_worker``).
+"""Run a training stage under Ray Train, driver side (the worker is ``tasks.on_ray.worker``).
 
 ``fit`` starts (or connects to) a Ray runtime and runs ``gram_core.training`` in every Ray Train worker:
 each worker loads the model and reads the training data from a URI every node reaches (a path on shared
@@ -28,11 +28,11 @@ from typing import Any
 
 from gram_core.artifact_files import MODEL_DIR, TRAIN_HISTORY_FILE
 from gram_core.folders import write_folder
-from tasks.artifacts import read_history_rows, write_train_history
-from tasks.ray_runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
-from tasks.ray_worker import WorkerJob, final_marker, train_loop
+from tasks.store.artifacts import read_history_rows, write_train_history
+from tasks.on_ray.runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
+from tasks.on_ray.worker import WorkerJob, final_marker, train_loop
 from tasks.settings import StageSettings
-from tasks.state import SCRATCH
+from tasks.store.state import SCRATCH
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def fit(settings: StageSettings, *, model_source: str, data_path: str, output_di
 
     ``stop_at_step`` ends the run at the first checkpoint at or after that step without a model (a
     time-boxed run; ``completed`` False); a later call with the same ``run_name`` continues. ``tracking``
-    (a ``tasks.tracking.RunHandle``) receives rank 0's per-step metrics live; ``on_progress(step, fraction)``
+    (a ``tasks.on_mlflow.tracking.RunHandle``) receives rank 0's per-step metrics live; ``on_progress(step, fraction)``
     runs on the driver during training. Returns dict(output_dir, metrics_path, final_metrics, steps,
     completed, resumed_from_step, run_name, checkpoint). On a multi-node cluster ``data_path``,
     ``model_source`` and the storage must be on storage every node reaches; ``output_dir`` is the driver's own.

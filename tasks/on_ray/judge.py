@@ -7,7 +7,7 @@ import tempfile
 from typing import Any
 
 from gram_core.config import from_dict, to_dict
-from tasks.ray_runtime import local_copy, ray_runtime, reachable_uri, wants_gpu
+from tasks.on_ray.runtime import local_copy, ray_runtime, reachable_uri, wants_gpu
 from tasks.settings import RayConfig, StatePaths
 
 ROW_COLUMN = "__gram_row"

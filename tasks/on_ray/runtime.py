@@ -1,7 +1,6 @@
 """The Ray runtime the stages use: start or connect, GPUs, URIs every node reaches, and live progress.
 
-One of the two places Ray is imported (with the training/judging modules ``ray_train``, ``ray_worker`` and
-``ray_judge``).
+Ray is imported only in this room (with ``train``, ``worker`` and ``judge``) and by the reward server.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.config import TrainConfig
-from tasks.leftover_processes import RuntimeRecord
+from tasks.store.leftover_processes import RuntimeRecord
 from tasks.settings import RayConfig, StatePaths
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ def ray_runtime(ray_cfg: RayConfig, state: StatePaths | None = None) -> Iterator
     """Use the Ray runtime already initialized in this process, connect to ``ray_cfg.address`` /
     RAY_ADDRESS, or start a local one sized to the machine; disconnect/shut down only what we opened.
 
-    A local runtime started here is recorded in ``state``'s folder (``tasks.leftover_processes``): if this
+    A local runtime started here is recorded in ``state``'s folder (``tasks.store.leftover_processes``): if this
     process is killed before it shuts the runtime down, the next run that holds the folder stops what is left."""
     import ray
 

@@ -6,7 +6,7 @@ they started: measured on a local runtime, a Ray worker kept running its task fo
 ``ray::DashboardAgent`` / ``ray::RuntimeEnvAgent`` lived on for 5 to over 45 s, all reparented to init (the
 killed driver's process tree no longer leads to them), the workers in process groups of their own.
 
-So a run that starts a local runtime (``tasks.ray_runtime.ray_runtime``; never when it connects to a cluster by
+So a run that starts a local runtime (``tasks.on_ray.runtime.ray_runtime``; never when it connects to a cluster by
 address) keeps ``<home>/.ray-processes.json`` (each write atomic): its own pid and process start time, a random
 mark that it puts into the environment Ray's processes inherit (``GRAM_RAY_RUNTIME=<mark>``, only while
 ``ray.init`` starts them), and the pid and start time of every process of the runtime: those that carry the
@@ -15,7 +15,7 @@ once a second while the runtime runs (``ray::`` processes rewrite their command 
 the mark alone does not find them all, but while the driver lives every one of them descends from it). A clean
 shutdown removes the record.
 
-The next process that holds the state folder (``tasks.state.hold_state_folder``; ``gram gc`` too) calls
+The next process that holds the state folder (``tasks.store.state.hold_state_folder``; ``gram gc`` too) calls
 ``stop_leftovers``: if the recorded driver is dead, it SIGKILLs every recorded process that is still alive with
 the recorded start time (a reused pid is never touched), every process that carries the mark, and their
 descendants, waits until they are gone (at most 30 s), logs how many it stopped, and removes the record.

@@ -1,4 +1,4 @@
-"""The reward server's request and response shapes, checked without Ray or a model (tasks/serve.py serves them).
+"""The reward server's request and response shapes, checked without Ray or a model (tasks/serving/server.py serves them).
 
 Every endpoint reduces to a list of pairs (prompt, y1, y2) scored for P(y1 ≻ y2) in both slot orders; what a
 request asks for is read back from those probabilities. A bad request raises ``RequestError`` with the HTTP
@@ -305,6 +305,6 @@ def client_hint(url: str) -> str:
     """The flags each RL client takes, printed at start (docs/serving.md has the full commands)."""
     return (f"OpenRLHF >= 0.10.2: --reward.remote_url {url}/get_reward --data.label_key <reference column> "
             f"(before 0.10.2: --remote_rm_url, --label_key)\n"
-            f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.reward_functions\n"
-            f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/reward_client.py "
+            f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.serving.reward_functions\n"
+            f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/serving/reward_client.py "
             f"(name=compute_score, or compute_score_batch with reward_model.reward_manager=batch)")

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from gram_core.artifact_files import FINAL_FILE, MODEL_DIR, STATE_FILE, TRAIN_HISTORY_FILE
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from tasks.artifacts import write_history_rows
-from tasks.ray_runtime import local_copy
+from tasks.store.artifacts import write_history_rows
+from tasks.on_ray.runtime import local_copy
 
 if TYPE_CHECKING:
     from gram_core.stages import Stage
@@ -199,7 +199,7 @@ def _live_metrics(tracking: Any, progress: Any) -> Callable[[int, dict], None] |
         return None
     log_step = None
     if tracking is not None:
-        from tasks.tracking import step_logger
+        from tasks.on_mlflow.tracking import step_logger
 
         log_step = step_logger(tracking)
 

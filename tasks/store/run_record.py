@@ -1,7 +1,7 @@
 """The run's record: every stage as an MLflow child run (cached ones from their artifacts), the outcome on the
 parent run, and the run summary (printed by `gram run`, published as Prefect artifacts).
 
-MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.tracking.start_pipeline_run``)
+MLflow layout of one pipeline run: a parent run (opened by the flow with ``tasks.on_mlflow.tracking.start_pipeline_run``)
 holding the resolved config, code version, data hashes, the eval metrics and the report; one child run per
 stage. Training stages that compute open their child run themselves and log every step live from Ray's
 rank 0; cached stages get theirs here, from their artifact references, after the stages finish (tag
@@ -22,13 +22,13 @@ from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from gram_core.comparison_report import COLUMNS
 from gram_core.report import pct
 from gram_core.sources import DROPPED_ROWS, dropped_params
-from tasks import tracking as mlf
-from tasks.artifacts import ArtifactRef, ArtifactStore, open_store, read_history
-from tasks.caching import code_version
-from tasks.model_registry import current_aliases
+from tasks.on_mlflow import tracking as mlf
+from tasks.store.artifacts import ArtifactRef, ArtifactStore, open_store, read_history
+from tasks.store.caching import code_version
+from tasks.on_mlflow.model_registry import current_aliases
 from tasks.redaction import redact, redact_value, scrub_errors
 from tasks.settings import StageSettings, StatePaths
-from tasks.tracking import RunHandle
+from tasks.on_mlflow.tracking import RunHandle
 
 TRAINED_STAGES = {"finetune": "trained", "bradley_terry": "bt"}  # stage -> its column key in the summary
 

@@ -1,6 +1,6 @@
 """`gram serve`: the judge as a batched reward server on Ray Serve (a FastAPI ingress per replica).
 
-Requests become pairs (tasks/serve_api.py); ``@serve.batch`` gathers the pairs of concurrent requests, up to
+Requests become pairs (tasks/serving/api.py); ``@serve.batch`` gathers the pairs of concurrent requests, up to
 ``max_rows`` judge sequences, and one call of ``gram_core.reward_scoring.pairwise`` scores them with each
 shared prefix (template + prompt [+ reference]) run once, in length-sorted forward batches capped in rows and
 padded tokens. The model loads in a thread after the replica starts: until then every scoring endpoint and
@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from gram_core.config import JudgeConfig
-from tasks.serve_api import (
+from tasks.serving.api import (
     Job,
     RequestError,
     ServeLimits,
@@ -284,7 +284,7 @@ class RewardServer:
 def _start_ray() -> None:
     import ray
 
-    from tasks.ray_runtime import short_temp_dir
+    from tasks.on_ray.runtime import short_temp_dir
 
     if ray.is_initialized():
         return

@@ -60,7 +60,7 @@ def stage_options(result_dir: str | Path, refresh: bool = False,
     A task that is never cached (``NO_CACHE``: registration) keeps no result file."""
     if policy is NO_CACHE:
         return {"cache_policy": NO_CACHE, "persist_result": False}
-    from tasks.ref_records import record_hook  # gc reads these JSON records, never the result pickles
+    from tasks.store.ref_records import record_hook  # gc reads these JSON records, never the result pickles
 
     return {"result_storage": Path(result_dir), "persist_result": True, "refresh_cache": refresh,
             "cache_policy": policy, "on_completion": [record_hook(result_dir)]}

@@ -3,7 +3,7 @@ live, so that it never unpickles anything (a Prefect result is a pickle; another
 store could point at a crafted one).
 
 Every cached task result ``<results>/<key>`` gets a twin ``<results>/.refs/<key>.json`` (written atomically by
-a completion hook that ``tasks.caching.bind`` adds, for a computed result and a cache hit alike) holding the
+a completion hook that ``tasks.store.caching.bind`` adds, for a computed result and a cache hit alike) holding the
 URIs and hashes of the ``ArtifactRef`` values in the result. gc reads only these records; a result file without
 one (written before records existed, or a hook that failed) counts as unreadable, so no artifact is pruned.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.folders import write_json
-from tasks.artifacts import ArtifactRef
+from tasks.store.artifacts import ArtifactRef
 
 RECORDS = ".refs"  # inside a results folder
 HOOK_NAME = "record_artifact_refs"

@@ -46,11 +46,11 @@ from mlflow.types import ColSpec, Schema
 
 from gram_core.config import JudgeConfig, to_dict
 from gram_core.folders import write_json
-from tasks import judge_pyfunc
-from tasks.artifacts import HASH_CHARS, folder_sha256
-from tasks.judge_pyfunc import INPUT_COLUMNS
-from tasks.locks import file_lock
-from tasks.promotion_gate import (  # noqa: F401  (the gate's names, also read from here)
+from tasks.on_mlflow import judge_pyfunc
+from tasks.store.artifacts import HASH_CHARS, folder_sha256
+from tasks.on_mlflow.judge_pyfunc import INPUT_COLUMNS
+from tasks.store.locks import file_lock
+from tasks.on_mlflow.promotion_gate import (  # noqa: F401  (the gate's names, also read from here)
     CANDIDATE,
     CHAMPION,
     PromotionConflict,
@@ -62,7 +62,7 @@ from tasks.promotion_gate import (  # noqa: F401  (the gate's names, also read f
 )
 from tasks.redaction import redact
 from tasks.settings import MlflowConfig
-from tasks.tracking import model_version_url, use_tracking_uri
+from tasks.on_mlflow.tracking import model_version_url, use_tracking_uri
 
 ARTIFACT_NAME = "judge"  # LoggedModel name inside the run
 CONTENT_TAG = "model_sha256"  # a version's identity: the SHA-256 of its model folder
@@ -122,7 +122,7 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
 
     Idempotent by content: when a version tagged with this folder's ``model_sha256`` exists, it is reused
     (its eval tags updated to this evaluation) instead of logging a duplicate; otherwise the folder is
-    logged as the judge pyfunc (tasks/judge_pyfunc.py, models-from-code) in the active run and registered as the next version.
+    logged as the judge pyfunc (tasks/on_mlflow/judge_pyfunc.py, models-from-code) in the active run and registered as the next version.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -136,7 +136,7 @@ def log_and_register(model_dir: str | Path, cfg: MlflowConfig, eval_metrics: Map
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register: no active MLflow run in this thread; call it inside "
-                           "tasks.tracking.stage_run(...) or start_pipeline_run(...)")
+                           "tasks.on_mlflow.tracking.stage_run(...) or start_pipeline_run(...)")
     sha = model_sha256 or folder_sha256(model_dir)
     client = MlflowClient()
     existing = version_by_content(client, cfg.model_name, sha)

@@ -4,7 +4,7 @@
 same folder fails at once with "another run holds this state folder" (who, since when). The kernel drops
 the lock when its process dies, ``kill -9`` included. Holding it, nothing else writes the folder, so the
 leftovers of killed runs are safe to remove: first the Ray processes that a killed run's local runtime left
-running (``tasks.leftover_processes``; they could still write checkpoints), then staging folders of unfinished
+running (``tasks.store.leftover_processes``; they could still write checkpoints), then staging folders of unfinished
 artifacts, partial downloads, and the workers' local checkpoint scratch. ``collect_garbage`` (``gram gc``) stops
 those Ray processes too, then goes further: artifacts no cached stage refers to, cache entries, and Ray
 checkpoints that Ray Train's run snapshot does not list.
@@ -13,7 +13,7 @@ An artifact store or Ray storage folder may be shared by several state folders. 
 lock file ``<root>/.gram-users/<hash of home>.lock`` for its run (the home's path beside it, ``.home``), so
 start-up cleanup skips a shared root's staging and scratch folders while another state folder's run is
 live, and gc keeps every artifact that any registered state folder's cached results refer to, read from their
-JSON records (``tasks.ref_records``; gc never unpickles anything). gc also keeps what another state folder's live
+JSON records (``tasks.store.ref_records``; gc never unpickles anything). gc also keeps what another state folder's live
 run may still commit: artifacts published since that run started, and its Ray runs (a Ray run's name ends with
 its state folder's ``home_id``).
 """
@@ -31,10 +31,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.artifacts import MANIFEST, open_store
-from tasks.leftover_processes import stop_leftovers
-from tasks.locks import LockHeldError, file_lock
-from tasks.ref_records import read_records
+from tasks.store.artifacts import MANIFEST, open_store
+from tasks.store.leftover_processes import stop_leftovers
+from tasks.store.locks import LockHeldError, file_lock
+from tasks.store.ref_records import read_records
 from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
@@ -222,7 +222,7 @@ class Garbage:
 
 def cached_refs(results_dir: Path) -> tuple[list[tuple[str, str]], list[Path]]:
     """(uri, sha256) of the artifacts the cached results in ``results_dir`` refer to, and the result files
-    without a readable JSON record (``tasks.ref_records``): read as JSON only, never unpickled."""
+    without a readable JSON record (``tasks.store.ref_records``): read as JSON only, never unpickled."""
     return read_records(results_dir)
 
 
@@ -252,7 +252,7 @@ LIVE_SLACK_S = 2.0  # file times vs. the lock's time: coarse clocks, a publish t
 
 def find_garbage(config: PipelineConfig, keep_ray_runs_days: float = 7.0) -> list[Garbage]:
     """What ``gram gc`` would remove, and why. Nothing is unpickled: what is live comes from the JSON records
-    of cached results (``tasks.ref_records``), this state folder's and every other registered one's. What a
+    of cached results (``tasks.store.ref_records``), this state folder's and every other registered one's. What a
     live run of another state folder may still commit stays: artifacts published since it started (not yet in
     a record) and its Ray runs (checkpoints not yet in their snapshot)."""
     paths = state_paths(config)

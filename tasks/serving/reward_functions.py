@@ -6,7 +6,7 @@
   On several processes TRL may spread one prompt's completions across ranks; group mode then gathers the
   whole groups from every rank (torch.distributed), scores each group once on one rank and hands every rank
   its own rewards, so group-relative rewards are those of the whole group.
-* verl: ``compute_score`` / ``compute_score_batch`` live in tasks/reward_client.py (no torch on import) and
+* verl: ``compute_score`` / ``compute_score_batch`` live in tasks/serving/reward_client.py (no torch on import) and
   are re-exported here.
 
 Over HTTP, requests stay under the server's row cap (``max_rows``, `gram serve --max-batch`) and 503 answers
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gram_core.reward_scoring import DEFAULT_MAX_GROUP, group_rewards, rewards_vs_reference
-from tasks.reward_client import (
+from tasks.serving.reward_client import (
     DEFAULT_MAX_ROWS,
     GramServerClient,
     compute_score,

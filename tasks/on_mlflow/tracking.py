@@ -1,6 +1,6 @@
 """MLflow tracking for the pipeline: one parent run per pipeline run, one nested child run per stage.
 
-With tasks/model_registry.py (and the stored pyfunc code) the only module that imports MLflow. Runs are
+With tasks/on_mlflow/model_registry.py (and the stored pyfunc code) the only module that imports MLflow. Runs are
 passed around as small, picklable ``RunHandle`` values, because MLflow's "active run" is thread-local: a Prefect task running in a worker
 thread (or a Ray worker) does not see the parent run of the flow, so ``stage_run(..., parent=handle)``
 nests explicitly. Every logging function takes ``run_id=None`` meaning "this thread's active run".

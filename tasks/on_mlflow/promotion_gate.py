@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.locks import file_lock
+from tasks.store.locks import file_lock
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 
