@@ -385,38 +385,42 @@ def _strong(read, rows, defect) -> None:
         assert any(row in v.rows for v in named), f"{kind} at row {row} of {column!r} not named: {info.value}"
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "json"])
-@pytest.mark.parametrize("name, kind", _kinds(row_level=True))
-def test_every_contract_names_each_defect_in_json_and_coerces_nothing(name, kind, fmt):
+def _reader(fmt: str, name: str, rows: list[dict], tmp: Path):
+    """Write ``rows`` as ``fmt`` (JSON Lines, JSON, a typed table for validate(), Parquet); return how to read them
+    back through the contract ``name``."""
+    contract = CONTRACTS[name]
+    if fmt in ("jsonl", "json"):
+        path = tmp / f"data.{fmt}"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else json.dumps(rows))
+        return lambda: read_table(path, name)
+    present = [f for f in contract.schema if f.name in rows[0]]
+    table = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in present})
+    if fmt == "validate":
+        return lambda: validate(table, contract)
+    path = tmp / "data.parquet"
+    pq.write_table(table, path)
+    return lambda: read_table(path, contract)
+
+
+def _fuzz(name: str, kind: str, fmt: str) -> None:
     @STRONG
     @given(contract_cases(name, kind))
     def check(case):
         rows, defect = case
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"data.{fmt}"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else json.dumps(rows))
-            _strong(lambda: read_table(path, name), rows, defect)
+            _strong(_reader(fmt, name, rows, Path(tmp)), rows, defect)
 
     check()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+@pytest.mark.parametrize("name, kind", _kinds(row_level=True))
+def test_every_contract_names_each_defect_in_json_and_coerces_nothing(name, kind, fmt):
+    _fuzz(name, kind, fmt)
 
 
 @pytest.mark.parametrize("fmt", ["validate", "parquet"])
 @pytest.mark.parametrize("name, kind", _kinds(row_level=False))
 def test_every_contract_names_each_defect_in_tables_and_parquet(name, kind, fmt):
     """Typed tables (missing columns, floats outside [0, 1] incl. NaN and inf) through validate() and Parquet."""
-    @STRONG
-    @given(contract_cases(name, kind))
-    def check(case):
-        rows, defect = case
-        contract = CONTRACTS[name]
-        present = [f for f in contract.schema if f.name in rows[0]]
-        table = pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in present})
-        if fmt == "validate":
-            _strong(lambda: validate(table, contract), rows, defect)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "data.parquet"
-            pq.write_table(table, path)
-            _strong(lambda: read_table(path, contract), rows, defect)
-
-    check()
+    _fuzz(name, kind, fmt)
