@@ -40,7 +40,7 @@ from gram_core.config import JudgeConfig
 from gram_core.judging import Judge
 from gram_core.models import resolve_model_source
 from gram_core.reward_scoring import ScoreStats, pairwise
-from gram_core.scorers import load_scorer
+from gram_core.scorers import open_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def served(args, judge, groups) -> None:
         direct = []
         for body in singles[:min(16, len(singles))]:
             start = time.perf_counter()
-            pairwise(judge, body["prompts"], [body["query"][0][len(body["prompts"][0]):]], body["labels"])
+            pairwise(judge, body["prompts"], [body["query"][0][len(body["prompts"][0]):]], body["labels"], share=True)
             direct.append(time.perf_counter() - start)
         print(f"\n## Server {server.url} ({args.model}, 1 replica, {args.threads} CPU threads)")
         print(HEADER)
@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--skip-overload", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    judge = load_scorer(resolve_model_source(args.model), JudgeConfig(dtype="float32"))
+    judge = open_scorer(resolve_model_source(args.model), JudgeConfig(dtype="float32"))
     groups = grpo_groups(max(args.prompts, (args.requests + args.group - 1) // args.group), args.group, args.seed)
     offline(judge, groups[:args.prompts], args.repeats)
     if not args.skip_server:

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gram_core.judging import Judge, score_pairs
+from gram_core.judging import Judge
 from gram_core.losses import optimal_margin
 from gram_core.models import load_model
 from gram_core.rewardbench import position_consistency
+from gram_core.scorers import score_table
 from gram_core.starter import HELDOUT_SUBSETS, starter_eval, starter_preferences
 from gram_core.training import train_judge
 from tasks.settings import load_preset
@@ -99,7 +100,7 @@ def main() -> None:
         if args.eval_every and step % args.eval_every == 0:
             t = time.time()
             point = {"step": step, "train_minutes": round((t - began - paused[0]) / 60, 2),
-                     **readout(score_pairs(Judge(model, tokenizer, cfg.judge), table))}
+                     **readout(score_table(Judge(model, tokenizer, cfg.judge), table))}
             paused[0] += time.time() - t  # scoring time is not training time
             frontier.append(point)
             print(f"  frontier {json.dumps(point)}", flush=True)
@@ -108,7 +109,7 @@ def main() -> None:
     train_minutes = (time.time() - began - paused[0]) / 60
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     final = frontier[-1] if frontier and frontier[-1]["step"] == result.steps else None
-    scores = None if final else score_pairs(Judge(base, tokenizer, cfg.judge), table)
+    scores = None if final else score_table(Judge(base, tokenizer, cfg.judge), table)
     last = result.history[-max(1, len(result.history) // 10):]  # the last 10 % of steps
     record = {
         "name": args.name, "overrides": args.set, "pairs": len(rows), "steps": result.steps,

@@ -252,42 +252,25 @@ def _config(args: argparse.Namespace):
     return load_preset(args.preset, args.overrides or None).resolved()
 
 
-def resolve_model(spec: str, config: Any) -> str:
-    """A local model folder for any MODEL spec (a registry version is downloaded once, into <home>/registered)."""
-    if spec.startswith("models:/"):
-        from tasks.on_mlflow.model_registry import registered_model_dir
-        from tasks.on_mlflow.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(config.mlflow, config.home)
-        folder, resolved = registered_model_dir(spec, tracking_uri, Path(str(config.home)) / "registered")
-        print(f"{spec} -> {resolved}", file=sys.stderr)
-        return str(folder)
-    from gram_core.models import resolve_model_source
-    from gram_core.scorers import folder_kind
-
-    if Path(spec).expanduser().is_dir():
-        folder_kind(spec)  # a folder of no known kind fails here, naming the kinds it could be
-    return resolve_model_source(spec)
-
-
 def _load_scorer(args: argparse.Namespace):
-    """The scorer for --model: a Judge (on judge.device at judge.dtype, its recorded judge settings applied), or
-    a BTScorer for a Bradley-Terry folder; anything else is a ModelSourceError (one line)."""
+    """The scorer for --model (``tasks.model_source.open_model``: a Judge on judge.device at judge.dtype with its
+    recorded judge settings, or a BTScorer for a Bradley-Terry folder); anything else is a ModelSourceError (one
+    line)."""
     from gram_core.models import ModelSourceError
-    from gram_core.scorers import load_scorer
+    from tasks.model_source import open_model
 
-    config = _config(args)
     try:
-        return load_scorer(resolve_model(args.model, config), config.judge)
+        return open_model(args.model, _config(args))
     except (ModelSourceError, FileNotFoundError) as err:
         raise ModelSourceError(f"--model {args.model}: {err}") from err
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
+    from gram_core.reward_scoring import pairwise
     from gram_core.scorers import is_scalar
 
     judge = _load_scorer(args)
-    scores = judge.preference([args.prompt], [args.a], [args.b])
+    scores = pairwise(judge, [args.prompt], [args.a], [args.b])
     out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
            "p_order2": float(scores.p_order2[0]),
            "consistent": bool((scores.p_order1[0] > 0.5) == (scores.p_order2[0] > 0.5))}
@@ -301,7 +284,7 @@ def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
 
 
 def cmd_rank(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from gram_core.judging import best_of_n
+    from gram_core.reward_scoring import best_of_n
 
     rows = read_candidates(args.input)
     judge = _load_scorer(args)
@@ -320,7 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     from flows.errors import InputError
     from gram_core.comparison_report import comparison_markdown, eval_metrics
     from gram_core.sources import dropped_summary, limit_rows
-    from tasks.evaluate import score_table
+    from tasks.evaluate import score_model
+    from tasks.model_source import resolve_model
 
     config = _config(args)
     policy = config.data.eval  # --data takes data.eval's place, with its row policy
@@ -332,7 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     table = limit_rows(table, args.limit, 0, stratify="subset")
     actors = config.eval.actors if args.actors is None else args.actors
     try:
-        scores, scalar_model = score_table(resolve_model(args.model, config), table, config.judge, actors, config.ray,
+        scores, scalar_model = score_model(resolve_model(args.model, config), table, config.judge, actors, config.ray,
                                            progress=True)
     except FileNotFoundError as err:
         raise InputError(f"--model {args.model}: {err}") from err
@@ -347,6 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 def cmd_serve(args: argparse.Namespace) -> None:
     from flows.errors import InputError
     from tasks.serving.server import serve_forever
+    from tasks.model_source import resolve_model
     from tasks.serving.api import ServeLimits, exposure_error
 
     config = _config(args)

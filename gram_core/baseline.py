@@ -17,12 +17,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from data_contracts import SCORES
 from gram_core.batching import length_grouped_batches, pad_right
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import (
@@ -220,22 +218,11 @@ class BTScorer:
 
     def preference(self, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
                    progress=None, ids=None):
-        """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots), so
-        judging.best_of_n / rank work with a BTScorer as with a Judge."""
+        """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots): how
+        ``reward_scoring.pairwise`` reads a BTScorer, so every operation and ``scorers.score_table`` take one."""
         r1, r2 = self.rewards(list(prompts), list(responses_1)), self.rewards(list(prompts), list(responses_2))
         p = 1.0 / (1.0 + np.exp(-(r1 - r2)))
         return PairScores(p_order1=p, p_order2=p, p=p)
-
-    def score_pairs(self, table: pa.Table) -> pa.Table:
-        """Rows (id|pair_id, subset|source, prompt, chosen, rejected) -> a scores-contract table."""
-        cols = table.to_pydict()
-        ids, subsets = _column(cols, ("id", "pair_id")), _column(cols, ("subset", "source"))
-        prompts, chosen, rejected = (_column(cols, (c,)) for c in ("prompt", "chosen", "rejected"))
-        r_chosen, r_rejected = self.rewards(prompts, chosen), self.rewards(prompts, rejected)
-        p = 1.0 / (1.0 + np.exp(-(r_chosen - r_rejected)))  # σ(r_chosen − r_rejected), both orders alike
-        return pa.Table.from_pydict({"id": [str(v) for v in ids], "subset": [str(v) for v in subsets],
-                                     "p_chosen_order1": p, "p_chosen_order2": p, "p_chosen": p,
-                                     "correct": p > 0.5}, schema=SCORES.schema)
 
     def save(self, folder: str | Path, state_dict: dict | None = None) -> Path:
         """A plain HF folder of the base model (LoRA merged — in place) plus the head weights beside it.
@@ -267,10 +254,3 @@ class BTScorer:
         return cls(reward_model, load_tokenizer(str(folder)), meta["max_length"], batch_size,
                    system_prompt=meta.get("system_prompt"))
 
-
-def _column(cols: dict, names: tuple[str, ...]) -> list:
-    for name in names:
-        if name in cols:
-            return cols[name]
-    raise ValueError(f"BTScorer.score_pairs: the table needs one of the columns {list(names)} "
-                     f"(rewardbench or preference_pairs contract); its columns are {sorted(cols)}")

@@ -1,33 +1,32 @@
-"""Reading preferences and rewards out of a GRAM judge (METHOD.md section 4).
+"""The GRAM judge's forward passes: P(A) per sequence and P(y1 ≻ y2) per pair (METHOD.md section 4).
 
 P(A) for one sequence = softmax over the two verdict logits (z_A, z_B) at the answer position — never the
 full vocabulary, no generation, no parsing. A pair is scored in both slot orders: order 1 puts y1 in A,
-order 2 puts y1 in B, and P(y1 ≻ y2) = ½·(P(A | order 1) + P(B | order 2)); y1 wins iff P > 0.5.
+order 2 puts y1 in B, and P(y1 ≻ y2) = ½·(P(A | order 1) + P(B | order 2)) (``PairScores.from_orders``); y1
+wins iff P > 0.5.
+
+This module holds the Judge and its own pair batching; opening one from a folder is ``gram_core.scorers.
+open_scorer``, and the operations built on pairs (rewards against a reference, group rewards, best-of-n,
+rank) are ``gram_core.reward_scoring``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from data_contracts import SCORES
 from gram_core.batching import length_grouped_batches, pad_right
-from gram_core.config import JudgeConfig, ModelConfig
+from gram_core.config import JudgeConfig
 from gram_core.encoding import JudgeEncoder
 from gram_core.forward import answer_logits, build_prefix_cache
-from gram_core.judge_settings import check_template, resolve_judge_config
-from gram_core.models import load_model
-from gram_core.precision import default_device, inference_dtype
 from gram_core.rewardbench import position_consistency
 from gram_core.shared_forward import SharedJudgeForward, collate_shared_judge, supports
 
-__all__ = ["Judge", "PairScores", "best_of_n", "load_judge", "pointwise_reward",
-           "position_consistency", "rank", "score_pairs"]
+__all__ = ["Judge", "PairScores", "position_consistency"]
 
 
 # callable(done, total) counting sequences (two per pair in preference), True for a tqdm bar, or None.
@@ -41,6 +40,14 @@ class PairScores:
     p_order1: np.ndarray  # P(A) with y1 in slot A
     p_order2: np.ndarray  # P(B) with y1 in slot B
     p: np.ndarray         # mean of the two
+
+    @classmethod
+    def from_orders(cls, p_a: np.ndarray) -> PairScores:
+        """The readout of P(A) for n pairs' order-1 rows followed by their order-2 rows (2n values)."""
+        n = len(p_a) // 2
+        p_order1 = p_a[:n]
+        p_order2 = 1.0 - p_a[n:]  # P(B | order 2)
+        return cls(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
 
 
 class _Reporter:
@@ -159,7 +166,8 @@ class Judge:
 
     def preference(self, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
                    progress: Progress = None, ids: Sequence[str] | None = None) -> PairScores:
-        """P(y1 ≻ y2) = ½·(P(A | y1 in A) + P(B | y1 in B)); both orders go through one batched call."""
+        """P(y1 ≻ y2) = ½·(P(A | y1 in A) + P(B | y1 in B)); both orders go through one batched call, each pair's
+        two orders side by side (``reward_scoring.pairwise``'s default batching; its ``share`` groups across pairs)."""
         n = _check_lengths("Judge.preference", prompts=prompts, responses_1=responses_1, responses_2=responses_2)
         prompts, r1, r2 = list(prompts), list(responses_1), list(responses_2)
         names = [str(i) for i in ids] if ids is not None else [f"#{i}" for i in range(n)]
@@ -169,9 +177,7 @@ class Judge:
             p_a = self._prob_a_pairs(prompts, r1, r2, names, progress)
         else:
             p_a = self.prob_a(prompts + prompts, r1 + r2, r2 + r1, progress=progress, ids=names)
-        p_order1 = p_a[:n]
-        p_order2 = 1.0 - p_a[n:]  # P(B | order 2)
-        return PairScores(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
+        return PairScores.from_orders(p_a)
 
     def _prob_a_pairs(self, prompts: list[str], r1: list[str], r2: list[str], names: list[str],
                       progress: Progress) -> np.ndarray:
@@ -213,103 +219,3 @@ class _EvalMode:
     def __exit__(self, *exc: Any) -> None:
         self.no_grad.__exit__(*exc)
         self.model.train(self.was_training)
-
-
-def load_judge(folder: str, config: JudgeConfig | None = None) -> Judge:
-    """A Judge over a plain HF folder, on ``config.device`` at ``config.dtype`` ('auto': the accelerator when
-    present, bf16 there, fp32 on CPU). No LoRA or freezing: scoring only."""
-    # A trained judge is read out with the settings it recorded (labels, max length, system turn).
-    config = resolve_judge_config(folder, config if config is not None else JudgeConfig())
-    device = default_device() if config.device == "auto" else torch.device(config.device)
-    model, tokenizer = load_model(ModelConfig(source=folder, dtype=inference_dtype(config.dtype, device)),
-                                  source=folder)
-    check_template(folder, tokenizer)
-    return Judge(model.to(device).eval(), tokenizer, config)
-
-
-def _columns(table: pa.Table | Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
-    if isinstance(table, pa.Table):
-        return table.to_pydict()
-    if isinstance(table, Mapping):
-        return {k: list(v) for k, v in table.items()}
-    raise TypeError(f"score_pairs: expected a pyarrow.Table or a mapping of columns, got {type(table).__name__}")
-
-
-def _pick(columns: dict[str, list[Any]], names: tuple[str, ...]) -> list[Any]:
-    for name in names:
-        if name in columns:
-            return columns[name]
-    raise ValueError(f"score_pairs: the table needs one of the columns {list(names)} "
-                     f"(rewardbench or preference_pairs contract); columns are {sorted(columns)}")
-
-
-def score_pairs(judge: Judge, table: pa.Table | Mapping[str, Sequence[Any]],
-                progress: Progress = None) -> pa.Table:
-    """Score (prompt, chosen, rejected) rows in both orders -> a scores-contract table, in row order.
-
-    Accepts the rewardbench contract (id, subset) or the preference_pairs contract (pair_id, source).
-    """
-    cols = _columns(table)
-    ids = [str(v) for v in _pick(cols, ("id", "pair_id"))]
-    subsets = [str(v) for v in _pick(cols, ("subset", "source"))]
-    prompts, chosen, rejected = (_pick(cols, (c,)) for c in ("prompt", "chosen", "rejected"))
-    scores = judge.preference(prompts, chosen, rejected, progress=progress, ids=ids)
-    return pa.Table.from_pydict({
-        "id": ids,
-        "subset": subsets,
-        "p_chosen_order1": scores.p_order1,
-        "p_chosen_order2": scores.p_order2,
-        "p_chosen": scores.p,
-        "correct": scores.p > 0.5,  # strict: a tie counts as wrong
-    }, schema=SCORES.schema)
-
-
-def pointwise_reward(judge: Judge, prompts: Sequence[str], responses: Sequence[str],
-                     references: Sequence[str]) -> np.ndarray:
-    """r(x, y) = P(y ≻ y_ref), both orders averaged; y_ref is e.g. the policy's greedy response (ReMax-style).
-
-    The transform is the identity on P: rewards lie in [0, 1] and 0.5 means "as good as the reference".
-    """
-    return judge.preference(prompts, responses, references).p
-
-
-def best_of_n(judge: Judge, prompt: str, candidates: Sequence[str]) -> tuple[int, int]:
-    """Knockout tournament -> (index of the winner, comparisons made = n − 1).
-
-    Each round pairs survivors (0 v 1, 2 v 3, ...) and scores all its pairs in one batched call; an odd
-    survivor out gets a bye. The earlier candidate wins a pair iff P(earlier ≻ later) > 0.5, so on an exact
-    tie the later one advances — the same strict rule as everywhere else.
-    """
-    if len(candidates) == 0:
-        raise ValueError("best_of_n: no candidates")
-    alive = list(range(len(candidates)))
-    comparisons = 0
-    while len(alive) > 1:
-        firsts, seconds = alive[0::2], alive[1::2]
-        pairs = list(zip(firsts, seconds, strict=False))
-        p = judge.preference([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                             [candidates[j] for _, j in pairs]).p
-        comparisons += len(pairs)
-        winners = [i if p_ij > 0.5 else j for (i, j), p_ij in zip(pairs, p, strict=True)]
-        bye = [alive[-1]] if len(alive) % 2 else []
-        alive = winners + bye
-    return alive[0], comparisons
-
-
-def rank(judge: Judge, prompt: str, candidates: Sequence[str]) -> tuple[list[int], np.ndarray]:
-    """Round-robin ranking -> (indices best first, win matrix W with W[i, j] = P(i ≻ j)).
-
-    All n(n−1)/2 pairs go through one batched call (fine for small n; use best_of_n for the top one).
-    Candidates are ordered by their mean P(i ≻ j) over j ≠ i; ties keep the input order.
-    """
-    n = len(candidates)
-    wins = np.full((n, n), 0.5)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    if pairs:
-        p = judge.preference([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                             [candidates[j] for _, j in pairs]).p
-        for (i, j), p_ij in zip(pairs, p, strict=True):
-            wins[i, j], wins[j, i] = p_ij, 1.0 - p_ij
-    score = (wins.sum(axis=1) - 0.5) / max(n - 1, 1)
-    order = sorted(range(n), key=lambda i: -score[i])
-    return order, wins

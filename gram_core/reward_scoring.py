@@ -1,7 +1,14 @@
-"""Rewards for RL loops from a GRAM judge, each distinct token computed once (METHOD.md section 4).
+"""The scoring operations, each defined once, for every scorer (METHOD.md section 4):
 
-Every judge sequence is [template + instruction] [question + prompt + A header] [response A] [B header +
-response B + verdict cue]. Sequences that agree on a leading part share its key/value cache:
+* ``pairwise``:             P(y1 ≻ y2) = ½·(P(A | y1 in A) + P(B | y1 in B)) (a scalar model: σ(r1 − r2))
+* ``rewards_vs_reference``: r(x, y) = P(y ≻ y_ref)
+* ``group_rewards``:        r_i = mean_{j≠i} P(y_i ≻ y_j), from the n(n−1)/2 pairs (GRPO)
+* ``rank``:                 round robin over the same win matrix; ``best_of_n``: knockout, n − 1 comparisons
+
+Every one goes through ``pairwise``, which reads a GRAM judge with ``Judge.preference`` (pair batches, the
+default) or, with ``share``, with ``prob_a`` here, which computes each distinct token once. Every judge
+sequence is [template + instruction] [question + prompt + A header] [response A] [B header + response B +
+verdict cue]; sequences that agree on a leading part share its key/value cache:
 
 * both slot orders of a pair share template + prompt;
 * all completions of one prompt (a GRPO group, a best-of-n set) share template + prompt;
@@ -10,13 +17,8 @@ response B + verdict cue]. Sequences that agree on a leading part share its key/
 
 ``prob_a`` groups the encoded sequences by the longest such part they share, runs that part once per group
 (batch 1, continuing the judge's template cache) and only the remainders in batches. Scores equal the
-unshared path to float32 rounding (tests check 1e-4). Readouts:
-
-* pairwise:   P(y1 ≻ y2) = ½·(P(A | y1 in A) + P(B | y1 in B))
-* pointwise:  r(x, y) = P(y ≻ y_ref)
-* group:      r_i = mean_{j≠i} P(y_i ≻ y_j), from the n(n−1)/2 pairs, each in both orders (n(n−1) sequences)
-
-The MLflow pyfunc (tasks/on_mlflow/judge_pyfunc.py) and the reward server (tasks/serving/server.py) both score through here.
+unshared path to float32 rounding (tests check 1e-4). Scorers are opened by ``gram_core.scorers.open_scorer``;
+the MLflow pyfunc, the reward server and the TRL/verl reward functions score with ``share=True``.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from gram_core.forward import (
     model_parts,
 )
 from gram_core.judging import Judge, PairScores, _check_lengths, _EvalMode
-from gram_core.judging import best_of_n as knockout
 
 __all__ = ["DEFAULT_MAX_GROUP", "ScoreStats", "best_of_n", "extend_prefix", "group_rewards", "pairwise",
-           "prob_a", "reward_logit", "rewards_vs_reference"]
+           "prob_a", "rank", "reward_logit", "rewards_vs_reference"]
 
 DEFAULT_MAX_GROUP = 16  # a group of n costs n(n−1)/2 pairs: 16 -> 120 pairs, 240 sequences
 MIN_SAVED_TOKENS = 128  # a group's own prefix forward must save this many tokens, else it is pooled
@@ -189,29 +190,60 @@ def prob_a(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], res
     return out
 
 
-def pairwise(judge, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str],
-             **options) -> PairScores:
-    """P(y1 ≻ y2) per pair from both slot orders, both orders in one grouped call. A scalar scorer (BTScorer)
-    is read with its own ``preference`` (one order)."""
-    if not isinstance(judge, Judge):
-        return judge.preference(prompts, responses_1, responses_2)
-    n = _check_lengths("pairwise", prompts=prompts, responses_1=responses_1, responses_2=responses_2)
+def pairwise(scorer, prompts: Sequence[str], responses_1: Sequence[str], responses_2: Sequence[str], *,
+             progress=None, ids: Sequence[str] | None = None, share: bool | None = None, **batching) -> PairScores:
+    """P(y1 ≻ y2) per pair: the one pairwise readout; every operation below and ``scorers.score_table`` use it.
+
+    A GRAM judge (``Judge``) is read in both slot orders, in one of two batchings (the same numbers to float32
+    rounding; tests check 1e-4):
+
+    * ``share=None`` (default): ``Judge.preference``, each pair's two orders side by side (SharedJudgeForward:
+      their question and A header run once), the template cached; ``progress`` and ``ids`` go to it. The
+      offline path: eval tables, ``gram judge``, ``gram rank``.
+    * ``share=True``: ``prob_a`` above, sequences grouped across the whole call by the longest part they share
+      (a prompt's completions, a reference in slot A); ``share=False``: the same batcher, template cache only.
+      ``batching``: ``max_rows``, ``max_tokens``, ``stats``, ``min_saved_tokens``. The RL path: the reward
+      server, the pyfunc, the TRL/verl reward functions.
+
+    Any other scorer (a scalar reward model, ``BTScorer``) is read with its own ``preference``: σ(r1 − r2), one
+    order, so p_order1 = p_order2 = p; ``share``, ``batching`` and ``progress`` do not apply and are ignored.
+    """
+    if not isinstance(scorer, Judge):
+        return scorer.preference(prompts, responses_1, responses_2)
+    if share is None:
+        if batching:
+            raise TypeError(f"pairwise: {sorted(batching)} apply only with share=True or share=False")
+        return scorer.preference(prompts, responses_1, responses_2, progress=progress, ids=ids)
+    _check_lengths("pairwise", prompts=prompts, responses_1=responses_1, responses_2=responses_2)
     prompts, r1, r2 = list(prompts), list(responses_1), list(responses_2)
-    p_a = prob_a(judge, prompts + prompts, r1 + r2, r2 + r1, **options)
-    p_order1, p_order2 = p_a[:n], 1.0 - p_a[n:]
-    return PairScores(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
+    return PairScores.from_orders(prob_a(scorer, prompts + prompts, r1 + r2, r2 + r1, share=share, **batching))
 
 
-def rewards_vs_reference(judge, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str],
+def rewards_vs_reference(scorer, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str],
                          **options) -> np.ndarray:
-    """r(x, y) = P(y ≻ y_ref), both orders averaged, in [0, 1]; 0.5 = as good as the reference. Order 2 puts
-    the reference in slot A, so every response to one (prompt, reference) shares that whole prefix."""
-    return pairwise(judge, prompts, responses, references, **options).p
+    """r(x, y) = P(y ≻ y_ref) (``pairwise``; ``options`` as there), in [0, 1]; 0.5 = as good as the reference,
+    e.g. the policy's greedy response (ReMax-style). With ``share=True`` order 2 puts the reference in slot A,
+    so every response to one (prompt, reference) shares that whole prefix."""
+    return pairwise(scorer, prompts, responses, references, **options).p
 
 
-def group_rewards(judge, prompt: str, completions: Sequence[str], max_n: int = DEFAULT_MAX_GROUP,
+def _win_matrix(scorer, prompt: str, candidates: Sequence[str], **options) -> np.ndarray:
+    """W[i, j] = P(i ≻ j) and W[j, i] = 1 − P(i ≻ j) from the n(n−1)/2 pairs i < j in one ``pairwise`` call;
+    the diagonal is 0."""
+    n = len(candidates)
+    wins = np.zeros((n, n))
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if pairs:
+        p = pairwise(scorer, [prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                     [candidates[j] for _, j in pairs], **options).p
+        for (i, j), p_ij in zip(pairs, p, strict=True):
+            wins[i, j], wins[j, i] = p_ij, 1.0 - p_ij
+    return wins
+
+
+def group_rewards(scorer, prompt: str, completions: Sequence[str], max_n: int = DEFAULT_MAX_GROUP,
                   **options) -> np.ndarray:
-    """GRPO group-relative rewards: r_i = mean over j ≠ i of P(y_i ≻ y_j) (both orders), in [0, 1].
+    """GRPO group-relative rewards: r_i = mean over j ≠ i of P(y_i ≻ y_j) (``pairwise``), in [0, 1].
 
     Costs n(n−1)/2 pairs (n(n−1) sequences): n = 8 is 28 pairs; ``max_n`` caps it. One completion gets 0.5.
     """
@@ -220,28 +252,42 @@ def group_rewards(judge, prompt: str, completions: Sequence[str], max_n: int = D
         raise ValueError(f"group_rewards: {n} completions, more than max_n={max_n} (cost n(n-1)/2 pairs)")
     if n < 2:
         return np.full(n, 0.5)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    p = pairwise(judge, [prompt] * len(pairs), [completions[i] for i, _ in pairs],
-                 [completions[j] for _, j in pairs], **options).p
-    wins = np.zeros((n, n))
-    for (i, j), p_ij in zip(pairs, p, strict=True):
-        wins[i, j], wins[j, i] = p_ij, 1.0 - p_ij
-    return wins.sum(axis=1) / (n - 1)
+    return _win_matrix(scorer, prompt, completions, **options).sum(axis=1) / (n - 1)
 
 
-class _Shared:
-    """A judge whose ``preference`` is ``pairwise`` (so ``judging.best_of_n`` shares prefixes)."""
+def rank(scorer, prompt: str, candidates: Sequence[str], **options) -> tuple[list[int], np.ndarray]:
+    """Round-robin ranking -> (indices best first, win matrix W with W[i, j] = P(i ≻ j), 0.5 on the diagonal).
 
-    def __init__(self, judge, options: dict):
-        self.judge, self.options = judge, options
+    All n(n−1)/2 pairs go through one ``pairwise`` call (fine for small n; use best_of_n for the top one).
+    Candidates are ordered by their mean P(i ≻ j) over j ≠ i; ties keep the input order.
+    """
+    n = len(candidates)
+    wins = _win_matrix(scorer, prompt, candidates, **options)
+    np.fill_diagonal(wins, 0.5)
+    score = (wins.sum(axis=1) - 0.5) / max(n - 1, 1)
+    order = sorted(range(n), key=lambda i: -score[i])
+    return order, wins
 
-    def preference(self, prompts, responses_1, responses_2, **_):
-        return pairwise(self.judge, prompts, responses_1, responses_2, **self.options)
 
+def best_of_n(scorer, prompt: str, candidates: Sequence[str], **options) -> tuple[int, int]:
+    """Knockout tournament (``gram rank``) -> (index of the winner, comparisons made = n − 1).
 
-def best_of_n(judge, prompt: str, candidates: Sequence[str], **options) -> tuple[int, int]:
-    """The knockout of ``gram rank`` (``judging.best_of_n``: n − 1 comparisons), scored through ``pairwise``."""
-    return knockout(_Shared(judge, options), prompt, candidates)
+    Each round pairs survivors (0 v 1, 2 v 3, ...) and scores all its pairs in one ``pairwise`` call; an odd
+    survivor out gets a bye. The earlier candidate wins a pair iff P(earlier ≻ later) > 0.5, so on an exact
+    tie the later one advances — the same strict rule as everywhere else.
+    """
+    if len(candidates) == 0:
+        raise ValueError("best_of_n: no candidates")
+    alive = list(range(len(candidates)))
+    comparisons = 0
+    while len(alive) > 1:
+        pairs = list(zip(alive[0::2], alive[1::2], strict=False))
+        p = pairwise(scorer, [prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                     [candidates[j] for _, j in pairs], **options).p
+        comparisons += len(pairs)
+        winners = [i if p_ij > 0.5 else j for (i, j), p_ij in zip(pairs, p, strict=True)]
+        alive = winners + ([alive[-1]] if len(alive) % 2 else [])
+    return alive[0], comparisons
 
 
 def reward_logit(p: np.ndarray) -> np.ndarray:

@@ -22,23 +22,21 @@ from tasks.settings import RayConfig, StatePaths
 from tasks.train_stage import base_model_dir, model_folder, model_label
 
 
-def score_table(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
+def score_model(folder: str, table, judge: JudgeConfig, actors: int = 0, ray: RayConfig | None = None,
                 progress=None, state: StatePaths | None = None):
-    """(scores-contract table, scalar?) of ``table`` by the model in ``folder``: a GRAM judge or a base model
-    (both orders; in this process, or fanned out over ``actors`` Ray Data actors with the same scores in the
-    same row order) or a Bradley-Terry reward model (one order, in this process: it is cheap). A local Ray
-    runtime started for the actors is recorded in ``state``'s folder (the one this process holds)."""
-    from pathlib import Path
+    """(scores-contract table, scalar?) of ``table`` by the model in ``folder`` (``gram_core.scorers.open_scorer``:
+    a GRAM judge or a base model, both orders; a Bradley-Terry reward model, one order), scored by
+    ``gram_core.scorers.score_table`` in this process, or fanned out over ``actors`` Ray Data actors with the
+    same scores in the same row order. A local Ray runtime started for the actors is recorded in ``state``'s
+    folder (the one this process holds)."""
+    from gram_core.scorers import is_scalar, open_scorer, score_table
 
-    from gram_core import scorers
-
-    bt_here = Path(str(folder)).is_dir() and scorers.folder_kind(folder) == "bradley_terry"
-    if actors and not bt_here:
+    if actors:
         from tasks.on_ray.judge import score_pairs_distributed
 
-        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig(), state), False
-    scorer = scorers.load_scorer(folder, judge)
-    return scorers.score_table(scorer, table, progress=progress), scorers.is_scalar(scorer)
+        return score_pairs_distributed(folder, table, judge, actors, ray or RayConfig(), state)
+    scorer = open_scorer(folder, judge)
+    return score_table(scorer, table, progress=progress), is_scalar(scorer)
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE_POLICY, persist_result=True, **HUB_RETRIES)
@@ -49,7 +47,7 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
 
     ``model``: a trained model artifact (GRAM judge or BT reward model), or a ModelConfig for the base model
     zero-shot (scored at the same ``judge.dtype`` as the trained one). ``actors`` > 0 fans judge scoring out
-    over a Ray cluster.
+    over a Ray cluster (any kind of model).
     """
     from data_contracts import SCORES
     from gram_core.comparison_report import ACCURACY, eval_metrics
@@ -64,7 +62,7 @@ def evaluate(model: ArtifactRef | ModelConfig, eval_set: ArtifactRef, judge: Jud
     table = read_table_artifact(store, eval_set)
     where = f"over {actors} Ray Data actors" if actors else "in process"
     log.info("evaluate %s (%s): scoring %d pairs, %s", label, name, table.num_rows, where)
-    scores, scalar = score_table(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"),
+    scores, scalar = score_model(folder, table, judge, actors, ray, progress=ProgressLog(log, f"evaluate {label}"),
                                  state=state)
     metrics = eval_metrics(scores, scalar)
     ref = write_table_artifact(store, "evaluate", scores, SCORES,

@@ -9,6 +9,7 @@ from data_contracts import SCORES, validate
 from gram_core.baseline import BTScorer, RewardEncoder, RewardModel, bt_train_config, train_bradley_terry
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.models import build_tiny_model
+from gram_core.scorers import score_table
 from gram_core.training import train_judge
 
 LETTERS = "bcdfghjklmnpqrstvwxz"
@@ -59,7 +60,7 @@ def test_bradley_terry_learns_toy_preference_and_round_trips(tiny_tokenizer, tmp
 
     held_out = pa.Table.from_pylist(toy_pairs(64, seed=2))
     scorer = BTScorer(reward_model, tiny_tokenizer, max_length=128)
-    scores = validate(scorer.score_pairs(held_out), SCORES)
+    scores = validate(score_table(scorer, held_out), SCORES)
     assert scores.column_names == SCORES.columns
     assert scores["id"].to_pylist() == held_out["pair_id"].to_pylist()
     assert np.mean(scores["correct"].to_pylist()) >= 0.9
@@ -67,7 +68,7 @@ def test_bradley_terry_learns_toy_preference_and_round_trips(tiny_tokenizer, tmp
     np.testing.assert_array_equal(p1, p2)  # a scalar reward has no slot order
 
     saved = BTScorer.load(scorer.save(tmp_path / "bt"))
-    again = saved.score_pairs(held_out)
+    again = score_table(saved, held_out)
     np.testing.assert_allclose(again["p_chosen"].to_numpy(), scores["p_chosen"].to_numpy(), atol=1e-5)
 
 

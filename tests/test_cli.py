@@ -278,13 +278,13 @@ def bt_folder(tmp_path_factory, tiny_tokenizer):
     return str(scorer.save(tmp_path_factory.mktemp("bt") / "model")), scorer
 
 
-def test_load_scorer_reads_a_bt_folder_as_a_scalar_reward_model(bt_folder):
+def test_open_scorer_reads_a_bt_folder_as_a_scalar_reward_model(bt_folder):
     from gram_core.baseline import BTScorer
     from gram_core.config import JudgeConfig
-    from gram_core.scorers import folder_kind, is_scalar, load_scorer
+    from gram_core.scorers import folder_kind, is_scalar, open_scorer
 
     folder, _ = bt_folder
-    scorer = load_scorer(folder, JudgeConfig())
+    scorer = open_scorer(folder, JudgeConfig())
     assert folder_kind(folder) == "bradley_terry" and isinstance(scorer, BTScorer) and is_scalar(scorer)
 
 

@@ -1,5 +1,6 @@
 """Judge readout: P(A) against a plain forward, swap symmetry, batching and prefix-cache invariance,
-scores-contract output, tournaments with a stub judge, and one check on the real SmolLM2."""
+scores-contract output (scorers.score_table), tournaments with a stub judge (reward_scoring), and one check on
+the real SmolLM2."""
 
 import math
 
@@ -10,14 +11,9 @@ import torch
 
 from data_contracts import SCORES
 from gram_core.config import JudgeConfig
-from gram_core.judging import (
-    Judge,
-    best_of_n,
-    pointwise_reward,
-    position_consistency,
-    rank,
-    score_pairs,
-)
+from gram_core.judging import Judge, position_consistency
+from gram_core.reward_scoring import best_of_n, rank, rewards_vs_reference
+from gram_core.scorers import score_table
 
 PROMPTS = ["What is two plus two?", "Name a colour.", "Write a very short poem about the sea and the wind.",
            "Say hi.", "Explain why the sky is blue in one sentence."]
@@ -81,13 +77,13 @@ def test_judge_restores_training_mode_and_keeps_no_grad(tiny_model, tiny_tokeniz
     assert all(p.grad is None for p in tiny_model.parameters())
 
 
-def test_score_pairs_writes_scores_contract_in_row_order(tiny_model, tiny_tokenizer):
+def test_score_table_writes_scores_contract_in_row_order(tiny_model, tiny_tokenizer):
     table = pa.table({"prompt": PROMPTS, "chosen": R1, "chosen_model": ["m"] * 5, "rejected": R2,
                       "rejected_model": ["n"] * 5, "subset": ["llmbar-natural"] * 3 + ["hep-go"] * 2,
                       "id": pa.array([40, 7, 13, 2, 99], pa.int64())})
     judge = make_judge(tiny_model, tiny_tokenizer, batch_size=3)
     seen = []
-    scores = score_pairs(judge, table, progress=lambda done, total: seen.append((done, total)))
+    scores = score_table(judge, table, progress=lambda done, total: seen.append((done, total)))
     assert scores.schema.equals(SCORES.schema)
     assert scores.column("id").to_pylist() == ["40", "7", "13", "2", "99"]
     assert scores.column("subset").to_pylist() == table.column("subset").to_pylist()
@@ -102,20 +98,20 @@ def test_score_pairs_writes_scores_contract_in_row_order(tiny_model, tiny_tokeni
     validate(scores, "scores")
 
 
-def test_score_pairs_accepts_preference_pairs_and_names_missing_columns(tiny_model, tiny_tokenizer):
+def test_score_table_accepts_preference_pairs_and_names_missing_columns(tiny_model, tiny_tokenizer):
     judge = make_judge(tiny_model, tiny_tokenizer)
     table = pa.table({"pair_id": ["a", "b"], "prompt": PROMPTS[:2], "chosen": R1[:2], "rejected": R2[:2],
                       "source": ["hh", "hh"]})
-    scores = score_pairs(judge, table)
+    scores = score_table(judge, table)
     assert scores.column("id").to_pylist() == ["a", "b"] and scores.column("subset").to_pylist() == ["hh", "hh"]
     with pytest.raises(ValueError, match=r"needs one of the columns \['rejected'\]"):
-        score_pairs(judge, table.drop_columns(["rejected"]))
+        score_table(judge, table.drop_columns(["rejected"]))
 
 
-def test_pointwise_reward_is_preference_over_reference(tiny_model, tiny_tokenizer):
+def test_reward_vs_reference_is_preference_over_reference(tiny_model, tiny_tokenizer):
     judge = make_judge(tiny_model, tiny_tokenizer)
-    reward = pointwise_reward(judge, PROMPTS, R1, R2)
-    np.testing.assert_allclose(reward, judge.preference(PROMPTS, R1, R2).p, atol=1e-12)
+    reward = rewards_vs_reference(judge, PROMPTS, R1, R2)
+    np.testing.assert_array_equal(reward, judge.preference(PROMPTS, R1, R2).p)  # the former pointwise_reward
     assert np.all((reward > 0) & (reward < 1))
 
 
@@ -167,7 +163,7 @@ def test_real_smollm2_scores_two_pairs_in_both_orders():
     assert tokenizer.encode("A", add_special_tokens=False) == [id_a]
     table = pa.table({"id": ["1", "2"], "subset": ["hep-go", "hep-go"], "prompt": PROMPTS[:2],
                       "chosen": R1[:2], "rejected": R2[:2]})
-    scores = score_pairs(judge, table)
+    scores = score_table(judge, table)
     for column in ("p_chosen_order1", "p_chosen_order2", "p_chosen"):
         values = scores.column(column).to_numpy()
         assert np.all(np.isfinite(values)) and np.all((values > 0) & (values < 1)), (column, values)

@@ -123,10 +123,10 @@ def open_server():
 @pytest.fixture(scope="module")
 def judge():
     from gram_core.models import resolve_model_source
-    from gram_core.scorers import load_scorer
+    from gram_core.scorers import open_scorer
     from tasks.settings import load_preset
 
-    judge = load_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
+    judge = open_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
     judge.encoder.literal = True  # as the server reads request texts
     return judge
 
@@ -160,7 +160,7 @@ def test_openrlhf_rollouts_get_the_judges_reward_on_the_clean_texts(open_server,
     output = _rollout(open_server, tokenizer, response, max_length=prompt_len - cut + response_len)
     assert len(output["prompt_ids"]) == len(output["full_prompt_ids"]) - cut  # OpenRLHF did cut it
     assert output["reward"] is not None, "OpenRLHF dropped the reward (its client gave up)"
-    want = rewards_vs_reference(judge, [QUESTION], [response], [REFERENCE])[0]
+    want = rewards_vs_reference(judge, [QUESTION], [response], [REFERENCE], share=True)[0]
     assert output["reward"][0] == pytest.approx(want, abs=1e-4)
     split = output["extra_logs"]["gram_query_split"][0]
     drifted = policy == "llama3-style" or cut  # NFKC changed the question, or the prompt lost its start
@@ -186,5 +186,5 @@ def test_openrlhf_bulk_call_gets_every_reward(open_server, judge):
     executor = SingleTurnAgentExecutor(remote_rm_url=open_server + "/get_reward")
     queries = [PROMPT + c for c in COMPLETIONS]
     (bulk,) = asyncio.run(executor._fetch_rewards_via_http(queries, [PROMPT] * 4, [REFERENCE] * 4))
-    want = rewards_vs_reference(judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4)
+    want = rewards_vs_reference(judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4, share=True)
     np.testing.assert_allclose(bulk["rewards"], want, atol=1e-4)

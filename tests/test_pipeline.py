@@ -350,7 +350,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     import pandas as pd
 
     from gram_core.config import JudgeConfig
-    from gram_core.judging import load_judge as core_judge
+    from gram_core.scorers import open_scorer
     from tasks.on_mlflow.model_registry import download_registered_model, load_registered_judge
 
     name = run4[0]["registered"]["name"]
@@ -362,7 +362,7 @@ def test_pyfunc_judge_loads_by_alias_and_matches_the_core_judge(run4, env):
     np.testing.assert_allclose(predicted["p_a_better"], (predicted["p_order1"] + predicted["p_order2"]) / 2)
     folder, resolved = download_registered_model(f"models:/{name}@champion", uri, env / "dl")
     assert resolved == f"models:/{name}/2"
-    core = core_judge(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
+    core = open_scorer(str(folder), JudgeConfig()).preference(list(frame["prompt"]), list(frame["response_a"]),
                                                            list(frame["response_b"]))
     np.testing.assert_allclose(predicted["p_a_better"], core.p, atol=1e-5)
 

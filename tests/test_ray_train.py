@@ -165,18 +165,50 @@ def test_an_incomplete_result_is_refused():
         collect_model(SimpleNamespace(error=RuntimeError("boom"), metrics={}, checkpoint=None), "/nonexistent", "r")
 
 
-def test_distributed_judging_gives_the_single_process_scores(ray_cluster, start_model):
-    from gram_core.config import JudgeConfig
-    from gram_core.judging import load_judge, score_pairs
-    from tasks.on_ray.judge import score_pairs_distributed
+def eval_table(n, seed):
+    rows = toy_rows(n, seed=seed)
+    return pa.Table.from_pylist([{"id": r["pair_id"], "subset": f"s{i % 3}", "prompt": r["prompt"],
+                                  "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in enumerate(rows)])
 
-    rows = toy_rows(11, seed=4)  # odd: the two actors get blocks of 6 and 5 pairs
-    table = pa.Table.from_pylist([{"id": r["pair_id"], "subset": f"s{i % 3}", "prompt": r["prompt"],
-                                   "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in enumerate(rows)])
-    judge = JudgeConfig(batch_size=4, max_length=512)
-    single = score_pairs(load_judge(start_model, judge), table)
-    spread = score_pairs_distributed(start_model, table, judge, actors=2, ray_cfg=RayConfig())
+
+def assert_same_scores(spread, single, atol):
     assert spread.schema == single.schema and spread["id"].to_pylist() == single["id"].to_pylist()
     assert spread["correct"].to_pylist() == single["correct"].to_pylist()
     for column in ("p_chosen_order1", "p_chosen_order2", "p_chosen"):
-        np.testing.assert_allclose(spread[column].to_numpy(), single[column].to_numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(spread[column].to_numpy(), single[column].to_numpy(), rtol=0, atol=atol)
+
+
+def test_distributed_judging_gives_the_single_process_scores(ray_cluster, start_model):
+    from gram_core.config import JudgeConfig
+    from gram_core.scorers import open_scorer, score_table
+    from tasks.on_ray.judge import score_pairs_distributed
+
+    table = eval_table(11, seed=4)  # odd: the two actors get blocks of 6 and 5 pairs
+    judge = JudgeConfig(batch_size=4, max_length=512)
+    single = score_table(open_scorer(start_model, judge), table)
+    spread, scalar = score_pairs_distributed(start_model, table, judge, actors=2, ray_cfg=RayConfig())
+    assert scalar is False
+    assert_same_scores(spread, single, atol=1e-6)
+
+
+def test_distributed_scoring_reads_a_bradley_terry_model(ray_cluster, tmp_path):
+    """The actors open a scorer as every caller does (open_scorer), so a BT folder is scored by its reward head,
+    one order, and said to be scalar: the same scores as in this process."""
+    from gram_core.baseline import BTScorer, RewardModel
+    from gram_core.config import JudgeConfig
+    from gram_core.models import build_tiny_model, build_tiny_tokenizer
+    from gram_core.scorers import folder_kind, open_scorer, score_table
+    from tasks.on_ray.judge import score_pairs_distributed
+
+    tokenizer = build_tiny_tokenizer()
+    folder = str(BTScorer(RewardModel(build_tiny_model(tokenizer, seed=0), seed=3), tokenizer, max_length=256)
+                 .save(tmp_path / "bt"))
+    assert folder_kind(folder) == "bradley_terry"
+    table = eval_table(7, seed=5)
+    judge = JudgeConfig(batch_size=4, max_length=512)
+    single = score_table(open_scorer(folder, judge), table)
+    spread, scalar = score_pairs_distributed(folder, table, judge, actors=2, ray_cfg=RayConfig())
+    assert scalar is True
+    assert_same_scores(spread, single, atol=1e-6)
+    # one order: both "orders" are σ(r_chosen − r_rejected), not a judge's two slot readings
+    np.testing.assert_array_equal(spread["p_chosen_order1"].to_numpy(), spread["p_chosen_order2"].to_numpy())

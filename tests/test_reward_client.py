@@ -250,5 +250,5 @@ def test_trl_grpo_trainer_on_two_processes_scores_whole_groups(tmp_path, tiny_to
         assert all(set(c["prompts"]) & set(calls[1 - k]["prompts"]) for k, c in enumerate(calls))  # split groups
         for prompt in set(prompts):
             members = [i for i, p in enumerate(prompts) if p == prompt]
-            want = group_rewards(judge, prompt, [completions[i] for i in members])
+            want = group_rewards(judge, prompt, [completions[i] for i in members], share=True)
             np.testing.assert_allclose([got[i] for i in members], want, atol=1e-6)

@@ -22,14 +22,14 @@ def judge(tiny_model, tiny_tokenizer):
 
 def test_group_mode_scores_each_prompt_group(judge):
     rewards = GramReward(judge=judge)(PROMPTS, COMPLETIONS)
-    np.testing.assert_allclose(rewards[:3], group_rewards(judge, PROMPTS[0], COMPLETIONS[:3]), atol=1e-9)
-    np.testing.assert_allclose(rewards[3:], group_rewards(judge, PROMPTS[3], COMPLETIONS[3:]), atol=1e-9)
+    np.testing.assert_allclose(rewards[:3], group_rewards(judge, PROMPTS[0], COMPLETIONS[:3], share=True), atol=1e-9)
+    np.testing.assert_allclose(rewards[3:], group_rewards(judge, PROMPTS[3], COMPLETIONS[3:], share=True), atol=1e-9)
     assert np.mean(rewards[:3]) == pytest.approx(0.5) and len(rewards) == 5
 
 
 def test_reference_mode_and_conversational_inputs(judge):
     fn = GramReward(judge=judge, mode="reference")
-    want = rewards_vs_reference(judge, PROMPTS, COMPLETIONS, REFERENCES)
+    want = rewards_vs_reference(judge, PROMPTS, COMPLETIONS, REFERENCES, share=True)
     np.testing.assert_allclose(fn(PROMPTS, COMPLETIONS, reference=REFERENCES), want, atol=1e-9)
     chats = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": p}] for p in PROMPTS]
     answers = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
@@ -41,13 +41,13 @@ def test_reference_mode_and_conversational_inputs(judge):
 
 def test_verl_compute_score_in_process(monkeypatch):
     from gram_core.models import resolve_model_source
-    from gram_core.scorers import load_scorer
+    from gram_core.scorers import open_scorer
 
     monkeypatch.delenv("GRAM_REWARD_URL", raising=False)
     monkeypatch.setenv("GRAM_REWARD_MODEL", "tiny")
     score = compute_score("demo", "Blue.", "Yellow.", {"question": "Name a colour."})
-    want = rewards_vs_reference(load_scorer(resolve_model_source("tiny"), JudgeConfig()), ["Name a colour."],
-                                ["Blue."], ["Yellow."])[0]
+    want = rewards_vs_reference(open_scorer(resolve_model_source("tiny"), JudgeConfig()), ["Name a colour."],
+                                ["Blue."], ["Yellow."], share=True)[0]
     assert 0 <= score <= 1 and score == pytest.approx(want, abs=1e-9)
 
 

@@ -1,5 +1,7 @@
-"""Shared-prefix reward scoring: equal to the naive full forward within 1e-4, fewer tokens computed, and the
-group / reference / knockout readouts against hand-computed values."""
+"""The scoring operations: shared-prefix scoring equal to the naive full forward within 1e-4 with fewer tokens
+computed; the group / reference / knockout / rank readouts against hand-computed values; each operation equal
+to the formula it replaced (judging.pointwise_reward, judging.best_of_n and rank, and the former grouped
+pairwise) to 1e-6 or exactly; a BT scorer through the same operations."""
 
 import numpy as np
 import pytest
@@ -7,7 +9,6 @@ import torch
 
 from gram_core.config import JudgeConfig
 from gram_core.judging import Judge
-from gram_core.judging import best_of_n as plain_best_of_n
 from gram_core.reward_scoring import (
     ScoreStats,
     best_of_n,
@@ -15,6 +16,7 @@ from gram_core.reward_scoring import (
     group_rewards,
     pairwise,
     prob_a,
+    rank,
     reward_logit,
     rewards_vs_reference,
 )
@@ -55,18 +57,19 @@ def test_rewards_vs_reference_and_pairwise_equal_judge_preference(tiny_model, ti
     shared, naive = judges(tiny_model, tiny_tokenizer)
     refs = [REFERENCE] * len(COMPLETIONS)
     want = naive.preference([PROMPT] * len(COMPLETIONS), COMPLETIONS, refs)
-    np.testing.assert_allclose(rewards_vs_reference(shared, [PROMPT] * 8, COMPLETIONS, refs), want.p, atol=1e-4)
-    got = pairwise(shared, [PROMPT] * 8, COMPLETIONS, refs, max_rows=2, max_tokens=200)
+    np.testing.assert_allclose(rewards_vs_reference(shared, [PROMPT] * 8, COMPLETIONS, refs, share=True), want.p,
+                               atol=1e-4)
+    got = pairwise(shared, [PROMPT] * 8, COMPLETIONS, refs, share=True, max_rows=2, max_tokens=200)
     np.testing.assert_allclose(got.p_order1, want.p_order1, atol=1e-4)
     np.testing.assert_allclose(got.p_order2, want.p_order2, atol=1e-4)
-    swapped = pairwise(shared, [PROMPT] * 8, refs, COMPLETIONS)
+    swapped = pairwise(shared, [PROMPT] * 8, refs, COMPLETIONS, share=True)
     np.testing.assert_allclose(got.p + swapped.p, 1.0, atol=1e-6)
 
 
 def test_group_rewards_are_mean_win_probabilities(tiny_model, tiny_tokenizer):
     shared, naive = judges(tiny_model, tiny_tokenizer)
     cands = COMPLETIONS[:4]
-    got = group_rewards(shared, PROMPT, cands)
+    got = group_rewards(shared, PROMPT, cands, share=True)
     expected = []
     for i in range(4):
         others = [j for j in range(4) if j != i]
@@ -78,9 +81,84 @@ def test_group_rewards_are_mean_win_probabilities(tiny_model, tiny_tokenizer):
         group_rewards(shared, PROMPT, cands, max_n=3)
 
 
-def test_best_of_n_is_the_rank_knockout(tiny_model, tiny_tokenizer):
+def test_best_of_n_is_the_same_knockout_in_either_batching(tiny_model, tiny_tokenizer):
     shared, naive = judges(tiny_model, tiny_tokenizer)
-    assert best_of_n(shared, PROMPT, COMPLETIONS[:5]) == plain_best_of_n(naive, PROMPT, COMPLETIONS[:5])
+    assert best_of_n(shared, PROMPT, COMPLETIONS[:5], share=True) == best_of_n(naive, PROMPT, COMPLETIONS[:5])
+
+
+def former_grouped_pairwise(judge, prompts, r1, r2):
+    """reward_scoring.pairwise before the engine was one: both orders through prob_a, read by hand."""
+    n = len(prompts)
+    p_a = prob_a(judge, prompts + prompts, r1 + r2, r2 + r1)
+    return p_a[:n], 1.0 - p_a[n:], (p_a[:n] + 1.0 - p_a[n:]) / 2
+
+
+def former_knockout(judge, prompt, candidates):
+    """judging.best_of_n before the engine was one: Judge.preference per round."""
+    alive, comparisons = list(range(len(candidates))), 0
+    while len(alive) > 1:
+        pairs = list(zip(alive[0::2], alive[1::2], strict=False))
+        p = judge.preference([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                             [candidates[j] for _, j in pairs]).p
+        comparisons += len(pairs)
+        alive = [i if q > 0.5 else j for (i, j), q in zip(pairs, p, strict=True)] + alive[len(alive) // 2 * 2:]
+    return alive[0], comparisons
+
+
+def test_each_operation_equals_the_formula_it_replaced(tiny_model, tiny_tokenizer):
+    judge = Judge(tiny_model, tiny_tokenizer, JudgeConfig(max_length=1024, batch_size=4))
+    n, refs = len(COMPLETIONS), [REFERENCE] * len(COMPLETIONS)
+    # rewards against a reference: judging.pointwise_reward was Judge.preference(...).p
+    pair_path = judge.preference([PROMPT] * n, COMPLETIONS, refs)
+    np.testing.assert_allclose(rewards_vs_reference(judge, [PROMPT] * n, COMPLETIONS, refs), pair_path.p,
+                               rtol=0, atol=1e-6)
+    # ... and reward_scoring's grouped one was prob_a over both orders
+    p1, p2, p = former_grouped_pairwise(judge, [PROMPT] * n, COMPLETIONS, refs)
+    got = pairwise(judge, [PROMPT] * n, COMPLETIONS, refs, share=True)
+    for new, old in ((got.p_order1, p1), (got.p_order2, p2), (got.p, p)):
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rewards_vs_reference(judge, [PROMPT] * n, COMPLETIONS, refs, share=True), p,
+                               rtol=0, atol=1e-6)
+    # group rewards: the mean of the round-robin wins, from the grouped pairs
+    cands = COMPLETIONS[:5]
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    _, _, p_ij = former_grouped_pairwise(judge, [PROMPT] * len(pairs), [cands[i] for i, _ in pairs],
+                                         [cands[j] for _, j in pairs])
+    wins = np.full((5, 5), 0.5)
+    for (i, j), q in zip(pairs, p_ij, strict=True):
+        wins[i, j], wins[j, i] = q, 1.0 - q
+    np.testing.assert_allclose(group_rewards(judge, PROMPT, cands, share=True), (wins.sum(axis=1) - 0.5) / 4,
+                               rtol=0, atol=1e-6)
+    # rank: judging.rank's round robin on Judge.preference
+    order, got_wins = rank(judge, PROMPT, cands)
+    pair_p = judge.preference([PROMPT] * len(pairs), [cands[i] for i, _ in pairs], [cands[j] for _, j in pairs]).p
+    for (i, j), q in zip(pairs, pair_p, strict=True):
+        wins[i, j], wins[j, i] = q, 1.0 - q
+    np.testing.assert_allclose(got_wins, wins, rtol=0, atol=1e-6)
+    assert order == sorted(range(5), key=lambda i: -(wins[i].sum() - 0.5))
+    # best-of-n: judging.best_of_n's knockout on Judge.preference
+    assert best_of_n(judge, PROMPT, COMPLETIONS) == former_knockout(judge, PROMPT, COMPLETIONS)
+
+
+def test_a_bt_scorer_goes_through_the_same_operations(tiny_model, tiny_tokenizer):
+    """A scalar reward model has no slots: pairwise is σ(r1 − r2) in both "orders"; batching options are
+    ignored; the operations built on pairwise take it as they take a judge."""
+    from gram_core.baseline import BTScorer, RewardModel
+
+    scorer = BTScorer(RewardModel(tiny_model, seed=3), tiny_tokenizer, max_length=256)
+    r = scorer.rewards([PROMPT] * 4, COMPLETIONS[:4])
+    got = pairwise(scorer, [PROMPT] * 3, COMPLETIONS[:3], COMPLETIONS[1:4], share=True, max_rows=2)
+    np.testing.assert_allclose(got.p, 1 / (1 + np.exp(-(r[:3] - r[1:4]))), rtol=0, atol=1e-6)  # other batches
+    np.testing.assert_array_equal(got.p_order1, got.p_order2)
+    assert best_of_n(scorer, PROMPT, COMPLETIONS[:4])[0] == int(np.argmax(r))  # a scalar reward is transitive
+    assert rank(scorer, PROMPT, COMPLETIONS[:4])[0] == list(np.argsort(-r))
+    assert group_rewards(scorer, PROMPT, COMPLETIONS[:4]).argmax() == int(np.argmax(r))
+
+
+def test_batching_options_need_a_share_choice(tiny_model, tiny_tokenizer):
+    judge, _ = judges(tiny_model, tiny_tokenizer)
+    with pytest.raises(TypeError, match="max_rows"):
+        pairwise(judge, [PROMPT], ["a"], ["b"], max_rows=2)
 
 
 def test_extend_prefix_matches_one_forward(tiny_model, tiny_tokenizer):

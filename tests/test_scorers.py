@@ -13,7 +13,7 @@ from gram_core.judge_settings import (
     resolve_judge_config,
     write_judge_settings,
 )
-from gram_core.scorers import folder_kind, load_scorer
+from gram_core.scorers import folder_kind, open_scorer
 
 
 @pytest.fixture()
@@ -32,7 +32,7 @@ def test_settings_round_trip_and_are_adopted(judge_folder):
     assert folder_kind(judge_folder) == "gram_judge"
     resolved = resolve_judge_config(judge_folder, JudgeConfig(batch_size=3))
     assert (resolved.max_length, resolved.system_prompt, resolved.batch_size) == (384, "Judge fairly.", 3)
-    judge = load_scorer(judge_folder, JudgeConfig())
+    judge = open_scorer(judge_folder, JudgeConfig())
     assert judge.encoder.max_length == 384
     text = judge.tokenizer.decode(judge.encoder.prefix_ids)
     assert text.startswith("<|im_start|>system\nJudge fairly.<|im_end|>")
@@ -42,7 +42,7 @@ def test_a_mismatching_setting_is_refused(judge_folder):
     with pytest.raises(JudgeSettingsError, match=r"judge.max_length=512 but the judge was trained with 384"):
         resolve_judge_config(judge_folder, JudgeConfig(max_length=512))
     with pytest.raises(JudgeSettingsError, match=r"judge.label_a='X'"):
-        load_scorer(judge_folder, JudgeConfig(label_a="X", label_b="Y"))
+        open_scorer(judge_folder, JudgeConfig(label_a="X", label_b="Y"))
 
 
 def test_a_changed_chat_template_is_refused(judge_folder):
@@ -50,7 +50,7 @@ def test_a_changed_chat_template_is_refused(judge_folder):
     settings["chat_template_sha256"] = "0" * 16
     (judge_folder / JUDGE_SETTINGS_FILE).write_text(json.dumps(settings))
     with pytest.raises(JudgeSettingsError, match="chat template differs"):
-        load_scorer(judge_folder, JudgeConfig())
+        open_scorer(judge_folder, JudgeConfig())
 
 
 def test_folder_kinds(tmp_path, judge_folder):

@@ -154,10 +154,10 @@ def server():
 @pytest.fixture(scope="module")
 def local_judge():
     from gram_core.models import resolve_model_source
-    from gram_core.scorers import load_scorer
+    from gram_core.scorers import open_scorer
     from tasks.settings import load_preset
 
-    return load_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
+    return open_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
 
 
 def test_before_the_model_loads_503_and_openrlhf_retries_through_it(server):
@@ -178,7 +178,7 @@ def test_get_reward_matches_the_in_process_judge(server, local_judge):
     body = {"query": [PROMPT + c for c in COMPLETIONS], "prompts": [PROMPT] * 4, "labels": [REFERENCE] * 4}
     status, answer, _ = call(url, "/get_reward", body)
     assert status == 200, answer
-    want = rewards_vs_reference(local_judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4)
+    want = rewards_vs_reference(local_judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4, share=True)
     np.testing.assert_allclose(answer["rewards"], want, atol=1e-4)
     assert answer["scores"] == answer["rewards"]
     assert set(answer["extra_logs"]) == {"gram_p_order1", "gram_p_order2", "gram_query_split", "gram_truncated"}
@@ -196,7 +196,7 @@ def test_pairwise_grpo_and_best_of_n(server, local_judge):
 
     url, _ = server
     status, answer, _ = call(url, "/v1/pairwise", {"items": [{"prompt": PROMPT, "a": COMPLETIONS[0], "b": REFERENCE}]})
-    want = pairwise(local_judge, [PROMPT], [COMPLETIONS[0]], [REFERENCE])
+    want = pairwise(local_judge, [PROMPT], [COMPLETIONS[0]], [REFERENCE], share=True)
     result = answer["results"][0]
     assert status == 200 and result["winner"] == ("a" if want.p[0] > 0.5 else "b")
     assert result["p_a_order1"] == pytest.approx(want.p_order1[0], abs=1e-4)
@@ -205,11 +205,11 @@ def test_pairwise_grpo_and_best_of_n(server, local_judge):
                                                           {"prompt": PROMPT, "completions": COMPLETIONS[:2],
                                                            "reference": REFERENCE}]})
     assert status == 200
-    np.testing.assert_allclose(answer["rewards"][0], group_rewards(local_judge, PROMPT, COMPLETIONS), atol=1e-4)
+    np.testing.assert_allclose(answer["rewards"][0], group_rewards(local_judge, PROMPT, COMPLETIONS, share=True), atol=1e-4)
     assert len(answer["rewards"][1]) == 2
     status, answer, _ = call(url, "/v1/best_of_n", {"prompt": PROMPT, "candidates": COMPLETIONS})
     assert status == 200
-    assert (answer["best_index"], answer["comparisons"]) == best_of_n(local_judge, PROMPT, COMPLETIONS)
+    assert (answer["best_index"], answer["comparisons"]) == best_of_n(local_judge, PROMPT, COMPLETIONS, share=True)
 
 
 @pytest.mark.parametrize("path, body, status, words", [
@@ -303,7 +303,7 @@ def test_trl_and_verl_adapters_through_the_server(server, local_judge, tmp_path,
     monkeypatch.setenv("GRAM_REWARD_URL", url)
     monkeypatch.setenv("GRAM_REWARD_TOKEN", TOKEN)
     score = compute_score("demo", COMPLETIONS[0], REFERENCE, {"question": PROMPT})
-    assert score == pytest.approx(rewards_vs_reference(local_judge, [PROMPT], [COMPLETIONS[0]], [REFERENCE])[0],
+    assert score == pytest.approx(rewards_vs_reference(local_judge, [PROMPT], [COMPLETIONS[0]], [REFERENCE], share=True)[0],
                                   abs=1e-4)
 
 

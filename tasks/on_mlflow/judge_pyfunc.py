@@ -30,7 +30,8 @@ class JudgeInputError(MlflowException, ValueError):
 
 
 class GramJudgeModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper of gram_core.judging.Judge: rows of (prompt, response_a, response_b) -> P(A ≻ B).
+    """Pyfunc wrapper of a scorer (``gram_core.scorers.open_scorer``: the judge read with its recorded settings;
+    a Bradley-Terry folder would be read as a scalar model): rows of (prompt, response_a, response_b) -> P(A ≻ B).
 
     ``model_config`` keys (overridable in ``mlflow.pyfunc.load_model(uri, model_config=...)``):
     ``judge`` (JudgeConfig fields), ``dtype`` (float32 default; bf16/fp16 only on GPU) and ``device``
@@ -38,30 +39,26 @@ class GramJudgeModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from gram_core.config import JudgeConfig, ModelConfig, from_dict
-        from gram_core.judging import Judge
-        from gram_core.models import load_model
+        import dataclasses
+
+        from gram_core.config import JudgeConfig, from_dict
+        from gram_core.scorers import open_scorer
 
         options = dict(context.model_config or {})
-        folder = context.artifacts["model"]
-        model, tokenizer = load_model(ModelConfig(source=folder, dtype=options.get("dtype", "float32")),
-                                      source=folder)
-        device = options.get("device", "auto")
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device).eval()
-        self.judge = Judge(model, tokenizer, from_dict(JudgeConfig, options.get("judge") or {}))
+        settings = from_dict(JudgeConfig, options.get("judge") or {})
+        # The top-level dtype and device are the pyfunc's own (float32 unless told: bf16/fp16 only on GPU).
+        settings = dataclasses.replace(settings, dtype=options.get("dtype", "float32"),
+                                       device=options.get("device", "auto"))
+        self.judge = open_scorer(context.artifacts["model"], settings)
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """p_a_better = ½·(P(A | a in slot A) + P(B | a in slot B)); consistent = both orders agree."""
-        from gram_core.reward_scoring import pairwise  # the reward server's scoring function too
+        from gram_core.reward_scoring import pairwise  # as the reward server scores: shared prefixes
 
         frame = check_input(model_input)
         scores = pairwise(self.judge, frame["prompt"].tolist(), frame["response_a"].tolist(),
-                                       frame["response_b"].tolist())
+                          frame["response_b"].tolist(), share=True)
         return pd.DataFrame({
             "p_a_better": scores.p,
             "p_order1": scores.p_order1,

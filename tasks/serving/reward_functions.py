@@ -102,9 +102,9 @@ class GramReward:
             return self.client.group_rewards(specs)
         if self.mode == "reference":
             p = rewards_vs_reference(self.judge, [s["prompt"] for s in specs], [s["completions"][0] for s in specs],
-                                     [s["reference"] for s in specs])
+                                     [s["reference"] for s in specs], share=True)
             return [[float(v)] for v in p]
-        return [group_rewards(self.judge, s["prompt"], s["completions"], max_n=self.max_group).tolist()
+        return [group_rewards(self.judge, s["prompt"], s["completions"], max_n=self.max_group, share=True).tolist()
                 for s in specs]
 
 
@@ -121,12 +121,12 @@ def _distributed() -> Any:
 def _local_judge(model: str) -> Any:
     from gram_core.config import JudgeConfig
     from gram_core.models import resolve_model_source
-    from gram_core.scorers import load_scorer
+    from gram_core.scorers import open_scorer
 
-    return load_scorer(resolve_model_source(model), JudgeConfig())
+    return open_scorer(resolve_model_source(model), JudgeConfig())
 
 
 def local_rewards_vs_reference(model: str, prompts: list[str], solutions: list[str],
                                references: list[str]) -> list[float]:
     """P(solution ≻ reference) from the judge ``model`` loaded in this process (once), for verl without a server."""
-    return [float(v) for v in rewards_vs_reference(_local_judge(model), prompts, solutions, references)]
+    return [float(v) for v in rewards_vs_reference(_local_judge(model), prompts, solutions, references, share=True)]

@@ -97,7 +97,7 @@ class RewardServer:
 
     def _load(self, folder: str, judge_config: JudgeConfig) -> None:
         try:
-            from gram_core.scorers import load_scorer
+            from gram_core.scorers import open_scorer
 
             self.load_stage = "loading the weights"
             # Tests hold the replica here (imports done, weights not loaded) until the file named by
@@ -106,7 +106,7 @@ class RewardServer:
             deadline = time.monotonic() + 300
             while gate and not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            judge = load_scorer(folder, judge_config)
+            judge = open_scorer(folder, judge_config)
             if hasattr(judge, "encoder"):
                 judge.encoder.literal = True  # request texts never become the judge's control tokens
             self.judge = judge
