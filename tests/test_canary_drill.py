@@ -241,7 +241,8 @@ def test_drill_canary_secret_reaches_no_state_folder_database_or_console(tmp_pat
     assert {"study", "adapt"} <= set(flows) and flows.count(None) == 2, flows  # `gram run` and the deployment's
     assert "password=***" in study_out.read_text()  # the --set values are in the report's command, redacted
     assert f"at {redacted_uri}" in console["run stdout"]  # the summary names the server, redacted
-    assert "adapted judge" in console["adapt stdout"] and f"at {redacted_uri}" in console["adapt stdout"]
+    assert "Registered: gram-reward-model-smoke" in console["adapt stdout"], console["adapt stdout"][-2000:]
+    assert f"at {redacted_uri}" in console["adapt stdout"]
     # ... and the overrides reached Prefect redacted, and the bad data URLs failed in a task, redacted.
     parameters, failed, _ = _prefect_runs(prefect_home / "prefect.db")
     assert parameters.count("***") >= 10, parameters
