@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from toy_data import few_labels
 
 pytestmark = pytest.mark.slow
 
@@ -156,9 +157,7 @@ def adapted(retried, run4, env, tmp_path_factory):
 
     name = run4[0]["registered"]["name"]
     data = tmp_path_factory.mktemp("adapt") / "few_labels.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Is {i} even? Answer yes or no.",
-                                          "chosen": "yes" if i % 2 == 0 else "no",
-                                          "rejected": "no" if i % 2 == 0 else "yes"}) for i in range(12)))
+    data.write_text("\n".join(json.dumps(row) for row in few_labels(12)))
     return adapt(model=f"models:/{name}@champion", data=str(data), preset="smoke", overrides=SMOKE), name
 
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from leak_scan import files_holding, replica_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "body-cap-token"
@@ -68,11 +69,9 @@ def server():
             proc.wait()
         log.close()
         # Ray Serve's replica and proxy logs (under the session folder) as well as our own: no token anywhere.
-        scanned = [p for p in work.rglob("*") if p.is_file() and p.name != "token" and not p.is_symlink()]
-        leaks = [str(p) for p in scanned if TOKEN.encode() in p.read_bytes()]
-        replica_logs = [p.name for p in scanned if p.name.startswith("replica_") and p.suffix == ".log"]
+        leaks, replicas = files_holding(work, [TOKEN.encode()], skip=[work / "token"]), replica_logs(work)
         shutil.rmtree(work, ignore_errors=True)
-        assert leaks == [] and replica_logs, (leaks, replica_logs)
+        assert leaks == [] and replicas, (leaks, replicas)
 
 
 def _raw(port: int, head: str, body: bytes, timeout: float) -> tuple[int, str]:

@@ -14,3 +14,9 @@ def better_pairs(n: int, seed: int, **extra) -> list[dict]:
 
     return [{"pair_id": f"p{i}", "prompt": filler(), "chosen": "better " + filler(), "rejected": filler(), **extra}
             for i in range(n)]
+
+
+def few_labels(n: int) -> list[dict]:
+    """A few labeled pairs for `gram adapt` (prompt, chosen, rejected; no ids): "Is i even?" answered yes/no."""
+    return [{"prompt": f"Is {i} even? Answer yes or no.", "chosen": "yes" if i % 2 == 0 else "no",
+             "rejected": "no" if i % 2 == 0 else "yes"} for i in range(n)]
