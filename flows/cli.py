@@ -355,7 +355,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = _config(args)
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
                          max_request_rows=args.max_rows, max_request_tokens=args.max_request_tokens,
-                         max_group=args.max_group, max_queue_rows=args.max_queue, reward=args.reward, policy_template=args.policy_template)
+                         max_group=args.max_group, max_queue_rows=args.max_queue, reward=args.reward,
+                         policy_template=args.policy_template)
     exposed = exposure_error(args.host, bool(args.token_file), args.insecure)
     if exposed:
         raise InputError(exposed)

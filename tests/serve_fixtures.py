@@ -52,9 +52,10 @@ def call(url: str, path: str, body=None, token: str | None = None, raw: bytes | 
 
 
 class GramServe:
-    """`gram serve MODEL --port P --cpus-per-replica 1 FLAGS...` started now (``token``: with --token-file). Use ``wait_ready``, then ``stop``
-    (the exit code) and ``close``. The server's test hooks (tasks/serving/server.py): while the file ``hold``
-    exists a batch is held mid-scoring; with ``gated`` the model load waits until the file ``gate`` exists."""
+    """`gram serve MODEL --port P --cpus-per-replica 1 FLAGS...` started now (``token``: with --token-file). Use
+    ``wait_ready``, then ``stop`` (the exit code) and ``close``. The server's test hooks (tasks/serving/server.py):
+    while the file ``hold`` exists a batch is held mid-scoring; with ``gated`` the model load waits until the file
+    ``gate`` exists."""
 
     def __init__(self, *flags: str, model: str = "tiny", token: str | None = None, gated: bool = False,
                  prefix: str = "gs"):

@@ -242,6 +242,7 @@ def test_the_printed_hint_gives_each_clients_current_flags():
 
     hint = client_hint("http://127.0.0.1:5000")
     for words in ("--reward.remote_url http://127.0.0.1:5000/get_reward", "--data.label_key",
-                  "before 0.10.2: --remote_rm_url, --label_key", "before 0.9.1", "--max-rows", "TRL 1.x", "GramReward(url='http://127.0.0.1:5000')",
+                  "before 0.10.2: --remote_rm_url, --label_key", "before 0.9.1", "--max-rows", "TRL 1.x",
+                  "GramReward(url='http://127.0.0.1:5000')",
                   "verl 0.9", "tasks/serving/reward_client.py", "compute_score_batch"):
         assert words in hint

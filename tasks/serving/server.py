@@ -2,14 +2,14 @@
 
 Requests become pairs (tasks/serving/api.py); ``@serve.batch`` gathers the pairs of concurrent requests, up to
 ``max_rows`` judge sequences (a request above it, up to ``max_request_rows``, enters in parts of that size), and
-one call of ``gram_core.reward_scoring.pairwise`` scores them with each shared prefix (template + prompt [+ reference]) run once, in length-sorted forward batches capped in rows and
-padded tokens. The model loads in a thread after the replica starts: until then every scoring endpoint and
-/ready answer 503; a failed load turns /health into a 503 naming the error and stops `gram serve` non-zero.
-Admission is bounded per replica, before any text is tokenized: past ``max_queue_rows`` pending sequences the
-answer is an immediate 503 with Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which
-carries no Retry-After) is never reached: the replica takes enough requests at once to turn the excess away
-itself. Request texts are tokenized literally (``JudgeEncoder.literal``): they never become control tokens. No
-request text is logged. SIGTERM drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
+one call of ``gram_core.reward_scoring.pairwise`` scores them with each shared prefix (template + prompt
+[+ reference]) run once, in length-sorted forward batches capped in rows and padded tokens. The model loads in
+a thread after the replica starts: until then every scoring endpoint and /ready answer 503; a failed load
+turns /health into a 503 naming the error and stops `gram serve` non-zero. Admission is bounded per replica,
+before any text is tokenized: past ``max_queue_rows`` pending sequences the answer is an immediate 503 with
+Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which carries no Retry-After) is never
+reached: the replica takes enough requests at once to turn the excess away itself. Request texts are tokenized
+literally (``JudgeEncoder.literal``): they never become control tokens. No request text is logged. SIGTERM drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
 
 One of the Ray modules (tests/test_layers.py): Ray and Ray Serve are imported here and nowhere else.
 """
