@@ -9,7 +9,8 @@ turns /health into a 503 naming the error and stops `gram serve` non-zero. Admis
 before any text is tokenized: past ``max_queue_rows`` pending sequences the answer is an immediate 503 with
 Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which carries no Retry-After) is never
 reached: the replica takes enough requests at once to turn the excess away itself. Request texts are tokenized
-literally (``JudgeEncoder.literal``): they never become control tokens. No request text is logged. SIGTERM drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
+literally (``JudgeEncoder.literal``): they never become control tokens. No request text is logged. SIGTERM
+drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
 
 One of the Ray modules (tests/test_layers.py): Ray and Ray Serve are imported here and nowhere else.
 """
