@@ -328,18 +328,18 @@ def openrlhf_traffic(args, judge, groups) -> dict:
     return {"offline": offline, "server": levels_out, "table": lines}
 
 
-def write_results(args, result: dict, started: float) -> Path:
+def write_results(args, result: dict, load_average: float) -> Path:
     """bench/results/serve_openrlhf_<model>.json and .md: the figures, the command, the machine, the date."""
     out = Path(args.out or ROOT / "bench" / "results" / f"serve_openrlhf_{Path(args.model).name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load " + " ".join(sys.argv[1:])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
-            "threads": args.threads, "cpus": os.cpu_count(), "load_average_at_start": started,
+            "threads": args.threads, "cpus": os.cpu_count(), "load_average_at_start": load_average,
             "wall_s": round(time.monotonic() - args.t0, 1)}
     table = result.pop("table")
     out.with_suffix(".json").write_text(json.dumps({**meta, **result}, indent=2) + "\n")
     out.with_suffix(".md").write_text(
-        f"    {command}\n\n{meta['date']}, {meta['cpus']} CPUs, load average {started:.1f} at the start, "
+        f"    {command}\n\n{meta['date']}, {meta['cpus']} CPUs, load average {load_average:.1f} at the start, "
         f"{meta['wall_s']:.0f} s in all\n\n```text\n" + "\n".join(table) + "\n```\n")
     print(f"results: {out.with_suffix('.md')} and .json")
     return out
