@@ -314,9 +314,9 @@ def openrlhf_traffic(args, judge, groups) -> dict:
     title = (f"## OpenRLHF traffic: one chat-templated (ChatML) sample per /get_reward request, "
              f"gram serve {args.model} --policy-template chatml, 1 replica, {args.threads} CPU threads; "
              f"offline: the same pairs in process")
-    header = (f"{'':32s} {'sent':>5s} {'ok':>5s} {'503':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
+    header = (f"{'':30s} {'sent':>5s} {'ok':>5s} {'503':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
               f"{'pairs/s':>9s} {'vs offline':>10s}")
-    lines = [title, header, f"{'offline judge (same pairs)':32s} {len(pairs):5d} {'':5s} {'':5s} {'':8s} {'':8s} "
+    lines = [title, header, f"{'offline judge (same pairs)':30s} {len(pairs):5d} {'':5s} {'':5s} {'':8s} {'':8s} "
              f"{'':8s} {offline['pairs_s']:9.2f} {1:9.2f}x"]
     lines += [row(f"server, concurrency {r['concurrency']}", {**r, "sent": int(r["sent"]), "ok": int(r["ok"]),
                                                                "rejected": int(r["rejected"])})
