@@ -10,8 +10,17 @@
    call beside it. Then GRPO-shaped requests (one request = one prompt's completions vs its reference) with the
    server sharing prefixes and, restarted with --no-share-prefix, without; and a 2x-overload burst.
 
+3. ``--traffic openrlhf`` (instead of 1 and 2): what OpenRLHF sends, one sample per /get_reward request, its
+   prompt rendered in the policy's ChatML and its response ending in ``<|im_end|>``, to a server started with
+   ``--policy-template chatml``, at concurrency 16 and 64; beside it the offline judge scoring the same pairs
+   (what the server judges after reading the template back) in process, in the same run. p50/p95/p99 latency,
+   pairs/s, the ratio to offline and the largest reward difference; written to bench/results/ as JSON and
+   Markdown.
+
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load --model tiny
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load --model smollm2 --requests 16 --skip-overload
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load --model smollm2 --traffic openrlhf --requests 128 \
+        --budget-s 600
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from gram_core.judging import Judge
 from gram_core.models import resolve_model_source
 from gram_core.reward_scoring import ScoreStats, pairwise
 from gram_core.scorers import open_scorer
+from tasks.settings import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,14 +191,16 @@ def load(url: str, bodies: list[dict], concurrency: int, budget_s: float) -> dic
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = [r for r in pool.map(one, bodies) if r is not None]
+        answers = list(pool.map(one, bodies))
     wall = time.perf_counter() - start
+    results = [r for r in answers if r is not None]
     ok = [r for r in results if r[0] == 200]
     lat = np.array([r[2] for r in ok]) * 1000 if ok else np.array([float("nan")])
     pairs = sum(len(r[1]["rewards"]) for r in ok)
     return {"sent": len(results), "ok": len(ok), "rejected": sum(r[0] in (429, 503) for r in results),
             "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99),
-            "pairs_s": pairs / wall, "reject_ms": max((r[2] * 1000 for r in results if r[0] != 200), default=0.0)}
+            "pairs_s": pairs / wall, "reject_ms": max((r[2] * 1000 for r in results if r[0] != 200), default=0.0),
+            "answers": [r[1] if r is not None and r[0] == 200 else None for r in answers]}  # per body, in order
 
 
 def row(name: str, r: dict) -> str:
@@ -253,6 +265,86 @@ def served(args, judge, groups) -> None:
     print(f"pairs/s shared / template only: {shared['pairs_s'] / unshared['pairs_s']:.2f}x")
 
 
+CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def openrlhf_bodies(groups) -> list[dict]:
+    """One sample per request, as OpenRLHF sends it: the prompt in the policy's ChatML (system + user turn +
+    generation header), query = prompt + response + <|im_end|>, label = the plain reference."""
+    bodies = []
+    for question, reference, completions in groups:
+        prompt = f"{CHATML_SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        bodies += [{"query": [prompt + c + "<|im_end|>"], "prompts": [prompt], "labels": [reference]}
+                   for c in completions]
+    return bodies
+
+
+def openrlhf_traffic(args, judge, groups) -> dict:
+    """OpenRLHF-shaped load at each concurrency beside the offline judge on the same pairs; prints the table and
+    returns the figures."""
+    from tasks.serving.api import ServeLimits, openrlhf_job
+
+    levels = args.concurrency or [16, 64]
+    bodies = openrlhf_bodies(groups)[:max(args.requests, 2 * max(levels))]
+    limits = ServeLimits(policy_template="chatml")
+    pairs = [openrlhf_job(body, limits).pairs[0] for body in bodies]  # what the server judges: the plain texts
+    judge.encoder.literal = True  # request texts, read as the server reads them
+    prompts, responses, refs = (list(column) for column in zip(*pairs, strict=True))
+    offline_s = float("inf")
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        offline_p = pairwise(judge, prompts, responses, refs).p
+        offline_s = min(offline_s, time.perf_counter() - start)
+    offline = {"pairs": len(pairs), "seconds": offline_s, "pairs_s": len(pairs) / offline_s}
+    server = Server(args.model, ["--cpus-per-replica", str(args.threads), "--max-queue", str(args.max_queue),
+                                 "--policy-template", "chatml"])
+    levels_out = []
+    try:
+        post(server.url, "/get_reward", bodies[0])  # warm-up
+        for c in levels:
+            sent = bodies[:max(args.requests, 2 * c)]
+            r = load(server.url, sent, c, args.budget_s)
+            gaps = [abs(a["rewards"][0] - float(offline_p[i])) for i, a in enumerate(r.pop("answers")) if a]
+            levels_out.append({"concurrency": c, **{k: float(v) for k, v in r.items()},
+                               "vs_offline": r["pairs_s"] / offline["pairs_s"],
+                               "max_abs_reward_diff": max(gaps, default=float("nan"))})
+        stats = get(server.url, "/v1/stats")
+    finally:
+        server.stop()
+    title = (f"## OpenRLHF traffic: one chat-templated (ChatML) sample per /get_reward request, "
+             f"gram serve {args.model} --policy-template chatml, 1 replica, {args.threads} CPU threads; "
+             f"offline: the same pairs in process")
+    header = (f"{'':30s} {'sent':>5s} {'ok':>5s} {'503':>5s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
+              f"{'pairs/s':>9s} {'vs offline':>10s}")
+    lines = [title, header, f"{'offline judge (same pairs)':30s} {len(pairs):5d} {'':5s} {'':5s} {'':8s} {'':8s} "
+             f"{'':8s} {offline['pairs_s']:9.2f} {1:9.2f}x"]
+    lines += [row(f"server, concurrency {r['concurrency']}", {**r, "sent": int(r["sent"]), "ok": int(r["ok"]),
+                                                               "rejected": int(r["rejected"])})
+              + f" {r['vs_offline']:9.2f}x" for r in levels_out]
+    lines.append("max |server reward - offline P| per level: " + ", ".join(
+        f"c={r['concurrency']}: {r['max_abs_reward_diff']:.1e}" for r in levels_out))
+    lines.append(f"server batches {stats['batches']}, rows per batch (power-of-two buckets) {stats['rows_histogram']}")
+    print("\n" + "\n".join(lines), flush=True)
+    return {"offline": offline, "server": levels_out, "table": lines}
+
+
+def write_results(args, result: dict, load_average: float) -> Path:
+    """bench/results/serve_openrlhf_<model>.json and .md: the figures, the command, the machine, the date."""
+    out = Path(args.out or ROOT / "bench" / "results" / f"serve_openrlhf_{Path(args.model).name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "HF_HUB_OFFLINE=1 .venv/bin/python -m bench.serve_load " + " ".join(sys.argv[1:])
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
+            "threads": args.threads, "cpus": os.cpu_count(), "load_average_at_start": load_average,
+            "wall_s": round(time.monotonic() - args.t0, 1)}
+    table = result.pop("table")
+    out.with_suffix(".json").write_text(json.dumps({**meta, **result}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(
+        f"    {command}\n\n{meta['date']}, {meta['cpus']} CPUs, load average {load_average:.1f} at the start, "
+        f"{meta['wall_s']:.0f} s in all\n\n```text\n" + "\n".join(table) + "\n```\n")
+    print(f"results: {out.with_suffix('.md')} and .json")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="MODEL as for gram serve (tiny, smollm2, a folder)")
@@ -260,7 +352,12 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--bulk", type=int, default=256)
     parser.add_argument("--requests", type=int, default=64, help="one-item requests per concurrency level (at least 2c)")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="one-item concurrency levels (default 1,4,16,64; with --traffic openrlhf 16,64)")
+    parser.add_argument("--traffic", choices=("mixed", "openrlhf"), default="mixed",
+                        help="mixed: parts 1 and 2 (offline scorers, server traffic mix); openrlhf: part 3")
+    parser.add_argument("--out", help="--traffic openrlhf: results path without suffix "
+                        "(default bench/results/serve_openrlhf_<model>)")
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop sending after this long, per phase")
     parser.add_argument("--max-queue", type=int, default=1024, help="the server's queue bound (sequences)")
     parser.add_argument("--threads", type=int, default=2)
@@ -269,7 +366,15 @@ def main() -> None:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--skip-overload", action="store_true")
     args = parser.parse_args()
+    args.t0, load_average = time.monotonic(), os.getloadavg()[0]
     torch.set_num_threads(args.threads)
+    if args.traffic == "openrlhf":  # the offline side judges as `gram serve` does: its default preset's config
+        judge = open_scorer(resolve_model_source(args.model), load_preset("demo").resolved().judge)
+        wanted = max(args.requests, 2 * max(args.concurrency or [64]))
+        groups = grpo_groups((wanted + args.group - 1) // args.group, args.group, args.seed)
+        write_results(args, openrlhf_traffic(args, judge, groups), load_average)
+        return
+    args.concurrency = args.concurrency or [1, 4, 16, 64]
     judge = open_scorer(resolve_model_source(args.model), JudgeConfig(dtype="float32"))
     groups = grpo_groups(max(args.prompts, (args.requests + args.group - 1) // args.group), args.group, args.seed)
     offline(judge, groups[:args.prompts], args.repeats)

@@ -6,7 +6,7 @@
     gram rank  --model MODEL --input candidates.jsonl
     gram eval  --model MODEL --data rewardbench.parquet [--drop-invalid-rows]
     gram serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas 1] [--token-file F] [--reward probability|logit]
-               [--policy-template auto|chatml|qwen|llama3|gemma|none] [--insecure]
+               [--policy-template auto|chatml|qwen|llama3|gemma|none] [--max-rows N] [--insecure]
     gram study [--preset study] [--set key.path=value ...] [--out docs/quality.md] [--drop-invalid-rows]
     gram presets [--fields]
     gram gc [--apply] [--preset demo]      # unreferenced artifacts, old Ray checkpoints (dry run by default)
@@ -122,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reward", choices=("probability", "logit"), default="probability",
                        help="/get_reward 'rewards': P(response ≻ reference) or its logit ('scores' is always P)")
     serve.add_argument("--max-batch", type=int, default=512,
-                       help="judge sequences (2 per pair) gathered from concurrent requests into one batch; also "
-                       "the most one request may carry (413 beyond)")
+                       help="judge sequences (2 per pair) gathered from concurrent requests into one batch (a "
+                       "bigger request is scored in batches of this size)")
+    serve.add_argument("--max-rows", type=int, default=None,
+                       help="judge sequences one request may carry, 413 beyond (default: --max-batch); raise it to "
+                       "2 x the rollout batch for OpenRLHF < 0.9.1, which posts a whole rollout batch at once")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     serve.add_argument("--forward-rows", type=int, default=32, help="sequences per forward pass")
     serve.add_argument("--forward-tokens", type=int, default=32768, help="padded tokens per forward pass")
@@ -336,8 +339,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = _config(args)
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
-                         max_request_tokens=args.max_request_tokens, max_group=args.max_group,
-                         max_queue_rows=args.max_queue, reward=args.reward, policy_template=args.policy_template)
+                         max_request_rows=args.max_rows, max_request_tokens=args.max_request_tokens,
+                         max_group=args.max_group, max_queue_rows=args.max_queue, reward=args.reward,
+                         policy_template=args.policy_template)
     exposed = exposure_error(args.host, bool(args.token_file), args.insecure)
     if exposed:
         raise InputError(exposed)

@@ -5,29 +5,21 @@ aiohttp, 180 s timeout, 5 tries), imported from the real package (installed by `
 its full dependency set is DeepSpeed and vLLM). Only vLLM is stood in for: a stub engine that "generates"
 fixed response tokens ending with the policy's end-of-turn token. Two policy tokenizers, both built locally:
 the tiny ChatML one and a Llama-3-style one whose decode does not round-trip (an NFKC normalizer). The
-rewards must equal the in-process judge's on the clean question, response and reference. OpenRLHF sends
-no Authorization header, so this server runs without --token-file. At the end, SIGTERM while a batch is
-stuck mid-scoring: the process is gone within 10 s."""
+rewards must equal the in-process judge's on the clean question, response and reference. The server is the
+session's ``open_server`` (tests/conftest.py: the real `gram serve` process, a tiny judge whose rewards
+spread, no --token-file since OpenRLHF sends no Authorization header; SIGTERM with a batch stuck mid-scoring
+at the end, gone within 10 s)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import types
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 from openrlhf.utils.agent import SingleTurnAgentExecutor
-from test_serve import COMPLETIONS, PROMPT, REFERENCE, ROOT, _free_port, call
+from serve_fixtures import call
+from test_serve import COMPLETIONS, PROMPT, REFERENCE
 
 pytestmark = pytest.mark.slow
 
@@ -69,68 +61,6 @@ class StubEngine:
         return types.SimpleNamespace(outputs=[out])
 
 
-@pytest.fixture(scope="module")
-def open_server():
-    """`gram serve tiny` without a token on a free loopback port; at the end SIGTERM with a batch held."""
-    port = _free_port()
-    work = Path(tempfile.mkdtemp(prefix="go", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(work / "r"), "RAY_AUTH_MODE": "disabled",
-           "GRAM_HOME": str(work / "home"), "GRAM_SERVE_TEST_HOLD": str(work / "hold")}
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "tiny", "--port", str(port),
-                             "--cpus-per-replica", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (work / "serve.log").read_text()[-3000:]
-            try:
-                if call(url, "/ready", token=None)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield url
-        # A batch stuck mid-scoring when SIGTERM comes: the drain gives up after 5 s, the process exits in 10.
-        (work / "hold").touch()
-        body = {"query": [PROMPT + COMPLETIONS[0]], "prompts": [PROMPT], "labels": [REFERENCE]}
-        with ThreadPoolExecutor(1) as pool:
-            stuck = pool.submit(call, url, "/get_reward", body, None, None, 60)
-            deadline = time.monotonic() + 30
-            while call(url, "/v1/stats", token=None)[1]["pending_rows"] == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            signalled = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
-            code = proc.wait(timeout=60)
-            stopped = time.monotonic() - signalled
-            try:
-                status = stuck.result()[0]
-            except OSError:  # the connection closed under it
-                status = None
-        assert stopped < 10 and code == 0, f"exit {code} {stopped:.1f} s after SIGTERM (1: the last-resort timer)"
-        assert status != 200  # dropped when the drain gave up, not answered
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # also Ray processes the server left behind
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def judge():
-    from gram_core.models import resolve_model_source
-    from gram_core.scorers import open_scorer
-    from tasks.settings import load_preset
-
-    judge = open_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
-    judge.encoder.literal = True  # as the server reads request texts
-    return judge
-
-
 def _rollout(url: str, tokenizer, response: str, max_length: int, label: str = REFERENCE) -> dict:
     """One OpenRLHF rollout sample through the executor's public path; returns its output dict."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
@@ -147,7 +77,7 @@ def _rollout(url: str, tokenizer, response: str, max_length: int, label: str = R
 
 @pytest.mark.parametrize("policy", ["chatml", "llama3-style"])
 @pytest.mark.parametrize("cut", [0, 6])  # prompt tokens OpenRLHF cuts from the left
-def test_openrlhf_rollouts_get_the_judges_reward_on_the_clean_texts(open_server, judge, policy, cut):
+def test_openrlhf_rollouts_get_the_judges_reward_on_the_clean_texts(open_server, open_server_judge, policy, cut):
     from gram_core.models import build_tiny_tokenizer
     from gram_core.reward_scoring import rewards_vs_reference
 
@@ -160,7 +90,7 @@ def test_openrlhf_rollouts_get_the_judges_reward_on_the_clean_texts(open_server,
     output = _rollout(open_server, tokenizer, response, max_length=prompt_len - cut + response_len)
     assert len(output["prompt_ids"]) == len(output["full_prompt_ids"]) - cut  # OpenRLHF did cut it
     assert output["reward"] is not None, "OpenRLHF dropped the reward (its client gave up)"
-    want = rewards_vs_reference(judge, [QUESTION], [response], [REFERENCE], share=True)[0]
+    want = rewards_vs_reference(open_server_judge, [QUESTION], [response], [REFERENCE], share=True)[0]
     assert output["reward"][0] == pytest.approx(want, abs=1e-4)
     split = output["extra_logs"]["gram_query_split"][0]
     drifted = policy == "llama3-style" or cut  # NFKC changed the question, or the prompt lost its start
@@ -179,12 +109,30 @@ def test_openrlhf_without_label_key_gets_no_silent_reward(open_server):
     assert status == 422 and "--data.label_key" in answer["error"]
 
 
-def test_openrlhf_bulk_call_gets_every_reward(open_server, judge):
+def test_openrlhf_bulk_call_gets_every_reward(open_server, open_server_judge):
     """A bulk call (OpenRLHF shards a batch across its --reward.remote_url servers): one request, every reward."""
     from gram_core.reward_scoring import rewards_vs_reference
 
     executor = SingleTurnAgentExecutor(remote_rm_url=open_server + "/get_reward")
     queries = [PROMPT + c for c in COMPLETIONS]
     (bulk,) = asyncio.run(executor._fetch_rewards_via_http(queries, [PROMPT] * 4, [REFERENCE] * 4))
-    want = rewards_vs_reference(judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4, share=True)
+    want = rewards_vs_reference(open_server_judge, [PROMPT] * 4, COMPLETIONS, [REFERENCE] * 4, share=True)
     np.testing.assert_allclose(bulk["rewards"], want, atol=1e-4)
+
+
+def test_an_old_openrlhf_rollout_batch_over_the_batch_bound_is_scored_in_parts(open_server, open_server_judge):
+    """OpenRLHF before 0.9.1 posts a whole rollout batch at once: 300 samples are 600 judge sequences, over the
+    default cap of 512 (413, tests/test_serve_api.py) and over the batch bound. With `--max-rows 1024` the request
+    is answered whole, and the server scored it in batches of at most 512 sequences."""
+    from gram_core.reward_scoring import rewards_vs_reference
+
+    completions = [f"{COMPLETIONS[i % 4]} ({i})" for i in range(300)]
+    before = call(open_server, "/v1/stats")[1]
+    executor = SingleTurnAgentExecutor(remote_rm_url=open_server + "/get_reward")
+    (bulk,) = asyncio.run(executor._fetch_rewards_via_http([PROMPT + c for c in completions], [PROMPT] * 300,
+                                                           [REFERENCE] * 300))
+    after = call(open_server, "/v1/stats")[1]
+    want = rewards_vs_reference(open_server_judge, [PROMPT] * 300, completions, [REFERENCE] * 300, share=True)
+    np.testing.assert_allclose(bulk["rewards"], want, atol=1e-4)
+    assert after["batches"] - before["batches"] >= 2 and after["pairs"] - before["pairs"] == 300
+    assert max(int(rows) for rows in after["rows_histogram"]) <= 512

@@ -1,7 +1,9 @@
-"""The thin `gram serve` client (tasks/serving/reward_client.py) without a model: it imports no torch, splits /v1/grpo
-under the row cap and puts every reward back in place (against a stub server that records each request),
-verl's compute_score takes reward_kwargs and refuses a missing question; TRL group mode on two ranks (gloo)
-scores whole groups that TRL split across ranks."""
+"""The thin `gram serve` client (tasks/serving/reward_client.py): without a model, it imports no torch, splits
+/v1/grpo under the row cap and puts every reward back in place (against a stub server that records each
+request), verl's compute_score takes reward_kwargs and refuses a missing question, TRL group mode on two ranks
+(gloo) scores whole groups that TRL split across ranks. Against the session's running `gram serve`
+(``open_server``, tests/conftest.py): verl 0.9's own naive and batch reward managers, and TRL's GRPOTrainer on
+two processes."""
 
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from serve_fixtures import ROOT, free_port
 
 from tasks.serving.reward_client import GramServerClient, _chunks, compute_score, compute_score_batch, group_cost
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stub_reward(prompt: str, completion: str, reference: str | None) -> float:
@@ -140,17 +141,12 @@ def _split_batch():
 
 
 def test_trl_group_mode_on_two_ranks_scores_whole_groups(tmp_path):
-    import socket
-
     import numpy as np
     import torch.multiprocessing as mp
 
     from gram_core.reward_scoring import group_rewards
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     got = json.loads((tmp_path / "0.json").read_text()) + json.loads((tmp_path / "1.json").read_text())
     prompts, completions = _split_batch()
     want = np.zeros(12)
@@ -186,62 +182,60 @@ def _verl_batch(tokenizer, questions, responses, references):
 
 
 @pytest.mark.parametrize("manager, name", [("naive", "compute_score"), ("batch", "compute_score_batch")])
-def test_verl_reward_managers_call_our_functions_with_reward_kwargs(stub_server, monkeypatch, manager, name):
-    """verl loads tasks/serving/reward_client.py by path (get_custom_reward_fn, reward_kwargs merged in) and its naive or
-    batch manager calls it: each reward lands on the response's last token, as the stub server scored it."""
+def test_verl_reward_managers_call_our_functions_with_reward_kwargs(open_server, open_server_judge, monkeypatch,
+                                                                    manager, name):
+    """verl loads tasks/serving/reward_client.py by path (get_custom_reward_fn, reward_kwargs merged in) and its
+    naive or batch manager calls it against a running `gram serve`: each reward lands on the response's last
+    token and equals the served judge's P(response ≻ ground truth) on the question from extra_info."""
     pytest.importorskip("verl")
     from omegaconf import OmegaConf
+    from serve_fixtures import call
     from verl.trainer.ppo.reward import get_custom_reward_fn
     from verl.workers.reward_manager.batch import BatchRewardManager
     from verl.workers.reward_manager.naive import NaiveRewardManager
 
     from gram_core.models import build_tiny_tokenizer
+    from gram_core.reward_scoring import rewards_vs_reference
 
-    url, seen = stub_server
-    monkeypatch.setenv("GRAM_REWARD_URL", url)
+    monkeypatch.setenv("GRAM_REWARD_URL", open_server)
     config = OmegaConf.create({"reward": {"custom_reward_function": {
         "path": str(ROOT / "tasks" / "serving" / "reward_client.py"), "name": name, "reward_kwargs": {"temperature": 0.5}}}})
     fn = get_custom_reward_fn(config)
     tokenizer = build_tiny_tokenizer()
     questions, responses = ["Name a colour.", "Say hi.", "Name a colour."], ["Blue.", "Hello there!", "Red"]
-    data = _verl_batch(tokenizer, questions, responses, ["Yellow.", "Hey.", "Yellow."])
+    references = ["Yellow.", "Hey.", "Yellow."]
+    data = _verl_batch(tokenizer, questions, responses, references)
+    batches = call(open_server, "/v1/stats")[1]["batches"]
     if manager == "naive":
         rewards = NaiveRewardManager(tokenizer, num_examine=0, compute_score=fn)(data)
     else:
         rewards = BatchRewardManager(tokenizer, num_examine=0, compute_score=fn, extra=1)(data)
     lengths = data.batch["attention_mask"][:, data.batch["prompts"].shape[-1]:].sum(-1)
     got = [float(rewards[i, lengths[i] - 1]) for i in range(3)]
-    want = [_stub_reward(q, tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"]), g)
-            for q, r, g in zip(questions, responses, ["Yellow.", "Hey.", "Yellow."], strict=True)]
-    assert got == pytest.approx(want, abs=1e-6)
-    assert float(rewards.sum()) == pytest.approx(sum(want), abs=1e-5)  # nothing anywhere else
-    assert len(seen) == (3 if manager == "naive" else 1)  # the batch manager: one request for the batch
+    decoded = [tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    want = rewards_vs_reference(open_server_judge, questions, decoded, references)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert float(rewards.sum()) == pytest.approx(sum(want), abs=1e-4)  # nothing anywhere else
+    # the batch manager: one request for the batch (one server batch), the naive one a request per sample
+    assert call(open_server, "/v1/stats")[1]["batches"] - batches == (3 if manager == "naive" else 1)
 
 
-def test_trl_grpo_trainer_on_two_processes_scores_whole_groups(tmp_path, tiny_tokenizer):
-    """TRL's GRPOTrainer on 2 CPU processes with every group split across them: each rank's rewards equal the
-    group-relative rewards of the whole group (as one process would score it), not of its half."""
+def test_trl_grpo_trainer_on_two_processes_scores_whole_groups(tmp_path, open_server, open_server_judge):
+    """TRL's GRPOTrainer on 2 CPU processes with every group split across them, scoring through a running
+    `gram serve`: each rank's rewards equal the group-relative rewards of the whole group (as one process would
+    score it, here the served judge in this process), not of its half."""
     pytest.importorskip("trl")
-    import socket
-
     import numpy as np
 
-    from gram_core.config import JudgeConfig
-    from gram_core.judging import Judge
-    from gram_core.models import build_tiny_model
     from gram_core.reward_scoring import group_rewards
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(ROOT / "tests" / "trl_two_ranks.py"), str(tmp_path)],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                           "--master_port", str(free_port()), str(ROOT / "tests" / "trl_two_ranks.py"), str(tmp_path),
+                           open_server], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["steps"] for r in ranks] == [2, 2] and len(ranks[0]["calls"]) == len(ranks[1]["calls"]) == 2
-    judge = Judge(build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, JudgeConfig(max_length=512))
     for step in range(2):
         calls = [r["calls"][step] for r in ranks]
         prompts = calls[0]["prompts"] + calls[1]["prompts"]
@@ -250,5 +244,5 @@ def test_trl_grpo_trainer_on_two_processes_scores_whole_groups(tmp_path, tiny_to
         assert all(set(c["prompts"]) & set(calls[1 - k]["prompts"]) for k, c in enumerate(calls))  # split groups
         for prompt in set(prompts):
             members = [i for i, p in enumerate(prompts) if p == prompt]
-            want = group_rewards(judge, prompt, [completions[i] for i in members], share=True)
-            np.testing.assert_allclose([got[i] for i in members], want, atol=1e-6)
+            want = group_rewards(open_server_judge, prompt, [completions[i] for i in members], share=True)
+            np.testing.assert_allclose([got[i] for i in members], want, atol=1e-4)

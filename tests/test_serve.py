@@ -6,55 +6,27 @@ after a client gave up mid-batch and a request failed, within 10 s. A batch can 
 
 from __future__ import annotations
 
+import functools
 import http.client
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from leak_scan import files_holding, replica_logs
+import serve_fixtures
+from serve_fixtures import ROOT, GramServe, load_served_judge
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
 PROMPT = "Write a very short poem about the sea. "
 COMPLETIONS = ["Waves roll in.", "The sea is big and blue.", "Salt.", "Gulls cry over grey water."]
 REFERENCE = "The sea sings softly under a pale moon."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None, timeout: float = 120):
-    """(status, JSON body, headers) of one request."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {token}"} if token else {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read()), answer.headers
-    except urllib.error.HTTPError as err:
-        text = err.read()
-        try:
-            return err.code, json.loads(text), err.headers
-        except json.JSONDecodeError:
-            return err.code, {"raw": text.decode(errors="replace")}, err.headers
+call = functools.partial(serve_fixtures.call, token=TOKEN)  # with this server's token unless told otherwise
 
 
 def openrlhf_request(url, data, token, try_max_times=5):
@@ -74,93 +46,59 @@ def openrlhf_request(url, data, token, try_max_times=5):
 
 @pytest.fixture(scope="module")
 def server():
-    """`gram serve tiny` in its own process group; yields its URL and what the first requests (sent while the
+    """`gram serve tiny` (tests/serve_fixtures.py); yields its URL and what the first requests (sent while the
     model was still loading) got back; SIGTERM by PID at the end (the server drains and stops)."""
-    port = _free_port()
-    work = Path(tempfile.mkdtemp(prefix="gs", dir="/tmp"))  # Ray's socket paths must stay short
-    token_file = work / "token"
-    token_file.write_text(TOKEN + "\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(work / "r"), "RAY_AUTH_MODE": "disabled",
-           "GRAM_SERVE_TEST_LOAD_GATE": str(work / "gate"), "GRAM_HOME": str(work / "home"),
-           "GRAM_SERVE_TEST_HOLD": str(work / "hold")}
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "tiny", "--port", str(port), "--token-file", str(token_file),
-           "--max-batch", "64", "--max-queue", "64", "--max-group", "4", "--max-request-tokens", "3000",
-           "--max-body-mb", "0.02", "--cpus-per-replica", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    early = {"hold": work / "hold"}
+    server = GramServe("--max-batch", "64", "--max-queue", "64", "--max-group", "4", "--max-request-tokens", "3000",
+                       "--max-body-mb", "0.02", token=TOKEN, gated=True)
+    url = server.url
+    early = {"hold": server.hold}
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # the app is deployed when /health answers 200
-            assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
-            try:
-                if call(url, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("gram serve did not come up in 300 s:\n" + (work / "serve.log").read_text()[-3000:])
-        while "loading the weights" not in call(url, "/ready")[1].get("error", ""):  # imports done, gate shut
-            assert time.monotonic() < deadline, (work / "serve.log").read_text()[-3000:]
-            time.sleep(0.2)
+        server.wait_until(lambda: call(url, "/health")[0] == 200, "deployed")  # /health: 200 once deployed
+        server.wait_until(lambda: "loading the weights" in call(url, "/ready")[1].get("error", ""),
+                          "loading (imports done, gate shut)")
         body = {"query": [PROMPT + COMPLETIONS[0]], "prompts": [PROMPT], "labels": [REFERENCE]}
         early["loading"] = call(url, "/get_reward", body)
         early["ready_while_loading"] = call(url, "/ready")[0]
         with ThreadPoolExecutor(1) as pool:  # OpenRLHF's client meets the loading server, retries, then gets rewards
             client = pool.submit(openrlhf_request, url + "/get_reward", body, TOKEN)
             time.sleep(1.5)
-            (work / "gate").touch()
+            server.gate.touch()
             early["openrlhf"] = client.result()
         yield url, early
         # The drill: a client gives up while its batch is held mid-scoring, a request fails, a GRPO request
         # passes; then SIGTERM with a request in flight: it is answered in full and the server exits 0 in 10 s.
-        (work / "hold").touch()
+        server.hold.touch()
         with pytest.raises(OSError):  # the client's timeout closes its connection mid-batch
             call(url, "/get_reward", {"query": [PROMPT + c for c in COMPLETIONS], "prompts": [PROMPT] * 4,
                                       "labels": [REFERENCE] * 4}, timeout=1)
         assert call(url, "/get_reward", raw=b'{"query": ["\\ud800"], "prompts": [""], "labels": ["r"]}')[0] == 422
-        (work / "hold").unlink()
+        server.hold.unlink()
         assert call(url, "/v1/grpo", {"groups": [{"prompt": PROMPT, "completions": COMPLETIONS}]})[0] == 200
-        deadline = time.monotonic() + 30
-        while call(url, "/v1/stats")[1]["pending_rows"]:  # the abandoned request gave its admission back
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        # the abandoned request gave its admission back
+        server.wait_until(lambda: call(url, "/v1/stats")[1]["pending_rows"] == 0, "idle", 30)
         bulk = {"query": [PROMPT + c for c in COMPLETIONS * 8], "prompts": [PROMPT] * 32,
                 "labels": [REFERENCE] * 32}
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(call, url, "/get_reward", bulk)
             time.sleep(0.05)
             signalled = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
+            code = server.stop(timeout_s=60)
             status, answer, _ = in_flight.result()
         assert status == 200 and len(answer["rewards"]) == 32
-        assert proc.wait(timeout=60) == 0
-        assert time.monotonic() - signalled < 10
+        assert code == 0 and time.monotonic() - signalled < 10
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
         # No secret and no request text in our log or in Ray's session folder (Ray Serve's replica logs).
-        leaks = files_holding(work, [TOKEN.encode(), COMPLETIONS[1].encode()], skip=[work / "token"])
-        replicas = replica_logs(work)
-        shutil.rmtree(work, ignore_errors=True)
+        leaks, replicas = server.scan(TOKEN.encode(), COMPLETIONS[1].encode())
+        server.close()
         assert leaks == [] and replicas, (leaks, replicas)
 
 
 @pytest.fixture(scope="module")
 def local_judge():
     from gram_core.models import resolve_model_source
-    from gram_core.scorers import open_scorer
-    from tasks.settings import load_preset
 
-    return open_scorer(resolve_model_source("tiny"), load_preset("demo").resolved().judge)
+    return load_served_judge(resolve_model_source("tiny"))
 
 
 def test_before_the_model_loads_503_and_openrlhf_retries_through_it(server):
@@ -341,12 +279,12 @@ def test_texts_that_spell_control_tokens_are_tokenized_as_text(server, local_jud
     ran = call(url, "/v1/stats")[1]["naive_tokens"] - before
 
     def tokens(literal: bool) -> int:
-        encoder.literal = literal
+        before, encoder.literal = encoder.literal, literal
         try:
             return sum(len(encoder.full_ids(encoder.encode(PROMPT, a, b))) - len(encoder.prefix_ids)
                        for a, b in ((response, REFERENCE), (REFERENCE, response)))
         finally:
-            encoder.literal = False
+            encoder.literal = before
 
     assert ran == tokens(True) != tokens(False)
 
@@ -388,23 +326,14 @@ def test_a_failed_load_exits_non_zero_and_says_why(tmp_path):
     the error, instead of serving 503 forever."""
     from gram_core.models import tiny_model_dir
 
-    folder = Path(tempfile.mkdtemp(prefix="gb", dir="/tmp"))
-    shutil.copytree(tiny_model_dir(), folder / "m")
-    for weights in (folder / "m").glob("*.safetensors"):
+    shutil.copytree(tiny_model_dir(), tmp_path / "m")
+    for weights in (tmp_path / "m").glob("*.safetensors"):
         weights.write_bytes(b"not weights")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(folder / "r"), "RAY_AUTH_MODE": "disabled",
-           "GRAM_HOME": str(folder / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(folder / "m"), "--port", str(port),
-                             "--cpus-per-replica", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = GramServe(model=str(tmp_path / "m"))
     try:
-        out, _ = proc.communicate(timeout=150)
+        code = server.proc.wait(timeout=150)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
-    assert proc.returncode not in (0, None) and "model load failed" in out, out[-3000:]
+        out = server.log_text()
+        server.close()
+    assert code != 0 and "model load failed" in out, out[-3000:]
     assert "GET /health: 503 failed" in out, out[-3000:]
-

@@ -11,6 +11,7 @@ import pytest
 from tasks.serving.api import (
     RequestError,
     ServeLimits,
+    batch_parts,
     exposure_error,
     grpo_job,
     openrlhf_job,
@@ -65,6 +66,20 @@ def test_limits_are_checked():
         ServeLimits(reward="raw")
     with pytest.raises(ValueError, match="max_group=16"):
         ServeLimits(max_rows=64)  # a 16-completion group is 240 sequences
+    with pytest.raises(ValueError, match="could never be admitted"):
+        ServeLimits(max_request_rows=8192)  # over the default queue bound of 4096 sequences
+
+
+def test_a_request_over_the_default_row_cap_needs_max_rows_and_is_scored_in_batch_sized_parts():
+    """OpenRLHF < 0.9.1 posts a whole rollout batch: 300 samples, 600 sequences. 413 under the default cap (512,
+    the batch bound); accepted with `--max-rows 1024`, and handed to the batcher in parts of at most 512."""
+    body = {"query": [f"q a{i}" for i in range(300)], "prompts": ["q "] * 300, "labels": ["r"] * 300}
+    with pytest.raises(RequestError) as err:
+        openrlhf_job(body, ServeLimits())
+    assert err.value.status == 413 and "600 sequences" in err.value.reason and "--max-rows" in err.value.reason
+    job = openrlhf_job(body, ServeLimits(max_request_rows=1024))
+    parts = batch_parts(job.pairs, 512)
+    assert [len(p) for p in parts] == [256, 44] and [pair for p in parts for pair in p] == job.pairs
 
 
 # ------------------------------------------------------------------ bad input is a 4xx, never a 500
@@ -227,6 +242,7 @@ def test_the_printed_hint_gives_each_clients_current_flags():
 
     hint = client_hint("http://127.0.0.1:5000")
     for words in ("--reward.remote_url http://127.0.0.1:5000/get_reward", "--data.label_key",
-                  "before 0.10.2: --remote_rm_url, --label_key", "TRL 1.x", "GramReward(url='http://127.0.0.1:5000')",
+                  "before 0.10.2: --remote_rm_url, --label_key", "before 0.9.1", "--max-rows", "TRL 1.x",
+                  "GramReward(url='http://127.0.0.1:5000')",
                   "verl 0.9", "tasks/serving/reward_client.py", "compute_score_batch"):
         assert words in hint

@@ -10,67 +10,29 @@ both checks are drilled, each by the request only it can catch.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from leak_scan import files_holding, replica_logs
+from serve_fixtures import GramServe
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "body-cap-token"
 CAP_MB = 0.02  # 20971 bytes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    """`gram serve tiny` with a 0.02 MB body cap, ready; SIGTERM by PID at the end."""
-    port = _free_port()
-    work = Path(tempfile.mkdtemp(prefix="gb", dir="/tmp"))  # Ray's socket paths must stay short
-    (work / "token").write_text(TOKEN + "\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(work / "r"), "RAY_AUTH_MODE": "disabled",
-           "GRAM_HOME": str(work / "home")}
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "tiny", "--port", str(port), "--token-file",
-           str(work / "token"), "--max-body-mb", str(CAP_MB), "--cpus-per-replica", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    """`gram serve tiny` with a 0.02 MB body cap and a token (tests/serve_fixtures.py), ready; yields its port.
+    At the end: stopped by PID, and no log of ours or Ray Serve's holds the token."""
+    server = GramServe("--max-body-mb", str(CAP_MB), token=TOKEN, prefix="gb")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (work / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield port
+        server.wait_ready()
+        yield server.port
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
         # Ray Serve's replica and proxy logs (under the session folder) as well as our own: no token anywhere.
-        leaks, replicas = files_holding(work, [TOKEN.encode()], skip=[work / "token"]), replica_logs(work)
-        shutil.rmtree(work, ignore_errors=True)
+        leaks, replicas = server.scan(TOKEN.encode())
+        server.close()
         assert leaks == [] and replicas, (leaks, replicas)
 
 

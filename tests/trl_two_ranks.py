@@ -1,6 +1,7 @@
 """Run by tests/test_reward_client.py under torch.distributed.run (2 CPU processes, gloo): TRL's GRPOTrainer for
 two steps with a tiny policy, 4 completions per prompt and 2 per process, so every group is split across the
-ranks; GramReward (group mode, the tiny judge in process) records what each rank saw and returned."""
+ranks; GramReward (group mode) scores through the running `gram serve` at argv[2] and records what each rank
+saw and returned."""
 
 import json
 import os
@@ -9,16 +10,13 @@ import sys
 import datasets
 import trl
 
-from gram_core.config import JudgeConfig
-from gram_core.judging import Judge
 from gram_core.models import build_tiny_model, build_tiny_tokenizer
 from tasks.serving.reward_functions import GramReward
 
-out = sys.argv[1]
+out, url = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
 tokenizer = build_tiny_tokenizer()
-judge = Judge(build_tiny_model(tokenizer, seed=0), tokenizer, JudgeConfig(max_length=512))
-gram = GramReward(judge=judge)
+gram = GramReward(url=url)
 calls = []
 
 

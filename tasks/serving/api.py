@@ -56,7 +56,8 @@ class ServeLimits:
     """What one request may ask for; beyond it the answer is 413 (422 for a bad shape)."""
 
     max_body_bytes: int = 8 * 2**20   # request body
-    max_rows: int = 512               # judge sequences per request (2 per pair); also the batch bound
+    max_rows: int = 512               # judge sequences (2 per pair) per batch: a bigger request is scored in parts
+    max_request_rows: int | None = None  # judge sequences one request may carry (None: max_rows); 413 beyond
     max_request_tokens: int = 2**18   # tokens of all texts of one request
     max_group: int = DEFAULT_MAX_GROUP  # completions per GRPO group: n(n−1)/2 pairs
     max_queue_rows: int = 4096        # sequences admitted and not yet answered, per replica; beyond: 503
@@ -64,14 +65,18 @@ class ServeLimits:
     policy_template: str = "auto"     # /get_reward: the policy's chat template to strip (auto: detect per prompt)
 
     def __post_init__(self) -> None:
+        if self.max_request_rows is None:
+            object.__setattr__(self, "max_request_rows", self.max_rows)
         if self.reward not in ("probability", "logit"):
             raise ValueError(f"reward must be 'probability' or 'logit', got {self.reward!r}")
         if self.policy_template not in POLICY_TEMPLATE_CHOICES:
             raise ValueError(f"policy_template must be one of {', '.join(POLICY_TEMPLATE_CHOICES)}, got "
                              f"{self.policy_template!r}")
-        if self.max_rows < 2 or self.max_queue_rows < self.max_rows:
-            raise ValueError(f"need max_rows >= 2 and max_queue_rows >= max_rows, got {self.max_rows}, "
-                             f"{self.max_queue_rows}")
+        if self.max_rows < 2 or self.max_request_rows < 2 or \
+                self.max_queue_rows < max(self.max_rows, self.max_request_rows):
+            raise ValueError(f"need max_rows >= 2, max_request_rows >= 2 and max_queue_rows >= both (a request over "
+                             f"the queue bound could never be admitted), got {self.max_rows}, "
+                             f"{self.max_request_rows}, {self.max_queue_rows}")
         if self.max_group * (self.max_group - 1) > self.max_rows:
             raise ValueError(f"a GRPO group of max_group={self.max_group} is {self.max_group * (self.max_group - 1)}"
                              f" sequences, more than max_rows={self.max_rows}")
@@ -148,10 +153,18 @@ def _finite(values: np.ndarray, where: str) -> list[float]:
 
 
 def _check_size(job: Job, limits: ServeLimits, what: str) -> Job:
-    if job.rows > limits.max_rows:
+    if job.rows > limits.max_request_rows:
         raise RequestError(413, f"{what}: {len(job.pairs)} pairs ({job.rows} sequences), more than the cap of "
-                           f"{limits.max_rows} sequences per request; split the request")
+                           f"{limits.max_request_rows} sequences per request; split the request (or raise "
+                           "`gram serve --max-rows`)")
     return job
+
+
+def batch_parts(pairs: list[Pair], max_rows: int) -> list[list[Pair]]:
+    """A request's pairs in parts of at most ``max_rows`` judge sequences, each a job for the batcher: a request
+    over the batch bound (allowed by ``max_request_rows``) never makes a bigger batch, so memory stays bounded."""
+    step = max(1, max_rows // 2)
+    return [pairs[i:i + step] for i in range(0, len(pairs), step)]
 
 
 LABEL_HINT = ("labels[i] must be the reference response of query i (the reward is P(response ≻ reference)); "
@@ -272,8 +285,8 @@ def best_of_n_request(body: dict, limits: ServeLimits) -> tuple[str, list[str]]:
     candidates = _strings(body, "candidates")
     if not candidates:
         raise RequestError(422, "candidates: expected a non-empty list of strings")
-    if 2 * len(candidates) > limits.max_rows:
-        raise RequestError(413, f"candidates: {len(candidates)}, more than {limits.max_rows // 2} per request")
+    if 2 * len(candidates) > limits.max_request_rows:
+        raise RequestError(413, f"candidates: {len(candidates)}, more than {limits.max_request_rows // 2} per request")
     return prompt, candidates
 
 
@@ -304,7 +317,8 @@ def request_bounds(limits: ServeLimits) -> dict[str, int]:
 def client_hint(url: str) -> str:
     """The flags each RL client takes, printed at start (docs/serving.md has the full commands)."""
     return (f"OpenRLHF >= 0.10.2: --reward.remote_url {url}/get_reward --data.label_key <reference column> "
-            f"(before 0.10.2: --remote_rm_url, --label_key)\n"
+            f"(before 0.10.2: --remote_rm_url, --label_key; before 0.9.1 one request is a whole rollout batch: "
+            f"serve with --max-rows >= 2 x its samples)\n"
             f"TRL 1.x: GRPOTrainer(reward_funcs=[GramReward(url='{url}')]) from tasks.serving.reward_functions\n"
             f"verl 0.9: GRAM_REWARD_URL={url} with custom_reward_function.path=tasks/serving/reward_client.py "
             f"(name=compute_score, or compute_score_batch with reward_model.reward_manager=batch)")

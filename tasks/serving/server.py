@@ -1,15 +1,16 @@
 """`gram serve`: the judge as a batched reward server on Ray Serve (a FastAPI ingress per replica).
 
 Requests become pairs (tasks/serving/api.py); ``@serve.batch`` gathers the pairs of concurrent requests, up to
-``max_rows`` judge sequences, and one call of ``gram_core.reward_scoring.pairwise`` scores them with each
-shared prefix (template + prompt [+ reference]) run once, in length-sorted forward batches capped in rows and
-padded tokens. The model loads in a thread after the replica starts: until then every scoring endpoint and
-/ready answer 503; a failed load turns /health into a 503 naming the error and stops `gram serve` non-zero.
-Admission is bounded per replica, before any text is tokenized: past ``max_queue_rows`` pending sequences the
-answer is an immediate 503 with Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which
-carries no Retry-After) is never reached: the replica takes enough requests at once to turn the excess away
-itself. Request texts are tokenized literally (``JudgeEncoder.literal``): they never become control tokens. No
-request text is logged. SIGTERM drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
+``max_rows`` judge sequences (a request above it, up to ``max_request_rows``, enters in parts of that size), and
+one call of ``gram_core.reward_scoring.pairwise`` scores them with each shared prefix (template + prompt
+[+ reference]) run once, in length-sorted forward batches capped in rows and padded tokens. The model loads in
+a thread after the replica starts: until then every scoring endpoint and /ready answer 503; a failed load
+turns /health into a 503 naming the error and stops `gram serve` non-zero. Admission is bounded per replica,
+before any text is tokenized: past ``max_queue_rows`` pending sequences the answer is an immediate 503 with
+Retry-After. Ray Serve's own request queue is unbounded, so its 503 (which carries no Retry-After) is never
+reached: the replica takes enough requests at once to turn the excess away itself. Request texts are tokenized
+literally (``JudgeEncoder.literal``): they never become control tokens. No request text is logged. SIGTERM
+drains for at most ``DRAIN_S`` and the process is gone within ``STOP_S``.
 
 One of the Ray modules (tests/test_layers.py): Ray and Ray Serve are imported here and nowhere else.
 """
@@ -42,6 +43,7 @@ from tasks.serving.api import (
     Job,
     RequestError,
     ServeLimits,
+    batch_parts,
     best_of_n_request,
     client_hint,
     grpo_job,
@@ -183,7 +185,11 @@ class RewardServer:
     async def _run(self, pairs: list) -> tuple[Any, Any, Any]:
         if not pairs:  # e.g. an OpenRLHF request with empty lists: an empty answer, not a batch
             return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
-        return await self._score((pairs, time.perf_counter()))
+        # A request over the batch bound (--max-rows above --max-batch) goes to the batcher in parts of at most
+        # max_rows sequences: no batch grows past the bound, and Ray's batcher refuses an item bigger than one.
+        parts = await asyncio.gather(*(self._score((part, time.perf_counter()))
+                                       for part in batch_parts(pairs, self.limits.max_rows)))
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
     def _retry_after(self) -> float:
         busy = self.stats["batch_compute_s"] / max(self.stats["batches"], 1)  # seconds per full batch, roughly
