@@ -22,8 +22,8 @@ from pathlib import Path
 def register(source: str, home: Path) -> None:
     from gram_core.models import resolve_model_source
     from tasks.on_mlflow import model_registry, tracking
-    from tasks.store.artifacts import folder_sha256
     from tasks.settings import MlflowConfig
+    from tasks.store.artifacts import folder_sha256
 
     folder = resolve_model_source(source)
     cfg = MlflowConfig()

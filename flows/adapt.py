@@ -16,12 +16,12 @@ from flows.pipeline import Runner
 from gram_core.sources import SourceConfig
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
+from tasks.on_mlflow.tracking import start_pipeline_run
 from tasks.redaction import process_redacted, redact
 from tasks.register import fetch_registered_model, register, version_tags
-from tasks.store.run_record import pipeline_params, record_run, summarize
 from tasks.settings import DEFAULT_PRESET, PipelineConfig, load_preset
+from tasks.store.run_record import pipeline_params, record_run, summarize
 from tasks.store.state import hold_state_folder
-from tasks.on_mlflow.tracking import start_pipeline_run
 
 DEFAULT_MODEL = "models:/gram-reward-model@champion"
 

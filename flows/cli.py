@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _preflight(config: Any) -> Iterator[None]:
     """Fail before the Prefect API starts (10-20 s) when another run holds the state folder or the tracking
     server is unreachable; hold the folder for the whole command (the flow re-enters the lock)."""
-    from tasks.store.state import hold_state_folder
     from tasks.on_mlflow.tracking import check_tracking_server, resolve_tracking_uri
+    from tasks.store.state import hold_state_folder
 
     with hold_state_folder(config):
         check_tracking_server(resolve_tracking_uri(config.mlflow, config.home))
@@ -333,9 +333,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from flows.errors import InputError
-    from tasks.serving.server import serve_forever
     from tasks.model_source import resolve_model
     from tasks.serving.api import ServeLimits, exposure_error
+    from tasks.serving.server import serve_forever
 
     config = _config(args)
     limits = ServeLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_rows=args.max_batch,
@@ -400,9 +400,9 @@ def _main(args: argparse.Namespace) -> int:
     from flows.errors import error_line, is_expected, quiet_prefect_tracebacks
 
     debug = getattr(args, "debug", False)
-    from tasks.store.locks import LockHeldError
     from tasks.on_mlflow.promotion_gate import PromotionConflict
     from tasks.on_mlflow.tracking import TrackingServerUnreachable
+    from tasks.store.locks import LockHeldError
 
     try:
         if args.command in ("run", "adapt", "study") and not debug:

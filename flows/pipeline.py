@@ -22,13 +22,12 @@ from prefect import flow
 
 from flows.parameters import ConfigOverrides, Preset, overrides_dict
 from tasks.baseline import bradley_terry
-from tasks.store.caching import bind
 from tasks.evaluate import eval_report, evaluate
 from tasks.finetune import finetune
+from tasks.on_mlflow.tracking import start_pipeline_run
 from tasks.pretrain import pretrain
 from tasks.redaction import process_redacted, redact
 from tasks.register import register, version_tags
-from tasks.store.run_record import StageRecord, pipeline_params, record_params, record_run, summarize
 from tasks.settings import (
     DEFAULT_PRESET,
     PipelineConfig,
@@ -39,8 +38,9 @@ from tasks.settings import (
 )
 from tasks.sources import load_source
 from tasks.stage1_pairs import build_stage1_pairs
+from tasks.store.caching import bind
+from tasks.store.run_record import StageRecord, pipeline_params, record_params, record_run, summarize
 from tasks.store.state import hold_state_folder
-from tasks.on_mlflow.tracking import start_pipeline_run
 
 
 class Runner:

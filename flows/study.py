@@ -25,14 +25,14 @@ from gram_core.config import check
 from tasks.baseline import bradley_terry
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
+from tasks.on_mlflow.tracking import start_pipeline_run
 from tasks.pretrain import pretrain
 from tasks.quality_study import record_study, study_report
 from tasks.redaction import process_redacted, redact, redact_value
-from tasks.store.run_record import dropped_rows, pipeline_params
 from tasks.settings import StageSettings
 from tasks.stage1_pairs import build_stage1_pairs
+from tasks.store.run_record import dropped_rows, pipeline_params
 from tasks.store.state import hold_state_folder
-from tasks.on_mlflow.tracking import start_pipeline_run
 
 DEFAULT_STUDY_PRESET = "study"
 

@@ -6,10 +6,10 @@ import dataclasses
 
 from prefect import task
 
-from tasks.store.artifacts import ArtifactRef
-from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import scrub_errors
 from tasks.settings import StageSettings
+from tasks.store.artifacts import ArtifactRef
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.train_stage import base_model_dir, train_stage
 
 

@@ -13,12 +13,12 @@ from prefect import task
 
 from gram_core.artifact_files import CHART_FILE, EVAL_METRICS_FILE, REPORT_FILE
 from gram_core.config import JudgeConfig, ModelConfig
-from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
-from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import RayConfig, StatePaths
+from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.train_stage import base_model_dir, model_folder, model_label
 
 

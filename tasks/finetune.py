@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.store.artifacts import ArtifactRef
-from tasks.store.caching import STAGE_CACHE_POLICY
+from tasks.on_mlflow.tracking import RunHandle
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StageSettings
-from tasks.on_mlflow.tracking import RunHandle
+from tasks.store.artifacts import ArtifactRef
+from tasks.store.caching import STAGE_CACHE_POLICY
 from tasks.train_stage import base_model_dir, train_stage
 
 

@@ -7,10 +7,10 @@ import json
 from prefect import task
 
 from gram_core.artifact_files import STUDY_CHART, STUDY_FILE, STUDY_METRICS
-from tasks.store.artifacts import ArtifactRef, open_store, read_history, read_table_artifact
-from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import scrub_errors
 from tasks.settings import StatePaths
+from tasks.store.artifacts import ArtifactRef, open_store, read_history, read_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 
 
 @task(name="study_report", cache_policy=STAGE_CACHE_POLICY, persist_result=True)

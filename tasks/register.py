@@ -16,14 +16,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from gram_core.config import JudgeConfig
-from tasks.store.artifacts import ArtifactRef, open_store
-from tasks.store.caching import code_version, stage_logger
 from tasks.on_mlflow.model_registry import download_registered_model
+from tasks.on_mlflow.tracking import RunHandle
 from tasks.redaction import scrub_errors
 from tasks.retries import REGISTRY_RETRIES
-from tasks.store.run_record import StageRecord
 from tasks.settings import MlflowConfig, StatePaths
-from tasks.on_mlflow.tracking import RunHandle
+from tasks.store.artifacts import ArtifactRef, open_store
+from tasks.store.caching import code_version, stage_logger
+from tasks.store.run_record import StageRecord
 
 PROMOTION_FIELDS = ("decision", "reason", "candidate_score", "champion_version", "champion_score", "margin")
 

@@ -16,11 +16,11 @@ from prefect.cache_policies import CachePolicy
 
 from data_contracts import DroppedRow, get_contract
 from gram_core.sources import DROPPED_ROWS, SourceConfig, dropped_summary, read_source
-from tasks.store.artifacts import ArtifactRef, open_store, write_table_artifact
-from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.redaction import redact, scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
+from tasks.store.artifacts import ArtifactRef, open_store, write_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 
 
 def source_fingerprint(source: SourceConfig | None) -> str | None:

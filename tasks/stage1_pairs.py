@@ -10,12 +10,12 @@ from prefect import task
 from gram_core.artifact_files import POOL_FILE
 from gram_core.pairs import PairingConfig
 from gram_core.sampling import SamplingConfig
-from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
-from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 from tasks.progress import ProgressLog
 from tasks.redaction import scrub_errors
 from tasks.retries import HUB_RETRIES
 from tasks.settings import StatePaths
+from tasks.store.artifacts import ArtifactRef, open_store, read_table_artifact, write_table_artifact
+from tasks.store.caching import STAGE_CACHE_POLICY, stage_logger
 
 
 def generator_name(source: str) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 from gram_core.config import ModelConfig, config_hash
 from tasks.on_mlflow import tracking as mlf
-from tasks.store.artifacts import TABLE_FILE, ArtifactRef, open_store
-from tasks.store.caching import stage_logger
 from tasks.progress import ProgressLog
 from tasks.settings import StageSettings, StatePaths
+from tasks.store.artifacts import TABLE_FILE, ArtifactRef, open_store
+from tasks.store.caching import stage_logger
 
 
 def base_model_dir(model: ModelConfig) -> str:

@@ -70,8 +70,8 @@ def test_remote_downloads_live_under_gram_home_and_are_hash_checked(tmp_path, mo
 
 
 def test_the_state_folder_travels_as_an_argument_not_through_the_environment(tmp_path, monkeypatch):
-    from tasks.store.artifacts import open_store
     from tasks.settings import state_paths
+    from tasks.store.artifacts import open_store
     from tasks.store.state import hold_state_folder
 
     monkeypatch.setenv("GRAM_HOME", str(tmp_path / "elsewhere"))
@@ -199,8 +199,8 @@ def test_a_killed_drivers_leftover_processes_are_stopped_by_the_next_holder(tmp_
 def test_gc_dry_run_lists_and_apply_removes_only_unreferenced(tmp_path):
     from prefect import flow, task
 
-    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.settings import state_paths
+    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.store.state import collect_garbage
 
     cfg = _config(tmp_path / "home")
@@ -366,8 +366,8 @@ def test_drill_two_state_folders_sharing_a_store_never_clean_or_gc_each_others_f
 
     from prefect import flow, task
 
-    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.settings import load_preset, state_paths
+    from tasks.store.caching import STAGE_CACHE_POLICY, bind
     from tasks.store.state import collect_garbage, hold_state_folder
 
     store_root = tmp_path / "store"

@@ -405,12 +405,12 @@ def test_shared_data_evaluate_and_build_pairs(shared_data, env, tmp_path):
     from gram_core.pairs import PairingConfig
     from gram_core.sampling import SamplingConfig
     from gram_core.sources import SourceConfig
-    from tasks.store.artifacts import ArtifactStore, read_table_artifact
-    from tasks.store.caching import bind
     from tasks.evaluate import evaluate
     from tasks.settings import load_preset, state_paths
     from tasks.sources import load_source
     from tasks.stage1_pairs import build_stage1_pairs
+    from tasks.store.artifacts import ArtifactStore, read_table_artifact
+    from tasks.store.caching import bind
 
     paths = state_paths(load_preset("smoke"))
     # The shared pool holds four responses that are a lone zero-width space: a contract error (issue 16); the

@@ -475,8 +475,8 @@ def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, mode
     removing its `.download-*` folder."""
     import threading
 
-    from tasks.store.artifacts import folder_sha256
     from tasks.settings import load_preset
+    from tasks.store.artifacts import folder_sha256
     from tasks.store.state import collect_garbage
 
     cfg, uri = MlflowConfig(model_name="judge-cold"), mlflow_uri()

@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 from serve_fixtures import ROOT, free_port
 
-from tasks.serving.reward_client import GramServerClient, _chunks, compute_score, compute_score_batch, group_cost
+from tasks.serving.reward_client import (
+    GramServerClient,
+    _chunks,
+    compute_score,
+    compute_score_batch,
+    group_cost,
+)
 
 
 def _stub_reward(prompt: str, completion: str, reference: str | None) -> float:

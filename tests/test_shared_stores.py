@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.settings import StatePaths, load_preset, state_paths
 from tasks.store.artifacts import MANIFEST, ArtifactStore
 from tasks.store.ref_records import read_records, record_path
-from tasks.settings import StatePaths, load_preset, state_paths
 from tasks.store.state import USERS, collect_garbage, hold_state_folder, home_id
 
 ROOT = Path(__file__).resolve().parents[1]

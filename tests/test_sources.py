@@ -10,10 +10,10 @@ import pytest
 from data_contracts import ContractError
 from gram_core.config import JudgeConfig
 from gram_core.sources import DROPPED_ROWS, SourceConfig, dropped_params
-from tasks.store.artifacts import open_store, read_table_artifact
 from tasks.register import eval_set_id
 from tasks.settings import load_preset, state_paths
 from tasks.sources import load_source
+from tasks.store.artifacts import open_store, read_table_artifact
 
 
 def bench(path, n: int = 30, same: tuple[int, ...] = ()) -> str:

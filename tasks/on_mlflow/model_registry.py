@@ -47,9 +47,7 @@ from mlflow.types import ColSpec, Schema
 from gram_core.config import JudgeConfig, to_dict
 from gram_core.folders import write_json
 from tasks.on_mlflow import judge_pyfunc
-from tasks.store.artifacts import HASH_CHARS, folder_sha256
 from tasks.on_mlflow.judge_pyfunc import INPUT_COLUMNS
-from tasks.store.locks import file_lock
 from tasks.on_mlflow.promotion_gate import (  # noqa: F401  (the gate's names, also read from here)
     CANDIDATE,
     CHAMPION,
@@ -60,9 +58,11 @@ from tasks.on_mlflow.promotion_gate import (  # noqa: F401  (the gate's names, a
     promotion_lock_path,
     registry_key,
 )
+from tasks.on_mlflow.tracking import model_version_url, use_tracking_uri
 from tasks.redaction import redact
 from tasks.settings import MlflowConfig
-from tasks.on_mlflow.tracking import model_version_url, use_tracking_uri
+from tasks.store.artifacts import HASH_CHARS, folder_sha256
+from tasks.store.locks import file_lock
 
 ARTIFACT_NAME = "judge"  # LoggedModel name inside the run
 CONTENT_TAG = "model_sha256"  # a version's identity: the SHA-256 of its model folder

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gram_core.config import TrainConfig
-from tasks.store.leftover_processes import RuntimeRecord
 from tasks.settings import RayConfig, StatePaths
+from tasks.store.leftover_processes import RuntimeRecord
 
 log = logging.getLogger(__name__)
 

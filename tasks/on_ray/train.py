@@ -28,10 +28,10 @@ from typing import Any
 
 from gram_core.artifact_files import MODEL_DIR, TRAIN_HISTORY_FILE
 from gram_core.folders import write_folder
-from tasks.store.artifacts import read_history_rows, write_train_history
 from tasks.on_ray.runtime import ProgressRelay, ray_runtime, reachable_uri, uri_exists, wants_gpu
 from tasks.on_ray.worker import WorkerJob, final_marker, train_loop
 from tasks.settings import StageSettings
+from tasks.store.artifacts import read_history_rows, write_train_history
 from tasks.store.state import SCRATCH
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from gram_core.artifact_files import FINAL_FILE, MODEL_DIR, STATE_FILE, TRAIN_HISTORY_FILE
 from gram_core.config import EncodeConfig, ModelConfig, TrainConfig
-from tasks.store.artifacts import write_history_rows
 from tasks.on_ray.runtime import local_copy
+from tasks.store.artifacts import write_history_rows
 
 if TYPE_CHECKING:
     from gram_core.stages import Stage

@@ -23,12 +23,12 @@ from gram_core.comparison_report import COLUMNS
 from gram_core.report import pct
 from gram_core.sources import DROPPED_ROWS, dropped_params
 from tasks.on_mlflow import tracking as mlf
-from tasks.store.artifacts import ArtifactRef, ArtifactStore, open_store, read_history
-from tasks.store.caching import code_version
 from tasks.on_mlflow.model_registry import current_aliases
+from tasks.on_mlflow.tracking import RunHandle
 from tasks.redaction import redact, redact_value, scrub_errors
 from tasks.settings import StageSettings, StatePaths
-from tasks.on_mlflow.tracking import RunHandle
+from tasks.store.artifacts import ArtifactRef, ArtifactStore, open_store, read_history
+from tasks.store.caching import code_version
 
 TRAINED_STAGES = {"finetune": "trained", "bradley_terry": "bt"}  # stage -> its column key in the summary
 

@@ -31,11 +31,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.settings import PipelineConfig, StatePaths, state_paths
 from tasks.store.artifacts import MANIFEST, open_store
 from tasks.store.leftover_processes import stop_leftovers
 from tasks.store.locks import LockHeldError, file_lock
 from tasks.store.ref_records import read_records
-from tasks.settings import PipelineConfig, StatePaths, state_paths
 
 LOCK_FILE = ".gram.lock"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
