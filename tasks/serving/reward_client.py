@@ -137,9 +137,7 @@ def _scores(prompts: list[str], solutions: list[str], references: list[str]) -> 
     if not model:
         raise RuntimeError("compute_score: set GRAM_REWARD_URL (a `gram serve` server) or GRAM_REWARD_MODEL "
                            "(a judge folder, .gguf, smollm2 or tiny, scored in process)")
-    from tasks.serving.reward_functions import (
-        local_rewards_vs_reference,  # torch and the judge: only on this path
-    )
+    from tasks.serving.local_judge import local_rewards_vs_reference  # torch and the judge: only on this path
 
     return local_rewards_vs_reference(model, prompts, solutions, references)
 

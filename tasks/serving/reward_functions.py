@@ -15,7 +15,6 @@ are retried after their Retry-After (like OpenRLHF's client, 5 tries by default)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +27,7 @@ from tasks.serving.reward_client import (
     message_text,
 )
 
-__all__ = ["GramReward", "GramServerClient", "compute_score", "compute_score_batch", "local_rewards_vs_reference",
-           "message_text"]
+__all__ = ["GramReward", "GramServerClient", "compute_score", "compute_score_batch", "message_text"]
 
 
 def _groups_by_prompt(prompts: Sequence[str]) -> list[list[int]]:
@@ -115,18 +113,3 @@ def _distributed() -> Any:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist
     return None
-
-
-@functools.lru_cache(maxsize=1)
-def _local_judge(model: str) -> Any:
-    from gram_core.config import JudgeConfig
-    from gram_core.models import resolve_model_source
-    from gram_core.scorers import open_scorer
-
-    return open_scorer(resolve_model_source(model), JudgeConfig())
-
-
-def local_rewards_vs_reference(model: str, prompts: list[str], solutions: list[str],
-                               references: list[str]) -> list[float]:
-    """P(solution ≻ reference) from the judge ``model`` loaded in this process (once), for verl without a server."""
-    return [float(v) for v in rewards_vs_reference(_local_judge(model), prompts, solutions, references, share=True)]
