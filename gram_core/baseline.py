@@ -30,7 +30,7 @@ from gram_core.encoding import (
     split_chat_template,
     tokenize,
 )
-from gram_core.judging import PairScores
+from gram_core.judging import PairScores, Reporter
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
 from gram_core.shared_forward import SharedJudgeForward, collate_shared_judge, supports
@@ -198,8 +198,9 @@ class BTScorer:
         self.system_prompt = system_prompt
         self.encoder = RewardEncoder(tokenizer, max_length, system_prompt=system_prompt)
 
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """r(x, y) per row (float64), in row order; batches are length-grouped to limit padding."""
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str], reporter: Reporter | None = None) -> np.ndarray:
+        """r(x, y) per row (float64), in row order; batches are length-grouped to limit padding. ``reporter``
+        hears of each batch's sequences (a progress bar or callback)."""
         if len(prompts) != len(responses):
             raise ValueError(f"BTScorer.rewards: {len(prompts)} prompts but {len(responses)} responses")
         seqs = [self.encoder.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -212,6 +213,8 @@ class BTScorer:
                 for batch in length_grouped_batches([len(s) for s in seqs], self.batch_size, shuffle=False):
                     ids, mask = pad_right([seqs[i] for i in batch], self.tokenizer.pad_token_id)
                     out[batch] = self.model(ids.to(device), mask.to(device)).double().cpu().numpy()
+                    if reporter is not None:
+                        reporter.update(len(batch))
         finally:
             self.model.train(was_training)
         return out
@@ -220,7 +223,12 @@ class BTScorer:
                    progress=None, ids=None):
         """P(y1 ≻ y2) = σ(r1 − r2) as PairScores (both "orders" equal: a scalar model has no slots): how
         ``reward_scoring.pairwise`` reads a BTScorer, so every operation and ``scorers.score_table`` take one."""
-        r1, r2 = self.rewards(list(prompts), list(responses_1)), self.rewards(list(prompts), list(responses_2))
+        reporter = Reporter(progress, 2 * len(prompts), "scoring")  # progress(done, total) per batch, or a bar
+        try:
+            r1 = self.rewards(list(prompts), list(responses_1), reporter)
+            r2 = self.rewards(list(prompts), list(responses_2), reporter)
+        finally:
+            reporter.close()
         p = 1.0 / (1.0 + np.exp(-(r1 - r2)))
         return PairScores(p_order1=p, p_order2=p, p=p)
 

@@ -50,7 +50,7 @@ class PairScores:
         return cls(p_order1=p_order1, p_order2=p_order2, p=(p_order1 + p_order2) / 2)
 
 
-class _Reporter:
+class Reporter:
     """Calls progress(done, total) after each batch, or drives a tqdm bar when progress is True."""
 
     def __init__(self, progress: Progress, total: int, desc: str) -> None:
@@ -149,7 +149,7 @@ class Judge:
         seqs = self._encode(prompts, responses_a, responses_b, ids)
         # Deterministic length grouping (no shuffle): little padding, and the last batch may be partial.
         batches = length_grouped_batches([len(s) for s in seqs], self.config.batch_size, seed=0, shuffle=False)
-        reporter = _Reporter(progress, n, "judging")
+        reporter = Reporter(progress, n, "judging")
         try:
             with self._eval():
                 for batch in batches:
@@ -189,7 +189,7 @@ class Judge:
         pair_batches = length_grouped_batches([max(len(seqs[i]), len(seqs[n + i])) for i in range(n)],
                                               self.config.batch_size // 2, seed=0, shuffle=False)
         out = np.full(2 * n, np.nan, dtype=np.float64)
-        reporter = _Reporter(progress, 2 * n, "judging")
+        reporter = Reporter(progress, 2 * n, "judging")
         try:
             with self._eval():
                 for pairs in pair_batches:

@@ -206,10 +206,11 @@ def pairwise(scorer, prompts: Sequence[str], responses_1: Sequence[str], respons
       server, the pyfunc, the TRL/verl reward functions.
 
     Any other scorer (a scalar reward model, ``BTScorer``) is read with its own ``preference``: σ(r1 − r2), one
-    order, so p_order1 = p_order2 = p; ``share``, ``batching`` and ``progress`` do not apply and are ignored.
+    order, so p_order1 = p_order2 = p; ``progress`` hears of its sequences, ``share`` and ``batching`` do not
+    apply and are ignored.
     """
     if not isinstance(scorer, Judge):
-        return scorer.preference(prompts, responses_1, responses_2)
+        return scorer.preference(prompts, responses_1, responses_2, progress=progress)
     if share is None:
         if batching:
             raise TypeError(f"pairwise: {sorted(batching)} apply only with share=True or share=False")

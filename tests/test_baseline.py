@@ -67,8 +67,10 @@ def test_bradley_terry_learns_toy_preference_and_round_trips(tiny_tokenizer, tmp
     p1, p2 = scores["p_chosen_order1"].to_numpy(), scores["p_chosen_order2"].to_numpy()
     np.testing.assert_array_equal(p1, p2)  # a scalar reward has no slot order
 
+    heard = []  # progress(done, total) after each batch of sequences, as the evaluate task logs it
     saved = BTScorer.load(scorer.save(tmp_path / "bt"))
-    again = score_table(saved, held_out)
+    again = score_table(saved, held_out, progress=lambda done, total: heard.append((done, total)))
+    assert len(heard) > 2 and heard[-1] == (128, 128) and heard == sorted(heard)
     np.testing.assert_allclose(again["p_chosen"].to_numpy(), scores["p_chosen"].to_numpy(), atol=1e-5)
 
 
