@@ -27,6 +27,7 @@ from gram_core.judge_settings import JUDGE_SETTINGS_FILE, check_template, resolv
 from gram_core.judging import Judge
 from gram_core.models import load_model
 from gram_core.precision import default_device, inference_dtype
+from gram_core.report import is_correct
 from gram_core.reward_scoring import pairwise
 
 __all__ = ["folder_kind", "is_scalar", "open_scorer", "score_table"]
@@ -106,5 +107,5 @@ def score_table(scorer, table: pa.Table | Mapping[str, Sequence[Any]], progress=
         "p_chosen_order1": scores.p_order1,
         "p_chosen_order2": scores.p_order2,
         "p_chosen": scores.p,
-        "correct": scores.p > 0.5,  # strict: a tie counts as wrong
+        "correct": is_correct(scores.p),  # the one tie rule (gram_core.report): a tie counts as wrong
     }, schema=SCORES.schema)
