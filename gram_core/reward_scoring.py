@@ -206,11 +206,13 @@ def pairwise(scorer, prompts: Sequence[str], responses_1: Sequence[str], respons
       server, the pyfunc, the TRL/verl reward functions.
 
     Any other scorer (a scalar reward model, ``BTScorer``) is read with its own ``preference``: σ(r1 − r2), one
-    order, so p_order1 = p_order2 = p; ``progress`` hears of its sequences, ``share`` and ``batching`` do not
-    apply and are ignored.
+    order, so p_order1 = p_order2 = p; ``progress``, when given, hears of its sequences (a scorer whose
+    ``preference(prompts, responses_1, responses_2)`` takes no ``progress`` works without one); ``share`` and
+    ``batching`` do not apply and are ignored.
     """
-    if not isinstance(scorer, Judge):
-        return scorer.preference(prompts, responses_1, responses_2, progress=progress)
+    if not isinstance(scorer, Judge):  # a user's scorer may take no progress: pass it only when there is one
+        extra = {} if progress is None else {"progress": progress}
+        return scorer.preference(prompts, responses_1, responses_2, **extra)
     if share is None:
         if batching:
             raise TypeError(f"pairwise: {sorted(batching)} apply only with share=True or share=False")
