@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gram_core.evidence import accuracy_interval, starter_clusters
 from gram_core.judging import Judge
 from gram_core.losses import optimal_margin
 from gram_core.models import load_model
@@ -43,10 +44,23 @@ def accuracy(scores, keep) -> float | None:
     return float(np.mean(chosen)) if chosen else None
 
 
-def readout(scores) -> dict:
-    return {"accuracy": accuracy(scores, lambda s: True),
-            "in_distribution": accuracy(scores, lambda s: s not in HELDOUT_SUBSETS),
-            "heldout": accuracy(scores, lambda s: s in HELDOUT_SUBSETS),
+def accuracy_bars(scores, keep, clusters) -> list[float] | None:
+    """[low, high]: the template-cluster bootstrap interval (gram_core.evidence) of ``accuracy``."""
+    subsets, correct = scores.column("subset").to_pylist(), scores.column("correct").to_pylist()
+    kept = [i for i, s in enumerate(subsets) if keep(s)]
+    if not kept:
+        return None
+    bars = accuracy_interval([float(correct[i]) for i in kept], [clusters[i] for i in kept] if clusters else None)
+    return [round(bars["low"], 4), round(bars["high"], 4)]
+
+
+def readout(scores, clusters=None) -> dict:
+    """Accuracies (overall, in-distribution, held-out, per subset) with 95 % intervals, and consistency;
+    ``clusters``: a template key per row of ``scores`` (gram_core.evidence.starter_clusters) or None."""
+    parts = {"accuracy": lambda s: True, "in_distribution": lambda s: s not in HELDOUT_SUBSETS,
+             "heldout": lambda s: s in HELDOUT_SUBSETS}
+    return {**{name: accuracy(scores, keep) for name, keep in parts.items()},
+            **{f"{name}_interval": accuracy_bars(scores, keep, clusters) for name, keep in parts.items()},
             "subsets": {s: accuracy(scores, lambda x, s=s: x == s)
                         for s in dict.fromkeys(scores.column("subset").to_pylist())},
             "position_consistency": position_consistency(scores)}
@@ -91,6 +105,7 @@ def main() -> None:
     began = time.time()
     model, tokenizer = load_model(cfg.model)
     table = eval_table(args, rows, cfg)
+    clusters = starter_clusters(table.to_pylist())
     frontier, paused = [], [0.0]
 
     def show(step: int, metrics: dict) -> None:
@@ -100,7 +115,7 @@ def main() -> None:
         if args.eval_every and step % args.eval_every == 0:
             t = time.time()
             point = {"step": step, "train_minutes": round((t - began - paused[0]) / 60, 2),
-                     **readout(score_table(Judge(model, tokenizer, cfg.judge), table))}
+                     **readout(score_table(Judge(model, tokenizer, cfg.judge), table), clusters)}
             paused[0] += time.time() - t  # scoring time is not training time
             frontier.append(point)
             print(f"  frontier {json.dumps(point)}", flush=True)
@@ -120,7 +135,7 @@ def main() -> None:
                             + cfg.finetune.label_smoothing / 2 * optimal_margin(cfg.finetune.label_smoothing))
         if cfg.finetune.label_smoothing else 0.0,
         "eval_rows": table.num_rows, "eval": "train pairs" if args.eval_train else "starter eval",
-        **({k: v for k, v in final.items() if k not in ("step", "train_minutes")} if final else readout(scores)),
+        **({k: v for k, v in final.items() if k not in ("step", "train_minutes")} if final else readout(scores, clusters)),
         "frontier": frontier,
         "train_minutes": round(train_minutes, 2), "total_minutes": round((time.time() - began) / 60, 2),
         "steps_to_loss_0.6": steps_below([h["train/loss"] for h in result.history], 0.6),
