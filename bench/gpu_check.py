@@ -30,7 +30,7 @@ from gram_core.config import EncodeConfig, JudgeConfig, ModelConfig, TrainConfig
 from gram_core.encoding import JudgeEncoder
 from gram_core.judging import Judge
 from gram_core.models import load_model
-from gram_core.training import train_judge
+from gram_core.plans import train_judge
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STARTER = Path(__file__).resolve().parents[1] / "gram_core" / "starter"

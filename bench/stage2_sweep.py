@@ -24,10 +24,10 @@ from gram_core.evidence import accuracy_interval, starter_clusters
 from gram_core.judging import Judge
 from gram_core.losses import optimal_margin
 from gram_core.models import load_model
+from gram_core.plans import train_judge
 from gram_core.rewardbench import position_consistency
 from gram_core.scorers import score_table
 from gram_core.starter import HELDOUT_SUBSETS, starter_eval, starter_preferences
-from gram_core.training import train_judge
 from tasks.settings import load_preset
 
 

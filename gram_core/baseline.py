@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from gram_core.batching import length_grouped_batches, pad_right
+from gram_core.batching import length_grouped_batches, pad_right, preference_groups, total_steps
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.encoding import (
     DEFAULT_RESPONSE_FLOOR,
@@ -33,8 +33,9 @@ from gram_core.encoding import (
 from gram_core.judging import PairScores, Reporter
 from gram_core.losses import bradley_terry_loss
 from gram_core.models import load_tokenizer, save_model
+from gram_core.plans import Plan, frozen_cache_bytes, run_plan
 from gram_core.shared_forward import SharedJudgeForward, collate_shared_judge, supports
-from gram_core.training import Plan, TrainResult, frozen_cache_bytes, preference_groups, run_plan, total_steps
+from gram_core.training import TrainResult
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_META = "reward_head.json"

@@ -20,7 +20,8 @@ from gram_core.baseline import BTScorer, plan_bradley_terry
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.judge_settings import judge_settings, write_judge_settings
 from gram_core.models import save_model
-from gram_core.training import Plan, TrainResult, plan_judge, plan_pretrain, run_plan
+from gram_core.plans import Plan, plan_judge, plan_pretrain, run_plan
+from gram_core.training import TrainResult
 
 PlanFn = Callable[[torch.nn.Module, Any, Iterable[dict], TrainConfig, EncodeConfig], Plan]
 # save(trained module, tokenizer, encode config, folder, state_dict): writes the stage's model folder.

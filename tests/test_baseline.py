@@ -9,8 +9,8 @@ from data_contracts import SCORES, validate
 from gram_core.baseline import BTScorer, RewardEncoder, RewardModel, bt_train_config, train_bradley_terry
 from gram_core.config import EncodeConfig, TrainConfig
 from gram_core.models import build_tiny_model
+from gram_core.plans import train_judge
 from gram_core.scorers import score_table
-from gram_core.training import train_judge
 
 LETTERS = "bcdfghjklmnpqrstvwxz"
 

@@ -18,8 +18,8 @@ STEPS = 96  # 24 epochs of 16 pairs x 2 orders, 8 sequences per step
 def test_smollm2_overfits_starter_pairs_in_both_orders():
     from gram_core.judging import Judge
     from gram_core.models import ModelSourceError, load_model
+    from gram_core.plans import train_judge
     from gram_core.starter import starter_preferences
-    from gram_core.training import train_judge
     from tasks.settings import load_preset
 
     cfg = load_preset("demo", [f"finetune.max_steps={STEPS}", "finetune.label_smoothing=0.0"])

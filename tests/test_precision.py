@@ -9,8 +9,8 @@ from toy_data import better_pairs as toy_pairs
 
 from gram_core.config import EncodeConfig
 from gram_core.models import build_tiny_model
+from gram_core.plans import train_judge, train_pretrain
 from gram_core.precision import LowPrecisionParamsError, check_master_weights, inference_dtype
-from gram_core.training import train_judge, train_pretrain
 from tasks.settings import load_preset
 
 

@@ -143,7 +143,7 @@ def _finetune_artifacts(home: Path) -> list[Path]:
 def _reference_losses(home: Path) -> list[float]:
     """Per-step train/loss of an uninterrupted in-process training on the same data and config."""
     from gram_core.models import load_model
-    from gram_core.training import train_judge
+    from gram_core.plans import train_judge
     from tasks.on_ray.worker import read_rows
     from tasks.settings import load_preset
     from tasks.train_stage import base_model_dir

@@ -11,9 +11,9 @@ from toy_data import better_pairs as toy_pairs
 from gram_core.baseline import BTScorer, train_bradley_terry
 from gram_core.config import ConfigError, EncodeConfig, ModelConfig, TrainConfig, from_dict
 from gram_core.models import apply_trainable, build_tiny_model, build_tiny_tokenizer, save_model
+from gram_core.plans import train_judge, train_pretrain
 from gram_core.sharding import full_state_dict
 from gram_core.steps import judge_step_fn
-from gram_core.training import train_judge, train_pretrain
 from tasks.settings import load_preset
 
 ENCODE = EncodeConfig(max_length=512, order="random_half")

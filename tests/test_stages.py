@@ -15,7 +15,7 @@ import torch
 from gram_core import stages
 from gram_core.config import EncodeConfig, TrainConfig, field
 from gram_core.models import build_tiny_model
-from gram_core.training import plan_judge
+from gram_core.plans import plan_judge
 from tasks.settings import PipelineConfig, stage_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ import torch
 from gram_core.config import EncodeConfig, JudgeConfig, ModelConfig, TrainConfig
 from gram_core.losses import IGNORE_INDEX, lm_loss, optimal_margin
 from gram_core.models import apply_trainable, build_tiny_model
+from gram_core.plans import train_judge, train_pretrain
 from gram_core.steps import collate_judge, collate_pretrain, judge_step_fn, pretrain_step_fn
-from gram_core.training import NonFiniteLossError, train, train_judge, train_pretrain
+from gram_core.training import NonFiniteLossError, train
 
 WORDS = "red green blue cat dog sun moon tree river stone".split()
 
@@ -272,7 +273,7 @@ def test_prefix_once_per_step_trains_like_full_sequences(tiny_tokenizer):
 
 def test_pretrain_on_pairs_lowers_held_out_lm_loss(tiny_model, tiny_tokenizer):
     from gram_core.encoding import PretrainEncoder, encode_unlabeled_pairs
-    from gram_core.training import as_unlabeled
+    from gram_core.plans import as_unlabeled
 
     encoder = PretrainEncoder(tiny_tokenizer, 256)
     held_out, _ = encode_unlabeled_pairs(encoder, as_unlabeled(toy_pairs(16, seed=5)))
