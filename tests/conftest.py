@@ -74,6 +74,17 @@ def mlflow_root(tmp_path_factory):
         assert list(cwd.iterdir()) == [], "nothing may be written to the working directory (./mlruns)"
 
 
+@pytest.fixture(scope="module")
+def mlflow_store(mlflow_root):
+    """``mlflow_root`` with the default experiment created: one sqlite store per module (creating the database
+    costs seconds), so each test uses its own model name."""
+    from tasks.on_mlflow import tracking
+    from tasks.settings import MlflowConfig
+
+    tracking.ensure_experiment(MlflowConfig(), mlflow_root / "home")
+    return mlflow_root
+
+
 @pytest.fixture(scope="session")
 def sharp_tiny_dir(tmp_path_factory):
     """A tiny judge whose probabilities spread (tests/serve_fixtures.py), saved once per session."""

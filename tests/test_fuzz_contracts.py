@@ -9,6 +9,7 @@ row; nothing else is ever raised.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -249,18 +250,28 @@ def _write(path: Path, fmt: str, rows: list[dict], contract) -> None:
                                               for v in vals]) for k, vals in columns.items()}), path)
 
 
+@contextlib.contextmanager
+def _written(rows, fmt: str, contract):
+    """A temporary ``data.<fmt>`` holding ``rows``; None when pyarrow cannot even write them (an int beyond
+    int64 in Parquet): then there is no file to read."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"data.{fmt}"
+        try:
+            _write(path, fmt, rows, contract)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            path = None
+        yield path
+
+
 @FUZZ
 @given(contract_rows(), st.sampled_from(["jsonl", "json", "csv", "parquet"]))
 def test_every_contract_and_reader_gives_a_table_or_a_contract_error(case, fmt):
     """Any values (surrogates, NUL, huge ints, long texts, duplicates, no rows) in any contract and format: the
     reader returns the rows or raises ContractError; nothing else."""
     contract, rows = case
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"data.{fmt}"
-        try:
-            _write(path, fmt, rows, contract)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            return  # pyarrow cannot even write it (an int beyond int64 in Parquet): no file to read
+    with _written(rows, fmt, contract) as path:
+        if path is None:
+            return
         try:
             table = read_table(path, contract)
         except ContractError as err:
@@ -275,11 +286,8 @@ def test_dropping_invalid_rows_keeps_only_valid_rows_and_accounts_for_every_row(
     """drop_invalid on any values, any contract and format: a ContractError with nothing dropped, or a table that
     passes the strict contract, whose rows plus the dropped ones (each once, in order) are the file's rows."""
     contract, rows = case
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"data.{fmt}"
-        try:
-            _write(path, fmt, rows, contract)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+    with _written(rows, fmt, contract) as path:
+        if path is None:
             return
         dropped = []
         try:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from registry_versions import alias_version, mlflow_uri, new_version
 
 from tasks.on_mlflow import model_registry, tracking
 from tasks.settings import MlflowConfig
@@ -17,13 +18,6 @@ ROWS = pd.DataFrame({
     "response_a": ["4", "Blue, like the sky on a clear day.", "Hello there!"],
     "response_b": ["5", "Seven.", "hi"],
 })
-
-
-@pytest.fixture(scope="module")
-def store(mlflow_root):
-    """One sqlite store for the module (DB creation costs seconds); each test uses its own model name."""
-    tracking.ensure_experiment(MlflowConfig(), mlflow_root / "home")
-    return mlflow_root
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +51,14 @@ def _register(store: Path, model_dir: Path, cfg: MlflowConfig, score: float, eva
                                              {"config_hash": "c0ffee", "data/train_sha256": "d00d"}, eval_set)
 
 
-def _alias(client: MlflowClient, name: str, alias: str) -> str:
-    return str(client.get_model_version_by_alias(name, alias).version)  # an int on sqlite stores
-
-
-def _new_version(client: MlflowClient, name: str, score: float, eval_set: str, metric: str,
-                 source: str = "/nonexistent/bare-model") -> str:
-    """A bare registry version with eval tags (for gate cases that need no logged model)."""
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    version = str(client.create_model_version(name, source=source).version)
-    client.set_model_version_tag(name, version, metric, repr(score))
-    client.set_model_version_tag(name, version, "eval_set_id", eval_set)
-    return version
-
-
-def test_register_versions_aliases_and_gate(store, variants):
+def test_register_versions_aliases_and_gate(mlflow_store, variants):
     cfg = MlflowConfig(model_name="judge-seq", promotion_margin=0.05)
     client = MlflowClient()
 
-    v1 = _register(store, variants(1), cfg, 0.60)
+    v1 = _register(mlflow_store, variants(1), cfg, 0.60)
     assert (v1.version, v1.promotion.decision, v1.promotion.reason) == ("1", "promoted", "no champion yet")
-    assert _alias(client, "judge-seq", "champion") == "1"
-    assert _alias(client, "judge-seq", "candidate") == "1"
+    assert alias_version(client, "judge-seq", "champion") == "1"
+    assert alias_version(client, "judge-seq", "candidate") == "1"
     tags = client.get_model_version("judge-seq", "1").tags
     assert tags["config_hash"] == "c0ffee" and tags["data/train_sha256"] == "d00d"
     assert tags["eval_set_id"] == "rb-lite-v1"
@@ -88,54 +67,54 @@ def test_register_versions_aliases_and_gate(store, variants):
     assert v1.model_uri == "models:/judge-seq/1" and v1.logged_model_uri.startswith("models:/m-")
     assert client.get_model_version("judge-seq", "1").run_id == v1.run_id
 
-    v2 = _register(store, variants(2), cfg, 0.55)
+    v2 = _register(mlflow_store, variants(2), cfg, 0.55)
     assert (v2.version, v2.promotion.decision) == ("2", "kept")
-    assert _alias(client, "judge-seq", "champion") == "1"
-    assert _alias(client, "judge-seq", "candidate") == "2"
+    assert alias_version(client, "judge-seq", "champion") == "1"
+    assert alias_version(client, "judge-seq", "candidate") == "2"
     tags = client.get_model_version("judge-seq", "2").tags
     assert tags["promotion/decision"] == "kept"
     assert float(tags["promotion/candidate_score"]) == 0.55 and float(tags["promotion/champion_score"]) == 0.60
     assert tags["promotion/champion_version"] == "1"
     assert "0.55 <= champion v1 0.6 + margin 0.05" in tags["promotion/reason"]
 
-    v3 = _register(store, variants(3), cfg, 0.70)  # 0.70 > 0.60 + 0.05
+    v3 = _register(mlflow_store, variants(3), cfg, 0.70)  # 0.70 > 0.60 + 0.05
     assert v3.promotion.promoted and v3.promotion.champion_version == "1"
-    assert _alias(client, "judge-seq", "champion") == "3"
+    assert alias_version(client, "judge-seq", "champion") == "3"
     assert client.get_model_version("judge-seq", "1").tags["promotion/superseded_by"] == "3"
 
 
-def test_gate_margin_is_strict_and_eval_sets_must_match(store):
+def test_gate_margin_is_strict_and_eval_sets_must_match(mlflow_store):
     client, name, metric = MlflowClient(), "judge-gate", "rewardbench/overall"
-    champion = _new_version(client, name, 0.70, "set-a", metric)
+    champion = new_version(client, name, 0.70, "set-a", metric)
     assert model_registry.promote_if_better(client, name, champion, metric, 0.05, "set-a").promoted
 
-    within = _new_version(client, name, 0.74, "set-a", metric)  # 0.74 <= 0.70 + 0.05: not enough
+    within = new_version(client, name, 0.74, "set-a", metric)  # 0.74 <= 0.70 + 0.05: not enough
     decision = model_registry.promote_if_better(client, name, within, metric, 0.05, "set-a")
     assert (decision.decision, decision.champion_score, decision.candidate_score) == ("kept", 0.70, 0.74)
 
-    other_set = _new_version(client, name, 0.99, "set-b", metric)  # far better, but on another eval set
+    other_set = new_version(client, name, 0.99, "set-b", metric)  # far better, but on another eval set
     decision = model_registry.promote_if_better(client, name, other_set, metric, 0.05, "set-b")
     assert decision.decision == "kept" and decision.champion_eval_set_id == "set-a"
     assert "not comparable" in decision.reason and "'set-b'" in decision.reason
-    assert _alias(client, name, "champion") == champion
+    assert alias_version(client, name, "champion") == champion
     assert client.get_model_version(name, other_set).tags["promotion/decision"] == "kept"
 
     again = model_registry.promote_if_better(client, name, champion, metric, 0.05, "set-a")
     assert again.decision == "kept" and "already the champion" in again.reason
 
-    nan = _new_version(client, name, float("nan"), "set-a", metric)
+    nan = new_version(client, name, float("nan"), "set-a", metric)
     assert "not finite" in model_registry.promote_if_better(client, name, nan, metric, 0.0, "set-a").reason
 
-    better = _new_version(client, name, 0.76, "set-a", metric)
+    better = new_version(client, name, 0.76, "set-a", metric)
     assert model_registry.promote_if_better(client, name, better, metric, 0.05, "set-a").promoted
-    assert _alias(client, name, "champion") == better
+    assert alias_version(client, name, "champion") == better
 
     untagged = str(client.create_model_version(name, source="/nonexistent/bare-model").version)
     with pytest.raises(ValueError, match=f"version {untagged} has no tag 'rewardbench/overall'"):
         model_registry.promote_if_better(client, name, untagged, metric, 0.0, "set-a")
 
 
-def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
+def test_champion_loads_by_alias_and_matches_the_judge(mlflow_store, model_dir):
     import mlflow.pyfunc
 
     from gram_core.config import JudgeConfig
@@ -143,7 +122,7 @@ def test_champion_loads_by_alias_and_matches_the_judge(store, model_dir):
     from gram_core.models import load_model, load_tokenizer
 
     cfg = MlflowConfig(model_name="judge-load")
-    _register(store, model_dir, cfg, 0.5)
+    _register(mlflow_store, model_dir, cfg, 0.5)
     judge_pyfunc = mlflow.pyfunc.load_model("models:/judge-load@champion")
     out = judge_pyfunc.predict(ROWS)
     assert list(out.columns) == ["p_a_better", "p_order1", "p_order2", "consistent"] and len(out) == 3
@@ -180,7 +159,7 @@ def test_predict_rejects_bad_input():
         check_input(ROWS.to_dict())
 
 
-def test_rest_errors_carry_the_reason(store, model_dir):
+def test_rest_errors_carry_the_reason(mlflow_store, model_dir):
     """The scoring server (in process) answers 400 with the judge's own message, no server paths."""
     import json
 
@@ -189,7 +168,7 @@ def test_rest_errors_carry_the_reason(store, model_dir):
     from starlette.testclient import TestClient
 
     cfg = MlflowConfig(model_name="judge-rest")
-    _register(store, model_dir, cfg, 0.5)
+    _register(mlflow_store, model_dir, cfg, 0.5)
     pyfunc_model = mlflow.pyfunc.load_model("models:/judge-rest@champion")
     assert pyfunc_model.input_example is not None and list(pyfunc_model.input_example.columns) == [
         "prompt", "response_a", "response_b"]
@@ -212,7 +191,7 @@ def test_rest_errors_carry_the_reason(store, model_dir):
         assert "stack_trace" not in answer.json() and "/site-packages/" not in answer.text
 
 
-def test_log_and_register_checks_its_inputs(store, model_dir, tmp_path):
+def test_log_and_register_checks_its_inputs(mlflow_store, model_dir, tmp_path):
     cfg = MlflowConfig(model_name="judge-errors")
     with pytest.raises(ValueError, match="promotion metric 'rewardbench/overall'.*\\['acc'\\]"):
         model_registry.log_and_register(model_dir, cfg, {"acc": 0.5}, None, "set-a")
@@ -230,13 +209,13 @@ def test_pip_requirements_are_exact_pins():
     assert all(v and "+" not in v for v in pins.values())
 
 
-def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_path, monkeypatch):
+def test_registered_model_dir_downloads_each_version_once(mlflow_store, model_dir, tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     from tasks.store.artifacts import folder_sha256
 
     cfg, client, uri = MlflowConfig(model_name="judge-cache"), MlflowClient(), mlflow_uri()
-    version = _register(store, model_dir, cfg, 0.5).version
+    version = _register(mlflow_store, model_dir, cfg, 0.5).version
     sha = folder_sha256(model_dir)
     client.set_model_version_tag("judge-cache", version, "model_sha256", sha)
     cache = tmp_path / "registered"
@@ -266,210 +245,23 @@ def test_registered_model_dir_downloads_each_version_once(store, model_dir, tmp_
     assert not issubclass(model_registry.ModelNotFoundError, MlflowException)
 
 
-def mlflow_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def test_drill_same_content_registers_once_and_the_gate_reruns(store, variants):
+def test_drill_same_content_registers_once_and_the_gate_reruns(mlflow_store, variants):
     """Drill 4 (registry level): the same model folder registered again (e.g. only the margin changed)
     reuses its version; its eval tags and the gate decision follow the latest call."""
     name = "judge-idem"
-    first = _register(store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.0), 0.60)
-    champion = _register(store, variants(11), MlflowConfig(model_name=name, promotion_margin=0.0), 0.80)
+    first = _register(mlflow_store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.0), 0.60)
+    champion = _register(mlflow_store, variants(11), MlflowConfig(model_name=name, promotion_margin=0.0), 0.80)
     assert (first.version, champion.version, champion.promotion.decision) == ("1", "2", "promoted")
-    again = _register(store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.5), 0.60)
+    again = _register(mlflow_store, variants(10), MlflowConfig(model_name=name, promotion_margin=0.5), 0.60)
     assert again.reused and again.version == "1" and again.promotion.decision == "kept"
     assert "margin 0.5" in again.promotion.reason
     client = MlflowClient()
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
-    assert _alias(client, name, "candidate") == "1" and _alias(client, name, "champion") == "2"
+    assert alias_version(client, name, "candidate") == "1" and alias_version(client, name, "champion") == "2"
     assert client.get_model_version(name, "1").tags["promotion/margin"] == "0.5"
 
 
-GATE_PROCESS = """
-import json, sys, time
-from pathlib import Path
-from mlflow import MlflowClient
-from tasks.on_mlflow import model_registry
-
-uri, name, version, pause, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), Path(sys.argv[5])
-client = MlflowClient(uri)
-real = MlflowClient.set_registered_model_alias
-
-def paused(self, model, alias, v):  # the window in which an unlocked gate lets the other read the old champion
-    if alias == "champion" and pause:
-        out.with_suffix(".decided").touch()
-        time.sleep(pause)
-    return real(self, model, alias, v)
-
-MlflowClient.set_registered_model_alias = paused
-if len(sys.argv) > 6:  # another host: a lock folder of its own
-    from tasks.on_mlflow import promotion_gate
-    promotion_gate.promotion_lock_path = lambda uri, name: Path(sys.argv[6]) / "promote.lock"
-go = out.with_suffix(".go")
-out.with_suffix(".ready").touch()
-while not go.exists():
-    time.sleep(0.02)
-start = time.time()
-try:
-    decision = model_registry.promote_if_better(client, name, version, "rewardbench/overall", 0.0, "set-a")
-    result = {"decision": decision.decision, "champion_version": decision.champion_version}
-except model_registry.PromotionConflict as err:
-    result = {"decision": "conflict", "champion_version": None, "error": str(err)}
-out.write_text(json.dumps({"start": start, "end": time.time(), **result}))
-"""
-
-
-def _wait_for(path: Path, proc, timeout: float = 120.0) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize("slow_score", [0.65, 0.70])
-def test_drill_concurrent_promotions_keep_the_better_model(store, tmp_path, slow_score):
-    """Drill 1: two gate *processes* race against a 0.60 champion (0.70 and 0.65, in both orders), each naming
-    the registry with another spelling of its URI. The first pauses inside the gate, after its decision and
-    right before moving the alias; the second starts then. It must wait for the first (its gate ends after
-    the first's and reads the champion the first set) and the better model must end as champion."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    client, metric = MlflowClient(), "rewardbench/overall"
-    uri = mlflow_uri()
-    db = Path(uri[len("sqlite:///"):])
-    alias_uri = f"sqlite:///{db.parent}/../{db.parent.name}//{db.name}"  # the same file, spelled otherwise
-    assert model_registry.promotion_lock_path(alias_uri, "x") == model_registry.promotion_lock_path(uri, "x")
-    name = f"judge-race-{int(slow_score * 100)}"
-    champion = _new_version(client, name, 0.60, "set-a", metric)
-    assert model_registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
-    fast_score = 0.70 if slow_score == 0.65 else 0.65
-    versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    outs = {s: tmp_path / f"gate-{s}.json" for s in versions}
-    procs = {s: subprocess.Popen([sys.executable, "-c", GATE_PROCESS, u, name, versions[s], p, str(outs[s])],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s, u, p in ((slow_score, uri, "2.0"), (fast_score, alias_uri, "0"))}
-    try:
-        for s in versions:  # both processes have imported MLflow and wait at the start line
-            _wait_for(outs[s].with_suffix(".ready"), procs[s])
-        outs[slow_score].with_suffix(".go").touch()
-        _wait_for(outs[slow_score].with_suffix(".decided"), procs[slow_score])
-        outs[fast_score].with_suffix(".go").touch()  # the second gate starts while the first holds the lock
-        for proc in procs.values():
-            assert proc.wait(120) == 0, proc.communicate()
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    first, second = (json.loads(outs[s].read_text()) for s in (slow_score, fast_score))
-    assert second["start"] < first["end"] <= second["end"]  # it started during the first gate, and waited
-    assert first["decision"] == "promoted" and second["champion_version"] == versions[slow_score]
-    assert _alias(client, name, "champion") == versions[0.70]
-
-
-@pytest.mark.parametrize("slow_score", [0.65, 0.70])
-def test_drill_gates_on_two_hosts_keep_the_better_model_or_raise_a_conflict(store, tmp_path, slow_score):
-    """Two gate processes with two lock folders (two hosts: the file lock does not serialize them) race against
-    a 0.60 champion; the slow one pauses right before it moves the alias and the fast one runs meanwhile. The
-    registry claim (compare-and-set) lets at most one move: either the 0.70 model ends as champion and nobody
-    complains, or a gate raised ``PromotionConflict`` having moved nothing. No gate leaves a claim behind."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    client, metric, uri = MlflowClient(), "rewardbench/overall", mlflow_uri()
-    name = f"judge-hosts-{int(slow_score * 100)}"
-    champion = _new_version(client, name, 0.60, "set-a", metric)
-    assert model_registry.promote_if_better(client, name, champion, metric, 0.0, "set-a").promoted
-    fast_score = 0.70 if slow_score == 0.65 else 0.65
-    versions = {s: _new_version(client, name, s, "set-a", metric) for s in (slow_score, fast_score)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    outs = {s: tmp_path / f"gate-{s}.json" for s in versions}
-    procs = {s: subprocess.Popen([sys.executable, "-c", GATE_PROCESS, uri, name, versions[s], p, str(outs[s]),
-                                  str(tmp_path / f"host-{s}")],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s, p in ((slow_score, "3.0"), (fast_score, "0"))}
-    try:
-        for s in versions:
-            _wait_for(outs[s].with_suffix(".ready"), procs[s])
-        outs[slow_score].with_suffix(".go").touch()
-        _wait_for(outs[slow_score].with_suffix(".decided"), procs[slow_score])
-        outs[fast_score].with_suffix(".go").touch()  # no shared lock: it runs while the slow one is paused
-        for proc in procs.values():
-            assert proc.wait(120) == 0, proc.communicate()
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    results = {s: json.loads(outs[s].read_text()) for s in versions}
-    final = _alias(client, name, "champion")
-    conflicts = [s for s, r in results.items() if r["decision"] == "conflict"]
-    assert final == versions[0.70] or conflicts, f"the worse model is champion and no gate said so: {results}"
-    assert all(final != versions[s] for s in conflicts), "a gate that raised PromotionConflict left its move"
-    assert not [k for k in client.get_registered_model(name).tags if k.startswith("promotion/claim/")]
-
-
-def test_drill_a_hand_made_move_between_decision_and_move_makes_the_gate_decide_again(store, monkeypatch):
-    """The gate re-reads the champion right before it moves the alias: a writer without the lock that sets a
-    better champion (0.80) after the gate read 0.60 makes it keep, not overwrite the 0.80 with its 0.70."""
-    client, metric, name = MlflowClient(), "rewardbench/overall", "judge-reread"
-    base = _new_version(client, name, 0.60, "set-a", metric)
-    client.set_registered_model_alias(name, "champion", base)
-    better = _new_version(client, name, 0.80, "set-a", metric)
-    candidate = _new_version(client, name, 0.70, "set-a", metric)
-    read = MlflowClient.get_model_version_by_alias
-    calls = []
-
-    def read_then_rival_moves(self, model, alias):
-        found = read(self, model, alias)
-        if not calls:  # right after the gate's first read, the other writer moves the alias
-            MlflowClient.set_registered_model_alias(self, model, alias, better)
-        calls.append(alias)
-        return found
-
-    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", read_then_rival_moves)
-    decision = model_registry.promote_if_better(client, name, candidate, metric, 0.0, "set-a")
-    monkeypatch.undo()
-    assert decision.decision == "kept" and decision.champion_version == better
-    assert _alias(client, name, "champion") == better
-
-
-def test_gate_lock_key_ignores_spelling_credentials_and_loopback_aliases():
-    lock = model_registry.promotion_lock_path
-    same = ["http://localhost:5000", "http://localhost:5000/", "HTTP://LOCALHOST:5000//",
-            "http://user:pw@127.0.0.1:5000/?token=x", "http://[::1]:5000"]
-    assert len({lock(u, "m") for u in same}) == 1
-    assert lock("http://localhost:5001", "m") != lock(same[0], "m") != lock(same[0], "other")
-    assert lock("https://mlflow.example.com:443/", "m") == lock("https://mlflow.example.com", "m")
-
-
-def test_gate_reports_a_writer_that_moved_the_alias_outside_the_lock(store, monkeypatch):
-    """Verify after moving: another writer (no lock) moves the alias right after this gate did -> reported."""
-    client, metric, name = MlflowClient(), "rewardbench/overall", "judge-verify"
-    base = _new_version(client, name, 0.60, "set-a", metric)
-    candidate = _new_version(client, name, 0.70, "set-a", metric)
-    set_alias = MlflowClient.set_registered_model_alias
-
-    def hijacked(self, model, alias, version):
-        set_alias(self, model, alias, version)
-        set_alias(self, model, alias, base)  # the other writer wins
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", hijacked)
-    with pytest.raises(model_registry.PromotionConflict, match=f"now points at {base}: another writer"):
-        model_registry.promote_if_better(client, name, candidate, metric, 0.0, "set-a")
-
-
-def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, model_dir, tmp_path, monkeypatch):
+def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(mlflow_store, model_dir, tmp_path, monkeypatch):
     """Two `gram judge` calls on a cold registered-model cache (threads here, the lock also spans processes)
     download once and get the same whole folder; `gram gc` started during a download waits for it instead of
     removing its `.download-*` folder."""
@@ -480,7 +272,7 @@ def test_drill_cold_cache_downloads_once_and_gc_waits_for_a_download(store, mode
     from tasks.store.state import collect_garbage
 
     cfg, uri = MlflowConfig(model_name="judge-cold"), mlflow_uri()
-    _register(store, model_dir, cfg, 0.5)
+    _register(mlflow_store, model_dir, cfg, 0.5)
     home = tmp_path / "home"
     cache = home / "registered"
     real, calls, downloading, gc_done = model_registry.download_registered_model, [], threading.Event(), threading.Event()

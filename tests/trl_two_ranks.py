@@ -8,6 +8,7 @@ import os
 import sys
 
 import datasets
+import torch.distributed as dist
 import trl
 
 from gram_core.models import build_tiny_model, build_tiny_tokenizer
@@ -35,3 +36,6 @@ trainer = trl.GRPOTrainer(model=build_tiny_model(tokenizer, seed=1), reward_func
 trainer.train()
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"calls": calls, "steps": trainer.state.global_step}, f)
+if dist.is_initialized():  # leave the gloo group before exit: a live one can abort the process as it ends
+    dist.barrier()
+    dist.destroy_process_group()
