@@ -151,6 +151,7 @@ def _load_scorer(args: argparse.Namespace):
 
 
 def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
+    from gram_core.report import orders_agree
     from gram_core.reward_scoring import pairwise
     from gram_core.scorers import is_scalar
 
@@ -158,7 +159,7 @@ def cmd_judge(args: argparse.Namespace) -> dict[str, float]:
     scores = pairwise(judge, [args.prompt], [args.a], [args.b])
     out = {"p_a_better": float(scores.p[0]), "p_order1": float(scores.p_order1[0]),
            "p_order2": float(scores.p_order2[0]),
-           "consistent": bool((scores.p_order1[0] > 0.5) == (scores.p_order2[0] > 0.5))}
+           "consistent": bool(orders_agree(scores.p_order1[0], scores.p_order2[0]))}
     if is_scalar(judge):  # one reward per response: no slots, so no second order to agree with
         out["consistent"] = None
         print(f"P(a ≻ b) = {out['p_a_better']:.4f}  (scalar reward model: σ(r_a − r_b), no slot order)")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gram_core.cues import REPORTED_CUES, cue_credits
-from gram_core.report import CUE_TIE_RULE, credit, is_correct, mean_credit, pct
+from gram_core.report import CUE_TIE_RULE, credit, mean_credit, orders_agree, pct
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -125,7 +125,7 @@ def evidence(columns: Mapping[str, Any], eval_rows: Sequence[Mapping[str, Any]],
         for row, value in zip(rows, credit(table), strict=True):
             values[order[str(row["id"])]] = value
             if name not in scalar and "p_chosen_order1" in row:
-                agree.append(bool(is_correct(row["p_chosen_order1"]) == is_correct(row["p_chosen_order2"])))
+                agree.append(bool(orders_agree(row["p_chosen_order1"], row["p_chosen_order2"])))
         credits[name] = values
         consistency[name] = float(np.mean(agree)) if agree else None
     cues = cue_rows([r["chosen"] for r in eval_rows], [r["rejected"] for r in eval_rows])

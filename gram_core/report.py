@@ -52,6 +52,11 @@ def is_correct(p_chosen: Any) -> np.ndarray:
     return np.asarray(p_chosen, dtype=float) > 0.5
 
 
+def orders_agree(p_order1: Any, p_order2: Any) -> np.ndarray:
+    """Position consistency per pair: both slot orders pick the same side under the one tie rule."""
+    return is_correct(p_order1) == is_correct(p_order2)
+
+
 def correct_flags(scores: Any) -> np.ndarray:
     """Per-row correct flags of a scores table (``is_correct`` of p_chosen); checks a stored ``correct`` column
     agrees."""

@@ -24,7 +24,7 @@ the MLflow pyfunc, the reward server and the TRL/verl reward functions score wit
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,9 @@ from gram_core.forward import (
     model_parts,
 )
 from gram_core.judging import Judge, PairScores, _check_lengths, _EvalMode
+from gram_core.report import is_correct
 
-__all__ = ["DEFAULT_MAX_GROUP", "ScoreStats", "best_of_n", "extend_prefix", "group_rewards", "pairwise",
+__all__ = ["DEFAULT_MAX_GROUP", "ScoreStats", "best_of_n", "extend_prefix", "group_rewards", "knockout", "pairwise",
            "prob_a", "rank", "reward_logit", "rewards_vs_reference"]
 
 DEFAULT_MAX_GROUP = 16  # a group of n costs n(n−1)/2 pairs: 16 -> 120 pairs, 240 sequences
@@ -279,16 +280,29 @@ def best_of_n(scorer, prompt: str, candidates: Sequence[str], **options) -> tupl
     survivor out gets a bye. The earlier candidate wins a pair iff P(earlier ≻ later) > 0.5, so on an exact
     tie the later one advances — the same strict rule as everywhere else.
     """
-    if len(candidates) == 0:
+    rounds = knockout(len(candidates))
+    try:
+        pairs = next(rounds)
+        while True:
+            pairs = rounds.send(pairwise(scorer, [prompt] * len(pairs), [candidates[i] for i, _ in pairs],
+                                         [candidates[j] for _, j in pairs], **options).p)
+    except StopIteration as done:
+        return done.value
+
+
+def knockout(n: int) -> Generator[list[tuple[int, int]], np.ndarray, tuple[int, int]]:
+    """The knockout's rounds, for any way of scoring a round (``best_of_n`` here, the reward server's batcher):
+    yields each round's pairs (i, j), is sent P(i ≻ j) for them, and returns (winner, comparisons = n − 1).
+    A pair's winner follows the one tie rule (``report.is_correct``); a lone survivor gets a bye. One candidate:
+    returns at once, with no round to yield."""
+    if n == 0:
         raise ValueError("best_of_n: no candidates")
-    alive = list(range(len(candidates)))
-    comparisons = 0
+    alive, comparisons = list(range(n)), 0
     while len(alive) > 1:
         pairs = list(zip(alive[0::2], alive[1::2], strict=False))
-        p = pairwise(scorer, [prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                     [candidates[j] for _, j in pairs], **options).p
+        p = yield pairs
         comparisons += len(pairs)
-        winners = [i if p_ij > 0.5 else j for (i, j), p_ij in zip(pairs, p, strict=True)]
+        winners = [i if won else j for (i, j), won in zip(pairs, is_correct(p), strict=True)]
         alive = winners + ([alive[-1]] if len(alive) % 2 else [])
     return alive[0], comparisons
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gram_core.report import TIE_RULE, column, credit, is_correct, pct
+from gram_core.report import TIE_RULE, column, credit, orders_agree, pct
 
 # Official section -> subsets mapping (allenai/reward-bench, rewardbench/constants.py SUBSET_MAPPING).
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -79,12 +79,12 @@ def subset_accuracy(scores: Any) -> dict[str, tuple[float, int]]:
 
 
 def position_consistency(scores: Any) -> float:
-    """Fraction of pairs whose two slot orders agree: (p_chosen_order1 > 0.5) == (p_chosen_order2 > 0.5)."""
+    """Fraction of pairs whose two slot orders agree (``report.orders_agree``)."""
     p1 = column(scores, "p_chosen_order1")
     p2 = column(scores, "p_chosen_order2")
     if p1.size == 0:
         raise ValueError("scores table: no rows, position consistency is undefined")
-    return float(np.mean(is_correct(p1) == is_correct(p2)))
+    return float(np.mean(orders_agree(p1, p2)))
 
 
 def weighted_section_scores(accuracies: Mapping[str, float],

@@ -176,3 +176,27 @@ def test_extend_prefix_matches_one_forward(tiny_model, tiny_tokenizer):
 def test_reward_logit_is_finite():
     out = reward_logit(np.array([0.0, 0.5, 1.0, 0.75]))
     assert np.all(np.isfinite(out)) and out[1] == 0 and out[3] == pytest.approx(np.log(3))
+
+
+def test_knockout_follows_the_one_tie_rule_and_counts_n_minus_one_comparisons():
+    """``knockout`` (best_of_n here, the reward server's /v1/best_of_n there): an exact tie (P = 0.5) lets the
+    later candidate advance (report.is_correct: strictly above 0.5 wins); a lone survivor gets a bye; one
+    candidate needs no round; none is refused."""
+    from gram_core.judging import PairScores
+    from gram_core.reward_scoring import best_of_n, knockout
+
+    class Ties:
+        def preference(self, prompts, responses_1, responses_2):
+            p = np.full(len(prompts), 0.5)
+            return PairScores(p_order1=p, p_order2=p, p=p)
+
+    assert best_of_n(Ties(), "q", ["a", "b", "c", "d", "e"]) == (4, 4)  # every tie goes to the later one
+    rounds = knockout(3)
+    assert next(rounds) == [(0, 1)]
+    assert rounds.send(np.array([0.5000001])) == [(0, 2)]  # 0 won, 2 had the bye
+    with pytest.raises(StopIteration) as done:
+        rounds.send(np.array([0.5]))
+    assert done.value.value == (2, 2)
+    assert best_of_n(Ties(), "q", ["only"]) == (0, 0)
+    with pytest.raises(ValueError, match="no candidates"):
+        best_of_n(Ties(), "q", [])

@@ -54,6 +54,7 @@ class GramJudgeModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """p_a_better = ½·(P(A | a in slot A) + P(B | a in slot B)); consistent = both orders agree."""
+        from gram_core.report import orders_agree
         from gram_core.reward_scoring import pairwise  # as the reward server scores: shared prefixes
 
         frame = check_input(model_input)
@@ -63,7 +64,7 @@ class GramJudgeModel(mlflow.pyfunc.PythonModel):
             "p_a_better": scores.p,
             "p_order1": scores.p_order1,
             "p_order2": scores.p_order2,
-            "consistent": (scores.p_order1 > 0.5) == (scores.p_order2 > 0.5),
+            "consistent": orders_agree(scores.p_order1, scores.p_order2),
         }, index=frame.index)
 
 

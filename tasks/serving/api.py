@@ -33,6 +33,7 @@ from gram_core.policy_templates import (
     plain_response,
     split_query,
 )
+from gram_core.report import is_correct
 from gram_core.reward_scoring import DEFAULT_MAX_GROUP, reward_logit
 
 POLICY_TEMPLATE_CHOICES = (*POLICY_TEMPLATES, "none", "auto")
@@ -220,7 +221,7 @@ def pairwise_job(body: dict, limits: ServeLimits) -> Job:
 
     def answer(p1: np.ndarray, p2: np.ndarray, truncated: np.ndarray) -> dict[str, Any]:
         p = (p1 + p2) / 2
-        return {"results": [{"p_a_order1": a1, "p_a_order2": a2, "p_a": pa, "winner": "a" if pa > 0.5 else "b"}
+        return {"results": [{"p_a_order1": a1, "p_a_order2": a2, "p_a": pa, "winner": "a" if is_correct(pa) else "b"}
                             for a1, a2, pa in zip(_finite(p1, "p"), _finite(p2, "p"), _finite(p, "p"), strict=True)]}
 
     return _check_size(Job(pairs, answer, [t for pair in pairs for t in pair]), limits, "items")

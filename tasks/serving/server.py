@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from gram_core.config import JudgeConfig
+from gram_core.reward_scoring import knockout
 from tasks.serving.api import (
     Job,
     RequestError,
@@ -251,14 +252,15 @@ class RewardServer:
             prompt, candidates = best_of_n_request(await self._body(request), self.limits)
             with self._admitted(2 * (len(candidates) // 2)):  # the first round, the largest
                 await self._check_tokens([prompt, *candidates])
-                alive, comparisons = list(range(len(candidates))), 0
-                while len(alive) > 1:
-                    pairs = list(zip(alive[0::2], alive[1::2], strict=False))
-                    p1, p2, _ = await self._run([(prompt, candidates[i], candidates[j]) for i, j in pairs])
-                    comparisons += len(pairs)
-                    winners = [i if p > 0.5 else j for (i, j), p in zip(pairs, (p1 + p2) / 2, strict=True)]
-                    alive = winners + ([alive[-1]] if len(alive) % 2 else [])
-            return JSONResponse({"best_index": alive[0], "comparisons": comparisons})
+                rounds = knockout(len(candidates))  # the rounds of gram rank's knockout, scored here
+                try:
+                    pairs = next(rounds)
+                    while True:
+                        p1, p2, _ = await self._run([(prompt, candidates[i], candidates[j]) for i, j in pairs])
+                        pairs = rounds.send((p1 + p2) / 2)
+                except StopIteration as done:
+                    best, comparisons = done.value
+            return JSONResponse({"best_index": best, "comparisons": comparisons})
         except RequestError as err:
             return _error(err)
 
