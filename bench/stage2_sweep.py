@@ -38,19 +38,24 @@ def stratified(table, limit: int, seed: int):
     return limit_rows(table, limit, seed, stratify="subset", whole=HELDOUT_SUBSETS)
 
 
-def accuracy(scores, keep) -> float | None:
+def _kept(scores, keep, clusters=None) -> tuple[list[float], list | None]:
+    """The correct flags (1/0) of the rows whose subset ``keep`` accepts, and their cluster keys."""
     subsets, correct = scores.column("subset").to_pylist(), scores.column("correct").to_pylist()
-    chosen = [ok for s, ok in zip(subsets, correct, strict=True) if keep(s)]
-    return float(np.mean(chosen)) if chosen else None
+    rows = [i for i, s in enumerate(subsets) if keep(s)]
+    return [float(correct[i]) for i in rows], [clusters[i] for i in rows] if clusters else None
+
+
+def accuracy(scores, keep) -> float | None:
+    values, _ = _kept(scores, keep)
+    return float(np.mean(values)) if values else None
 
 
 def accuracy_bars(scores, keep, clusters) -> list[float] | None:
     """[low, high]: the template-cluster bootstrap interval (gram_core.evidence) of ``accuracy``."""
-    subsets, correct = scores.column("subset").to_pylist(), scores.column("correct").to_pylist()
-    kept = [i for i, s in enumerate(subsets) if keep(s)]
-    if not kept:
+    values, keys = _kept(scores, keep, clusters)
+    if not values:
         return None
-    bars = accuracy_interval([float(correct[i]) for i in kept], [clusters[i] for i in kept] if clusters else None)
+    bars = accuracy_interval(values, keys)
     return [round(bars["low"], 4), round(bars["high"], 4)]
 
 
